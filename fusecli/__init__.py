@@ -1,0 +1,43 @@
+"""fusecli: fuse saved Keras models into one.
+
+The public API is imported lazily, so `import fusecli` (and `fusecli --help`) never pulls in
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from fusecli.errors import (
+    FusecliError,
+    InvalidRequest,
+    ModelFileError,
+    UnsafeModelError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it.
+_LAZY = {
+    "fuse": "fusecli.fusion",
+    "fuse_to_file": "fusecli.fusion",
+    "load_model": "fusecli.loading",
+}
+
+__all__ = [
+    "FusecliError",
+    "InvalidRequest",
+    "ModelFileError",
+    "UnsafeModelError",
+    "VerificationError",
+    "__version__",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fusecli' has no attribute {name!r}")

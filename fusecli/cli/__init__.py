@@ -1,0 +1,26 @@
+"""The `fusecli` command line: a thin layer over the Python API, one module per command."""
+
+from __future__ import annotations
+
+import click
+
+from fusecli import __version__
+from fusecli.cli.fuse import fuse_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fusecli")
+def cli() -> None:
+    """Fuse saved Keras models into one.
+
+    \b
+    Example:
+      fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2 -o fused.keras
+    """
+
+
+cli.add_command(fuse_command)
+
+
+def main() -> None:
+    cli(prog_name="fusecli")

@@ -1,0 +1,156 @@
+"""What every command shares: error reporting, the variadic `--w`, and the common options.
+
+Errors become output in exactly one place, `FusecliCommand.invoke`: `InvalidRequest` -> usage
+error (exit 2); any other `FusecliError` -> one line `Error: ...` (exit 1); anything unexpected ->
+`Error: ...` too. A traceback is printed only under `-v`.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from fusecli import runtime
+from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.weights import parse_weights
+
+WEIGHT_FLAGS = ("--w", "--weights")
+
+
+class FusecliCommand(click.Command):
+    """A command that reports fusecli's errors the way click users expect."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with runtime.quiet():
+                return super().invoke(ctx)
+        except InvalidRequest as e:
+            raise click.UsageError(_one_line(e), ctx) from None
+        except FusecliError as e:
+            _traceback_if_verbose(ctx)
+            raise click.ClickException(_one_line(e)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug, or a library error we did not anticipate
+            _traceback_if_verbose(ctx)
+            detail = _one_line(e)
+            raise click.ClickException(
+                f"{type(e).__name__}: {detail} (run with -v for details)"
+            ) from None
+
+
+def _traceback_if_verbose(ctx: click.Context) -> None:
+    if ctx.meta.get("fusecli.verbose"):
+        traceback.print_exc()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+class WeightsCommand(FusecliCommand):
+    """A command whose `--w` takes one number per model: `--w 0.8 0.2` or `--w 0.8,0.2`.
+
+    click options take a fixed number of values, so the numbers after `--w` are joined into one
+    comma-separated value before click parses the line. This also lets negative weights through,
+    which click would otherwise read as options.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_weight_values(args))
+
+
+def join_weight_values(args: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if arg in WEIGHT_FLAGS:
+            values = []
+            i += 1
+            while i < len(args) and _is_number_list(args[i]):
+                values.append(args[i])
+                i += 1
+            out.append(arg)
+            if values:
+                out.append(",".join(values))
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _is_number_list(token: str) -> bool:
+    try:
+        parse_weights(token)
+    except InvalidRequest:
+        return False
+    return True
+
+
+class WeightsType(click.ParamType):
+    name = "W..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_weights(value)
+        except InvalidRequest as e:
+            self.fail(str(e), param, ctx)
+
+
+def weights_option(help: str) -> Callable:
+    return click.option("--w", "--weights", "weights", type=WeightsType(), default=None, help=help)
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    ctx.meta["fusecli.verbose"] = ctx.meta.get("fusecli.verbose", False) or value
+    runtime.set_verbose(ctx.meta["fusecli.verbose"])
+    return value
+
+
+def verbose_option(f: Callable) -> Callable:
+    return click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbose,
+        help="Show TensorFlow's own log lines, and a traceback on errors.",
+    )(f)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+    )(f)
+
+
+def trust_option(f: Callable) -> Callable:
+    return click.option(
+        "--trust",
+        is_flag=True,
+        help="Load model files even if they hold code (Lambda layers...). Only for files you trust.",
+    )(f)
+
+
+def force_option(f: Callable) -> Callable:
+    return click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")(f)
+
+
+def print_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+def say(message: str) -> None:
+    """A message for the human: stderr, never stdout."""
+    click.echo(message, err=True)

@@ -1,0 +1,117 @@
+"""`fusecli fuse`: weighted output fusion of saved models."""
+
+from __future__ import annotations
+
+import click
+
+from fusecli.cli.common import (
+    WeightsCommand,
+    force_option,
+    json_option,
+    print_json,
+    say,
+    trust_option,
+    verbose_option,
+    weights_option,
+)
+from fusecli.fusion import INPUT_MODES, SCALE_MODES
+
+
+@click.command(
+    "fuse",
+    cls=WeightsCommand,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@weights_option("One weight per model, in order: --w 0.8 0.2 or --w 0.8,0.2. [default: 1/N each]")
+@click.option("--normalize", is_flag=True, help="Rescale the weights to sum to 1.")
+@click.option(
+    "-o",
+    "--output",
+    default="fused.keras",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the fused model; .keras or .h5 picks the format.",
+)
+@click.option(
+    "--inputs",
+    "inputs_mode",
+    type=click.Choice(INPUT_MODES),
+    default="auto",
+    show_default=True,
+    help="shared: one set of inputs feeds every model; separate: each model keeps its own; "
+    "auto: shared when all models' inputs match.",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(SCALE_MODES),
+    default="rescaling",
+    show_default=True,
+    help="How each branch is scaled: a Rescaling layer (loads anywhere, safely), or "
+    "Lambda(lambda x: x*w) (needs safe_mode=False to load).",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Load the written file back and check its output against sum(w_i * M_i(x)).",
+)
+@force_option
+@trust_option
+@json_option
+@verbose_option
+def fuse_command(
+    models: tuple[str, ...],
+    weights: tuple[float, ...] | None,
+    normalize: bool,
+    output: str,
+    inputs_mode: str,
+    scale: str,
+    verify: bool,
+    force: bool,
+    trust: bool,
+    as_json: bool,
+) -> None:
+    """Fuse saved Keras models: out = w1*A(x) + w2*B(x) + ...
+
+    MODELS are two or more .keras or .h5 files. The fused model scales each model's output by
+    its weight and adds them up; it is written to OUTPUT and loads with a plain
+    keras.models.load_model. Prints the output path (or, with --json, a JSON report) on stdout.
+
+    \b
+    Examples:
+      fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2 -o fused.keras
+      fusecli fuse a.keras b.keras c.keras -o soup_out.h5 --json
+    """
+    from fusecli.fusion import fuse_to_file
+
+    if trust:
+        say("Warning: --trust: model files may run code while they load.")
+    report = fuse_to_file(
+        list(models),
+        output,
+        weights,
+        normalize=normalize,
+        scale=scale,
+        inputs=inputs_mode,
+        trust=trust,
+        force=force,
+        verify=verify,
+    )
+    say(f"Inputs: {report.inputs_mode} ({report.inputs_reason}).")
+    if scale == "lambda":
+        say(
+            "Note: --scale lambda stores Python bytecode in the file; loading it needs "
+            "keras.models.load_model(path, safe_mode=False), on the same Python version."
+        )
+    weights_text = ", ".join(f"{b}={w:g}" for b, w in zip(report.branches, report.weights))
+    checked = (
+        f"largest difference from sum(w_i * M_i(x)): {report.max_abs_diff:.3g}"
+        if report.max_abs_diff is not None
+        else "not verified"
+    )
+    say(f"Wrote {report.output} ({weights_text}; {report.params:,} parameters; {checked}).")
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        click.echo(report.output)

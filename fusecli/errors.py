@@ -1,0 +1,34 @@
+"""The one error family fusecli raises on purpose.
+
+The command line turns every `FusecliError` into a single `Error: ...` line on stderr (exit 1), and
+every `InvalidRequest` into a usage error (exit 2). Anything else that escapes is a bug.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class FusecliError(Exception):
+    """Base of every error fusecli raises on purpose."""
+
+
+class InvalidRequest(FusecliError):
+    """The request itself is wrong (weights, options); nothing was read or written."""
+
+
+class ModelFileError(FusecliError):
+    """A model file is missing, broken, or cannot be used; the message starts with its path."""
+
+    def __init__(self, path: str | PathLike[str], message: str) -> None:
+        self.path = str(path)
+        self.reason = message
+        super().__init__(f"{self.path}: {message}")
+
+
+class UnsafeModelError(ModelFileError):
+    """A model file holds code that would run when it is loaded (see `--trust`)."""
+
+
+class VerificationError(FusecliError):
+    """A written file does not compute what it should; it has been deleted."""

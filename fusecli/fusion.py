@@ -1,0 +1,461 @@
+"""Output-level fusion: one new model whose output is the weighted sum of the models' outputs.
+
+    out = w1 * A(x) + w2 * B(x) + ...
+
+Each branch is scaled by a built-in, serializable layer (`Rescaling`) and the branches are joined
+by `Add`, so the fused file loads with a plain `keras.models.load_model` (safe_mode on). The
+literal recipe `Lambda(lambda x: x * w)` is available as `scale="lambda"` for those who want it;
+its file carries Python bytecode and loads only with safe_mode=False.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import numpy as np
+
+from fusecli import runtime
+from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
+from fusecli.loading import load_model
+from fusecli.outputfile import atomic_output, check_output_path, model_format
+from fusecli.weights import resolve_weights
+
+if TYPE_CHECKING:
+    import keras
+
+ModelSource: TypeAlias = "str | os.PathLike[str] | keras.Model"
+InputsMode = Literal["auto", "shared", "separate"]
+ScaleMode = Literal["rescaling", "lambda"]
+
+SCALE_MODES = ("rescaling", "lambda")
+INPUT_MODES = ("auto", "shared", "separate")
+
+# Size of the random batch used to check a written file, and the length given to free dimensions.
+_VERIFY_BATCH = 2
+_FREE_DIM = 32
+# Input names Keras makes up; the fused model says "input" instead.
+_GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
+# Beyond this (relative to the outputs' magnitude) a difference is more than float32 round-off.
+_RELATIVE_TOLERANCE = 1e-5
+
+
+@dataclass
+class Fusion:
+    """A fused model together with what it was built from."""
+
+    model: keras.Model
+    sources: list[keras.Model]
+    branches: list[str]
+    weights: tuple[float, ...]
+    inputs_mode: Literal["shared", "separate"]
+    inputs_reason: str
+    scale: ScaleMode
+    # For each branch, the positions of its inputs among the fused model's inputs.
+    input_slots: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class FusionReport:
+    """What `fuse_to_file` wrote; `as_dict()` is the CLI's `--json` document."""
+
+    output: str
+    format: str
+    models: list[str]
+    branches: list[str]
+    weights: list[float]
+    scale: str
+    inputs_mode: str
+    inputs_reason: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    params: int
+    max_abs_diff: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def fuse(
+    models: Sequence[ModelSource],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = False,
+    scale: ScaleMode = "rescaling",
+    inputs: InputsMode = "auto",
+    trust: bool = False,
+) -> keras.Model:
+    """Fuse saved or loaded Keras models into one whose output is sum(w_i * M_i(x)).
+
+    `models` are paths (.keras/.h5) or loaded `keras.Model`s; `weights` default to 1/N each.
+    `inputs`: "shared" feeds one set of inputs to every model, "separate" gives each model its
+    own, "auto" picks shared when all models' inputs match.
+    """
+    return build_fusion(
+        models, weights, normalize=normalize, scale=scale, inputs=inputs, trust=trust
+    ).model
+
+
+def fuse_to_file(
+    models: Sequence[ModelSource],
+    output: str | os.PathLike[str],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = False,
+    scale: ScaleMode = "rescaling",
+    inputs: InputsMode = "auto",
+    trust: bool = False,
+    force: bool = False,
+    verify: bool = True,
+) -> FusionReport:
+    """Fuse `models` and write the result to `output` (.keras or .h5), atomically.
+
+    Unless `verify` is False, the written file is loaded back as a user would and its output on a
+    random batch compared with sum(w_i * M_i(x)); a file that differs is deleted.
+    """
+    fmt = model_format(output)
+    _check_request(models, weights, normalize=normalize, scale=scale, inputs=inputs)
+    paths = [m for m in models if isinstance(m, str | os.PathLike)]
+    output = check_output_path(output, inputs=paths, force=force)
+    fusion = build_fusion(
+        models, weights, normalize=normalize, scale=scale, inputs=inputs, trust=trust
+    )
+    max_diff = None
+    with atomic_output(output, force=force) as tmp:
+        runtime.keras()
+        fusion.model.save(tmp)
+        if verify:
+            max_diff = verify_file(fusion, tmp)
+    return FusionReport(
+        output=str(output),
+        format=fmt,
+        models=[_describe_source(m) for m in models],
+        branches=fusion.branches,
+        weights=list(fusion.weights),
+        scale=fusion.scale,
+        inputs_mode=fusion.inputs_mode,
+        inputs_reason=fusion.inputs_reason,
+        inputs=[_tensor_info(t) for t in fusion.model.inputs],
+        outputs=[_tensor_info(t) for t in fusion.model.outputs],
+        params=int(fusion.model.count_params()),
+        max_abs_diff=max_diff,
+    )
+
+
+def build_fusion(
+    models: Sequence[ModelSource],
+    weights: Sequence[float] | None = None,
+    *,
+    normalize: bool = False,
+    scale: ScaleMode = "rescaling",
+    inputs: InputsMode = "auto",
+    trust: bool = False,
+) -> Fusion:
+    """Load what needs loading and build the fused model; see `fuse`."""
+    weights = _check_request(models, weights, normalize=normalize, scale=scale, inputs=inputs)
+    keras = runtime.keras()
+    sources = _load_sources(models, trust=trust, keras=keras)
+    branches = _branch_names(models, sources)
+    for model, name in zip(sources, branches, strict=True):
+        if model.name != name:
+            model.name = name
+
+    signatures = [_input_signature(m, b) for m, b in zip(sources, branches, strict=True)]
+    mode, reason = _choose_inputs_mode(inputs, signatures, branches)
+    taken = set(branches)
+    if mode == "shared":
+        new_inputs = [
+            keras.Input(batch_shape=shape, dtype=dtype, name=_unique(name, taken))
+            for name, shape, dtype in _shared_input_names(signatures[0])
+        ]
+        slots = [list(range(len(new_inputs))) for _ in sources]
+    else:
+        new_inputs, slots = [], []
+        for branch, signature in zip(branches, signatures, strict=True):
+            slots.append([])
+            for name, shape, dtype in signature:
+                label = f"{branch}_{'input' if _GENERIC_INPUT.fullmatch(name) else name}"
+                slots[-1].append(len(new_inputs))
+                new_inputs.append(
+                    keras.Input(batch_shape=shape, dtype=dtype, name=_unique(label, taken))
+                )
+
+    branch_outputs = []
+    for model, slot in zip(sources, slots, strict=True):
+        args = [new_inputs[i] for i in slot]
+        branch_outputs.append(keras.tree.flatten(model(_pack_inputs(model, args, keras))))
+    out_names = _output_names(sources[0], len(branch_outputs[0]), taken)
+    _check_outputs_match(branch_outputs, branches)
+
+    fused_outputs = []
+    for j, out_name in enumerate(out_names):
+        suffix = "" if len(out_names) == 1 else f"_{j}"
+        scaled = [
+            _scale_layer(keras, scale, w, _unique(f"{branch}_scale{suffix}", taken))(outs[j])
+            for branch, w, outs in zip(branches, weights, branch_outputs, strict=True)
+        ]
+        fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
+
+    fused = keras.Model(
+        inputs=new_inputs,
+        outputs=fused_outputs[0] if len(fused_outputs) == 1 else fused_outputs,
+        name="fused",
+    )
+    return Fusion(fused, sources, branches, weights, mode, reason, scale, slots)
+
+
+def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
+    """Load `path` as a user would; compare its output with sum(w_i * M_i(x)) on random input.
+
+    Returns the largest absolute difference; raises `VerificationError` beyond round-off.
+    """
+    keras = runtime.keras()
+    try:
+        loaded = keras.saving.load_model(path, safe_mode=fusion.scale != "lambda")
+    except Exception as e:
+        raise VerificationError(f"The written model does not load back: {e}") from e
+    batch = random_batch(fusion.model.inputs)
+    got = [np.asarray(o) for o in keras.tree.flatten(loaded(batch, training=False))]
+    expected, magnitude = None, 0.0
+    for model, w, slot in zip(fusion.sources, fusion.weights, fusion.input_slots, strict=True):
+        args = [batch[i] for i in slot]
+        outs = [np.asarray(o, dtype=np.float64) for o in _call(model, args, keras)]
+        magnitude = max([magnitude, *(_finite_max_abs(o) * abs(w) for o in outs)])
+        terms = [w * o for o in outs]
+        expected = terms if expected is None else [e + t for e, t in zip(expected, terms)]
+    tolerance = _RELATIVE_TOLERANCE * max(1.0, magnitude) * len(fusion.sources)
+    worst = 0.0
+    for j, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if g.shape != e.shape:
+            raise VerificationError(
+                f"Output {j} of the written model has shape {g.shape}, expected {e.shape}"
+            )
+        if not np.array_equal(np.isfinite(g), np.isfinite(e)):
+            raise VerificationError(
+                f"Output {j} of the written model is not finite where sum(w_i * M_i(x)) is "
+                "(or the other way round)"
+            )
+        finite = np.isfinite(e)
+        if finite.any():
+            worst = max(worst, float(np.max(np.abs(g[finite] - e[finite]))))
+    if worst > tolerance:
+        raise VerificationError(
+            f"The written model differs from sum(w_i * M_i(x)) by up to {worst:.3g} "
+            f"(tolerance {tolerance:.3g}); the file was not kept"
+        )
+    return worst
+
+
+def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
+    """A small random batch for `inputs` (symbolic tensors): free dimensions get a modest size,
+    integer inputs get 0s and 1s (valid indices for any embedding)."""
+    rng = np.random.default_rng(seed)
+    batch = []
+    for tensor in inputs:
+        shape = [_VERIFY_BATCH if i == 0 and d is None else (d or _FREE_DIM)
+                 for i, d in enumerate(tensor.shape)]
+        dtype = np.dtype(str(tensor.dtype))
+        if dtype.kind == "f":
+            batch.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.kind in "iu":
+            batch.append(rng.integers(0, 2, size=shape).astype(dtype))
+        elif dtype.kind == "b":
+            batch.append(rng.integers(0, 2, size=shape).astype(bool))
+        else:
+            raise VerificationError(
+                f"Cannot make random input of dtype {dtype} to check the written model; "
+                "use --no-verify"
+            )
+    return batch
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_request(
+    models: Sequence[ModelSource],
+    weights: Sequence[float] | None,
+    *,
+    normalize: bool,
+    scale: str,
+    inputs: str,
+) -> tuple[float, ...]:
+    if len(models) < 2:
+        raise InvalidRequest(f"Expected two or more models to fuse. Received: {len(models)}")
+    if scale not in SCALE_MODES:
+        raise InvalidRequest(f"Expected scale to be one of {SCALE_MODES}. Received: {scale!r}")
+    if inputs not in INPUT_MODES:
+        raise InvalidRequest(f"Expected inputs to be one of {INPUT_MODES}. Received: {inputs!r}")
+    return resolve_weights(weights, len(models), normalize=normalize)
+
+
+def _load_sources(models: Sequence[ModelSource], *, trust: bool, keras: Any) -> list[keras.Model]:
+    sources: list[keras.Model] = []
+    for item in models:
+        if isinstance(item, keras.Model):
+            if any(item is s for s in sources):  # the same object twice: give it its own copy
+                clone = keras.models.clone_model(item)
+                clone.set_weights(item.get_weights())
+                item = clone
+            sources.append(item)
+        elif isinstance(item, str | os.PathLike):
+            model = load_model(item, trust=trust)
+            _check_finite(model, item)
+            sources.append(model)
+        else:
+            raise InvalidRequest(
+                f"Expected model file paths or keras.Model objects. Received: {type(item)}"
+            )
+    return sources
+
+
+def _check_finite(model: keras.Model, path: str | os.PathLike[str]) -> None:
+    for variable in model.weights:
+        values = np.asarray(variable)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ModelFileError(path, f"weight {variable.path!r} holds NaN or infinite values")
+
+
+def _branch_names(models: Sequence[ModelSource], sources: list[keras.Model]) -> list[str]:
+    taken: set[str] = set()
+    names = []
+    for item, model in zip(models, sources, strict=True):
+        base = Path(item).stem if isinstance(item, str | os.PathLike) else model.name
+        names.append(_unique(_identifier(base), taken))
+    return names
+
+
+def _identifier(text: str) -> str:
+    name = re.sub(r"\W+", "_", text).strip("_") or "model"
+    return f"m_{name}" if name[0].isdigit() else name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _input_signature(model: keras.Model, branch: str) -> list[tuple[str, tuple, str]]:
+    try:
+        tensors = model.inputs
+    except (AttributeError, ValueError):
+        tensors = None
+    if not tensors:
+        raise FusecliError(f"Model {branch!r} has no defined inputs (build it with an Input)")
+    return [(_tensor_name(t), tuple(t.shape), str(t.dtype)) for t in tensors]
+
+
+def _tensor_name(tensor: Any) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    name = history.operation.name if history else getattr(tensor, "name", "tensor")
+    return _identifier(name)
+
+
+def _choose_inputs_mode(
+    requested: str, signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
+) -> tuple[Literal["shared", "separate"], str]:
+    mismatch = _first_input_mismatch(signatures, branches)
+    if requested == "separate":
+        return "separate", "asked for"
+    if requested == "shared":
+        if mismatch:
+            raise FusecliError(f"Cannot share inputs: {mismatch}. Use --inputs separate")
+        return "shared", "asked for"
+    if mismatch:
+        return "separate", mismatch
+    return "shared", "all models take the same inputs"
+
+
+def _first_input_mismatch(
+    signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
+) -> str | None:
+    first = signatures[0]
+    for branch, signature in zip(branches[1:], signatures[1:], strict=True):
+        if len(signature) != len(first):
+            return f"{branches[0]!r} takes {len(first)} inputs, {branch!r} takes {len(signature)}"
+        for k, ((_, s0, d0), (_, s, d)) in enumerate(zip(first, signature, strict=True)):
+            if s0 != s or d0 != d:
+                return (
+                    f"input {k} of {branches[0]!r} is {_fmt_shape(s0)} {d0}, "
+                    f"of {branch!r} {_fmt_shape(s)} {d}"
+                )
+    return None
+
+
+def _shared_input_names(signature: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
+    return [
+        ("input" if _GENERIC_INPUT.fullmatch(name) else name, shape, dtype)
+        for name, shape, dtype in signature
+    ]
+
+
+def _pack_inputs(model: keras.Model, args: list[Any], keras: Any) -> Any:
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is not None:
+        return keras.tree.pack_sequence_as(struct, args)
+    return args[0] if len(args) == 1 else args
+
+
+def _call(model: keras.Model, args: list[Any], keras: Any) -> list[Any]:
+    return keras.tree.flatten(model(_pack_inputs(model, args, keras), training=False))
+
+
+def _output_names(model: keras.Model, count: int, taken: set[str]) -> list[str]:
+    if count == 1:
+        return [_unique("fused", taken)]
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != count:
+        names = [str(j) for j in range(count)]
+    return [_unique(f"fused_{_identifier(n)}", taken) for n in names]
+
+
+def _check_outputs_match(branch_outputs: list[list[Any]], branches: list[str]) -> None:
+    first = branch_outputs[0]
+    for branch, outs in zip(branches[1:], branch_outputs[1:], strict=True):
+        if len(outs) != len(first):
+            raise FusecliError(
+                f"Models must have the same number of outputs to be fused. "
+                f"Received: {branches[0]!r} has {len(first)}, {branch!r} has {len(outs)}"
+            )
+        for j, (a, b) in enumerate(zip(first, outs, strict=True)):
+            if tuple(a.shape) != tuple(b.shape):
+                raise FusecliError(
+                    f"Output {j} of {branches[0]!r} has shape {_fmt_shape(a.shape)} but output "
+                    f"{j} of {branch!r} has shape {_fmt_shape(b.shape)}; outputs are fused "
+                    "position by position and must match"
+                )
+
+
+def _scale_layer(keras: Any, scale: ScaleMode, weight: float, name: str) -> Any:
+    if scale == "lambda":
+        return keras.layers.Lambda(lambda x, w: x * w, arguments={"w": weight}, name=name)
+    return keras.layers.Rescaling(scale=weight, offset=0.0, name=name)
+
+
+def _finite_max_abs(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.max(np.abs(finite))) if finite.size else 0.0
+
+
+def _fmt_shape(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _tensor_info(tensor: Any) -> dict[str, Any]:
+    return {
+        "name": _tensor_name(tensor),
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype),
+    }
+
+
+def _describe_source(item: ModelSource) -> str:
+    return str(item) if isinstance(item, str | os.PathLike) else f"<model {item.name}>"

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real Keras models, saved once per test session.
+
+Helpers here build models; tests save them where they need them. Every model is seeded so that
+numbers are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def keras():
+    import keras as _keras
+
+    return _keras
+
+
+def dense_model(keras, in_dim: int = 4, out_dim: int = 3, seed: int = 0, name: str | None = None):
+    """A small functional MLP; unnamed models all share Keras' default name "functional"."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((in_dim,))
+    h = keras.layers.Dense(8, activation="relu")(x)
+    y = keras.layers.Dense(out_dim, activation="softmax")(h)
+    return keras.Model(x, y) if name is None else keras.Model(x, y, name=name)
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory, keras) -> dict[str, Path]:
+    """Named model files on disk, made once: see the keys below."""
+    d = tmp_path_factory.mktemp("models")
+    files: dict[str, Path] = {}
+
+    def save(key: str, model, suffix: str = ".keras") -> None:
+        path = d / f"{key}{suffix}"
+        model.save(path)
+        files[key] = path
+
+    save("a", dense_model(keras, seed=1))
+    save("b", dense_model(keras, seed=2))
+    save("c", dense_model(keras, seed=3))
+    save("a_h5", dense_model(keras, seed=1), ".h5")
+    save("b_h5", dense_model(keras, seed=2), ".h5")
+    save("wide_out", dense_model(keras, out_dim=5, seed=4))
+    save("other_in", dense_model(keras, in_dim=6, seed=5))
+    return files
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run `python -m fusecli ARGS` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "fusecli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def predict(model, inputs) -> list[np.ndarray]:
+    """Model outputs on `inputs` as a flat list of numpy arrays."""
+    import keras
+
+    return [np.asarray(o) for o in keras.tree.flatten(model(inputs, training=False))]
