@@ -54,14 +54,19 @@ def model_files(tmp_path_factory, keras) -> dict[str, Path]:
     return files
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
-    """Run `python -m fusecli ARGS` as a real subprocess."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None):
+    """Run `python -m fusecli ARGS` as a real subprocess, on this checkout's code."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "fusecli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
+        input=input,
         timeout=300,
     )
 

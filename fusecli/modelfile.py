@@ -1,0 +1,165 @@
+"""Reading model files without TensorFlow: zipfile, json and h5py only.
+
+Two formats exist:
+- `.keras` (Keras 3): a zip holding `config.json`, `metadata.json` and `model.weights.h5`, whose
+  variables sit under `layers/<name>/vars/<i>` (nested models: `layers/<outer>/layers/<inner>/...`).
+- legacy `.h5` (Keras 2 and Keras 3's `save("x.h5")`): one HDF5 file with attributes
+  `model_config` and `keras_version`, and weights under `model_weights/<layer>/...`, listed by each
+  layer group's `weight_names` attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+
+from fusecli.errors import ModelFileError
+from fusecli.loading import check_model_path
+
+_CONFIG_FILENAME = "config.json"
+_METADATA_FILENAME = "metadata.json"
+_VARS_FILENAME = "model.weights.h5"
+
+Format = Literal["keras", "h5"]
+
+
+@dataclass
+class ModelFile:
+    """What a model file says about itself, read without building the model."""
+
+    path: Path
+    format: Format
+    config: dict[str, Any]  # the serialized model: {"class_name": ..., "config": ...}
+    keras_version: str | None
+    backend: str | None
+
+
+def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
+    """Read a model file's config and metadata; `ModelFileError` for anything broken."""
+    path = check_model_path(path)
+    if file_format(path) == "keras":
+        return _read_keras(path)
+    return _read_h5(path)
+
+
+def file_format(path: str | os.PathLike[str]) -> Format:
+    """'keras' for a zip archive, 'h5' for an HDF5 file: by content, not by name."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror or e})") from None
+    if head.startswith(b"PK"):
+        return "keras"
+    if head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(path):
+        return "h5"
+    raise ModelFileError(path, "is neither a .keras archive nor an HDF5 file")
+
+
+@contextlib.contextmanager
+def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
+    """Open the HDF5 group that holds a model file's weights, read-only.
+
+    `.keras`: the root of `model.weights.h5` inside the zip (read in place, not extracted).
+    `.h5`: the `model_weights` group of a full model, or the root of a weights-only file.
+    """
+    path = check_model_path(path)
+    try:
+        if file_format(path) == "keras":
+            with (
+                zipfile.ZipFile(path) as archive,
+                _member(archive, path, _VARS_FILENAME) as member,
+                h5py.File(member, "r") as h5,
+            ):
+                yield h5
+        else:
+            with h5py.File(path, "r") as h5:
+                yield h5["model_weights"] if "model_weights" in h5 else h5
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
+
+
+def _read_keras(path: Path) -> ModelFile:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = _json_member(archive, path, _CONFIG_FILENAME)
+            metadata = (
+                _json_member(archive, path, _METADATA_FILENAME)
+                if _METADATA_FILENAME in archive.namelist()
+                else {}
+            )
+    except zipfile.BadZipFile as e:
+        raise ModelFileError(path, f"is not a valid .keras archive ({_short(e)})") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({_short(e)})") from None
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ModelFileError(path, f"{_CONFIG_FILENAME} does not describe a Keras object")
+    return ModelFile(
+        path=path,
+        format="keras",
+        config=config,
+        keras_version=_str_or_none(metadata.get("keras_version")),
+        backend=_str_or_none(config.get("backend") or metadata.get("backend")),
+    )
+
+
+def _read_h5(path: Path) -> ModelFile:
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: _decode(h5.attrs[k]) for k in ("model_config", "keras_version", "backend")
+                     if k in h5.attrs}
+    except OSError as e:
+        raise ModelFileError(path, f"is not a readable HDF5 file ({_short(e)})") from None
+    if "model_config" not in attrs:
+        raise ModelFileError(path, "is an HDF5 file without a model (no model_config attribute)")
+    try:
+        config = json.loads(attrs["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(path, f"its model_config is not valid JSON ({_short(e)})") from None
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ModelFileError(path, "its model_config does not describe a Keras model")
+    return ModelFile(
+        path=path,
+        format="h5",
+        config=config,
+        keras_version=_str_or_none(attrs.get("keras_version")),
+        backend=_str_or_none(attrs.get("backend")),
+    )
+
+
+@contextlib.contextmanager
+def _member(archive: zipfile.ZipFile, path: Path, name: str) -> Iterator[Any]:
+    if name not in archive.namelist():
+        raise ModelFileError(path, f"is a zip archive without {name}, not a .keras model")
+    with archive.open(name) as member:
+        yield member
+
+
+def _json_member(archive: zipfile.ZipFile, path: Path, name: str) -> Any:
+    with _member(archive, path, name) as member:
+        try:
+            return json.loads(member.read())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ModelFileError(path, f"{name} is not valid JSON ({_short(e)})") from None
+
+
+def _decode(value: Any) -> Any:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
