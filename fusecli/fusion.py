@@ -201,7 +201,7 @@ def build_fusion(
         fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
 
     fused = keras.Model(
-        inputs=new_inputs,
+        inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
         outputs=fused_outputs[0] if len(fused_outputs) == 1 else fused_outputs,
         name="fused",
     )
@@ -226,7 +226,9 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
         outs = [np.asarray(o, dtype=np.float64) for o in _call(model, args, keras)]
         magnitude = max([magnitude, *(_finite_max_abs(o) * abs(w) for o in outs)])
         terms = [w * o for o in outs]
-        expected = terms if expected is None else [e + t for e, t in zip(expected, terms)]
+        expected = (
+            terms if expected is None else [e + t for e, t in zip(expected, terms, strict=True)]
+        )
     tolerance = _RELATIVE_TOLERANCE * max(1.0, magnitude) * len(fusion.sources)
     worst = 0.0
     for j, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -256,8 +258,10 @@ def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     batch = []
     for tensor in inputs:
-        shape = [_VERIFY_BATCH if i == 0 and d is None else (d or _FREE_DIM)
-                 for i, d in enumerate(tensor.shape)]
+        shape = [
+            _VERIFY_BATCH if i == 0 and d is None else (d or _FREE_DIM)
+            for i, d in enumerate(tensor.shape)
+        ]
         dtype = np.dtype(str(tensor.dtype))
         if dtype.kind == "f":
             batch.append(rng.standard_normal(shape).astype(dtype))

@@ -83,7 +83,7 @@ def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
                 yield h5
         else:
             with h5py.File(path, "r") as h5:
-                yield h5["model_weights"] if "model_weights" in h5 else h5
+                yield h5.get("model_weights", h5)
     except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
         raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
 
@@ -115,8 +115,11 @@ def _read_keras(path: Path) -> ModelFile:
 def _read_h5(path: Path) -> ModelFile:
     try:
         with h5py.File(path, "r") as h5:
-            attrs = {k: _decode(h5.attrs[k]) for k in ("model_config", "keras_version", "backend")
-                     if k in h5.attrs}
+            attrs = {
+                k: _decode(h5.attrs[k])
+                for k in ("model_config", "keras_version", "backend")
+                if k in h5.attrs
+            }
     except OSError as e:
         raise ModelFileError(path, f"is not a readable HDF5 file ({_short(e)})") from None
     if "model_config" not in attrs:

@@ -47,8 +47,9 @@ def model_files(tmp_path_factory, keras) -> dict[str, Path]:
     save("a", dense_model(keras, seed=1))
     save("b", dense_model(keras, seed=2))
     save("c", dense_model(keras, seed=3))
-    save("a_h5", dense_model(keras, seed=1), ".h5")
-    save("b_h5", dense_model(keras, seed=2), ".h5")
+    # Two files whose models share a name, as every unnamed model made in its own process does.
+    save("a_h5", dense_model(keras, seed=1, name="functional"), ".h5")
+    save("b_h5", dense_model(keras, seed=2, name="functional"), ".h5")
     save("wide_out", dense_model(keras, out_dim=5, seed=4))
     save("other_in", dense_model(keras, in_dim=6, seed=5))
     return files

@@ -139,7 +139,8 @@ def trust_option(f: Callable) -> Callable:
     return click.option(
         "--trust",
         is_flag=True,
-        help="Load model files even if they hold code (Lambda layers...). Only for files you trust.",
+        help="Load model files even if they hold code (Lambda layers...). "
+        "Only for files you trust.",
     )(f)
 
 

@@ -104,7 +104,9 @@ def fuse_command(
             "Note: --scale lambda stores Python bytecode in the file; loading it needs "
             "keras.models.load_model(path, safe_mode=False), on the same Python version."
         )
-    weights_text = ", ".join(f"{b}={w:g}" for b, w in zip(report.branches, report.weights))
+    weights_text = ", ".join(
+        f"{b}={w:g}" for b, w in zip(report.branches, report.weights, strict=True)
+    )
     checked = (
         f"largest difference from sum(w_i * M_i(x)): {report.max_abs_diff:.3g}"
         if report.max_abs_diff is not None
