@@ -1,0 +1,61 @@
+"""`fusecli fuse` against the same fusion written by hand in Keras 3, on two ResNet50 files.
+
+    python bench/bench_fuse.py
+
+Makes two ResNet50 .keras files (keras.applications, weights=None, ~100 MB each) in a temporary
+folder, then runs each variant in its own process and prints wall time, peak memory and the
+ratios. fusecli is measured twice: as shipped (it loads the written file back and checks its
+output) and with --no-verify, which does what the hand-written script does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from measure import measure, report
+
+MAKE = textwrap.dedent(
+    """
+    import sys, keras
+    for seed, path in enumerate(sys.argv[1:]):
+        keras.utils.set_random_seed(seed)
+        keras.applications.ResNet50(weights=None).save(path)
+    """
+)
+
+# The fusion by hand, as a careful user writes it today: load both, rename (both are "resnet50"),
+# scale with Rescaling, join with Add, save.
+BY_HAND = textwrap.dedent(
+    """
+    import sys, keras
+    a_path, b_path, out = sys.argv[1:]
+    a = keras.models.load_model(a_path, compile=False)
+    b = keras.models.load_model(b_path, compile=False)
+    a.name, b.name = "a", "b"
+    x = keras.Input((224, 224, 3))
+    ya = keras.layers.Rescaling(0.8)(a(x))
+    yb = keras.layers.Rescaling(0.2)(b(x))
+    keras.Model(x, keras.layers.Add()([ya, yb])).save(out)
+    """
+)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        a, b = d / "a.keras", d / "b.keras"
+        subprocess.run([sys.executable, "-c", MAKE, a, b], check=True, capture_output=True)
+        fusecli = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2"]
+        by_hand = measure("by hand in Keras", [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"])
+        verified = measure("fusecli fuse (verifies the file)", [*fusecli, "-o", d / "f1.keras"])
+        plain = measure("fusecli fuse --no-verify", [*fusecli, "-o", d / "f2.keras", "--no-verify"])
+        print(report(verified, by_hand))
+        print(report(plain, by_hand))
+
+
+if __name__ == "__main__":
+    main()
