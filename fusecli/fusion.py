@@ -1,6 +1,7 @@
 """Output-level fusion: one new model whose output is the weighted sum of the models' outputs.
 
-    out = w1 * A(x) + w2 * B(x) + ...
+    out = w1 * A(x) + w2 * B(x) + ...                 (at="output", the default)
+    out = softmax(w1 * zA(x) + w2 * zB(x) + ...)      (at="logits": z, the logits)
 
 Each branch is scaled by a built-in, serializable layer (`Rescaling`) and the branches are joined
 by `Add`, so the fused file loads with a plain `keras.models.load_model` (safe_mode on). The
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -22,6 +23,7 @@ import numpy as np
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.loading import load_model
+from fusecli.logits import cut_before_softmax
 from fusecli.outputfile import atomic_output, check_output_path, model_format
 from fusecli.weights import resolve_weights
 
@@ -31,9 +33,13 @@ if TYPE_CHECKING:
 ModelSource: TypeAlias = "str | os.PathLike[str] | keras.Model"
 InputsMode = Literal["auto", "shared", "separate"]
 ScaleMode = Literal["rescaling", "lambda"]
+FuseAt = Literal["output", "logits"]
+Activation = Literal["softmax", "none"]
 
 SCALE_MODES = ("rescaling", "lambda")
 INPUT_MODES = ("auto", "shared", "separate")
+FUSE_AT = ("output", "logits")
+ACTIVATIONS = ("softmax", "none")
 
 # Size of the random batch used to check a written file, and the length given to free dimensions.
 _VERIFY_BATCH = 2
@@ -49,14 +55,22 @@ class Fusion:
     """A fused model together with what it was built from."""
 
     model: keras.Model
-    sources: list[keras.Model]
+    sources: list[keras.Model]  # what is scaled and added: the models, or their logits
     branches: list[str]
     weights: tuple[float, ...]
     inputs_mode: Literal["shared", "separate"]
     inputs_reason: str
     scale: ScaleMode
-    # For each branch, the positions of its inputs among the fused model's inputs.
-    input_slots: list[list[int]] = field(default_factory=list)
+    input_slots: list[list[int]]  # for each branch, its inputs' positions in the fused model's
+    at: FuseAt
+    activation: Activation
+    axes: list[int]  # the softmax axis of each output (at="logits")
+    originals: list[keras.Model]  # the models as loaded
+
+    @property
+    def formula(self) -> str:
+        total = "sum(w_i * M_i(x))" if self.at == "output" else "sum(w_i * logits_i(x))"
+        return total if self.activation == "none" else f"softmax({total})"
 
 
 @dataclass
@@ -69,6 +83,9 @@ class FusionReport:
     branches: list[str]
     weights: list[float]
     scale: str
+    at: str
+    activation: str
+    formula: str
     inputs_mode: str
     inputs_reason: str
     inputs: list[dict[str, Any]]
@@ -87,6 +104,8 @@ def fuse(
     normalize: bool = False,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
+    at: FuseAt = "output",
+    activation: Activation | None = None,
     trust: bool = False,
 ) -> keras.Model:
     """Fuse saved or loaded Keras models into one whose output is sum(w_i * M_i(x)).
@@ -94,9 +113,18 @@ def fuse(
     `models` are paths (.keras/.h5) or loaded `keras.Model`s; `weights` default to 1/N each.
     `inputs`: "shared" feeds one set of inputs to every model, "separate" gives each model its
     own, "auto" picks shared when all models' inputs match.
+    `at="logits"` adds the models' outputs before their final softmax; `activation` is then
+    applied to the sum ("softmax", the default at the logits, or "none").
     """
     return build_fusion(
-        models, weights, normalize=normalize, scale=scale, inputs=inputs, trust=trust
+        models,
+        weights,
+        normalize=normalize,
+        scale=scale,
+        inputs=inputs,
+        at=at,
+        activation=activation,
+        trust=trust,
     ).model
 
 
@@ -108,25 +136,26 @@ def fuse_to_file(
     normalize: bool = False,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
+    at: FuseAt = "output",
+    activation: Activation | None = None,
     trust: bool = False,
     force: bool = False,
     verify: bool = True,
 ) -> FusionReport:
-    """Fuse `models` and write the result to `output` (.keras or .h5), atomically.
+    """Fuse `models` (see `fuse` for the options) and write the result to `output` (.keras or
+    .h5), atomically.
 
     Unless `verify` is False, the written file is loaded back as a user would and its output on a
-    random batch compared with sum(w_i * M_i(x)); a file that differs is deleted.
+    random batch compared with what it should compute; a file that differs is deleted.
     """
+    options = dict(normalize=normalize, scale=scale, inputs=inputs, at=at, activation=activation)
     fmt = model_format(output)
-    _check_request(models, weights, normalize=normalize, scale=scale, inputs=inputs)
+    _check_request(models, weights, **options)
     paths = [m for m in models if isinstance(m, str | os.PathLike)]
     output = check_output_path(output, inputs=paths, force=force)
-    fusion = build_fusion(
-        models, weights, normalize=normalize, scale=scale, inputs=inputs, trust=trust
-    )
+    fusion = build_fusion(models, weights, trust=trust, **options)
     max_diff = None
     with atomic_output(output, force=force) as tmp:
-        runtime.keras()
         fusion.model.save(tmp)
         if verify:
             max_diff = verify_file(fusion, tmp)
@@ -137,6 +166,9 @@ def fuse_to_file(
         branches=fusion.branches,
         weights=list(fusion.weights),
         scale=fusion.scale,
+        at=fusion.at,
+        activation=fusion.activation,
+        formula=fusion.formula,
         inputs_mode=fusion.inputs_mode,
         inputs_reason=fusion.inputs_reason,
         inputs=[_tensor_info(t) for t in fusion.model.inputs],
@@ -153,43 +185,44 @@ def build_fusion(
     normalize: bool = False,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
+    at: FuseAt = "output",
+    activation: Activation | None = None,
     trust: bool = False,
 ) -> Fusion:
     """Load what needs loading and build the fused model; see `fuse`."""
-    weights = _check_request(models, weights, normalize=normalize, scale=scale, inputs=inputs)
+    weights = _check_request(
+        models,
+        weights,
+        normalize=normalize,
+        scale=scale,
+        inputs=inputs,
+        at=at,
+        activation=activation,
+    )
+    activation = activation or ("softmax" if at == "logits" else "none")
     keras = runtime.keras()
-    sources = _load_sources(models, trust=trust, keras=keras)
-    branches = _branch_names(models, sources)
-    for model, name in zip(sources, branches, strict=True):
+    originals = _load_sources(models, trust=trust, keras=keras)
+    branches = _branch_names(models, originals)
+    for model, name in zip(originals, branches, strict=True):
         if model.name != name:
             model.name = name
+    sources, axes = originals, None
+    if at == "logits":
+        cuts = [cut_before_softmax(m, b) for m, b in zip(originals, branches, strict=True)]
+        sources = [model for model, _ in cuts]
+        axes = _common_axes([axes for _, axes in cuts], branches)
 
     signatures = [_input_signature(m, b) for m, b in zip(sources, branches, strict=True)]
     mode, reason = _choose_inputs_mode(inputs, signatures, branches)
     taken = set(branches)
-    if mode == "shared":
-        new_inputs = [
-            keras.Input(batch_shape=shape, dtype=dtype, name=_unique(name, taken))
-            for name, shape, dtype in _shared_input_names(signatures[0])
-        ]
-        slots = [list(range(len(new_inputs))) for _ in sources]
-    else:
-        new_inputs, slots = [], []
-        for branch, signature in zip(branches, signatures, strict=True):
-            slots.append([])
-            for name, shape, dtype in signature:
-                label = f"{branch}_{'input' if _GENERIC_INPUT.fullmatch(name) else name}"
-                slots[-1].append(len(new_inputs))
-                new_inputs.append(
-                    keras.Input(batch_shape=shape, dtype=dtype, name=_unique(label, taken))
-                )
+    new_inputs, slots = _fused_inputs(keras, mode, signatures, branches, taken)
 
     branch_outputs = []
     for model, slot in zip(sources, slots, strict=True):
         args = [new_inputs[i] for i in slot]
         branch_outputs.append(keras.tree.flatten(model(_pack_inputs(model, args, keras))))
-    out_names = _output_names(sources[0], len(branch_outputs[0]), taken)
     _check_outputs_match(branch_outputs, branches)
+    out_names = _output_names(originals[0], len(branch_outputs[0]), taken)
 
     fused_outputs = []
     for j, out_name in enumerate(out_names):
@@ -198,18 +231,37 @@ def build_fusion(
             _scale_layer(keras, scale, w, _unique(f"{branch}_scale{suffix}", taken))(outs[j])
             for branch, w, outs in zip(branches, weights, branch_outputs, strict=True)
         ]
-        fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
+        if activation == "none":
+            fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
+        else:
+            total = keras.layers.Add(name=_unique(f"{out_name}_logits", taken))(scaled)
+            axis = axes[j] if axes else -1
+            fused_outputs.append(keras.layers.Softmax(axis=axis, name=out_name)(total))
 
     fused = keras.Model(
         inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
         outputs=fused_outputs[0] if len(fused_outputs) == 1 else fused_outputs,
         name="fused",
     )
-    return Fusion(fused, sources, branches, weights, mode, reason, scale, slots)
+    return Fusion(
+        model=fused,
+        sources=sources,
+        branches=branches,
+        weights=weights,
+        inputs_mode=mode,
+        inputs_reason=reason,
+        scale=scale,
+        input_slots=slots,
+        at=at,
+        activation=activation,
+        axes=axes or [-1] * len(out_names),
+        originals=originals,
+    )
 
 
 def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
-    """Load `path` as a user would; compare its output with sum(w_i * M_i(x)) on random input.
+    """Load `path` as a user would; compare its output with act(sum(w_i * M_i(x))) on random
+    input (M_i: the models, or their logits with `at="logits"`).
 
     Returns the largest absolute difference; raises `VerificationError` beyond round-off.
     """
@@ -221,15 +273,44 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
     batch = random_batch(fusion.model.inputs)
     got = [np.asarray(o) for o in keras.tree.flatten(loaded(batch, training=False))]
     expected, magnitude = None, 0.0
-    for model, w, slot in zip(fusion.sources, fusion.weights, fusion.input_slots, strict=True):
-        args = [batch[i] for i in slot]
+    for i, (model, w, slot) in enumerate(
+        zip(fusion.sources, fusion.weights, fusion.input_slots, strict=True)
+    ):
+        args = [batch[k] for k in slot]
         outs = [np.asarray(o, dtype=np.float64) for o in _call(model, args, keras)]
+        if fusion.at == "logits":
+            _check_cut(fusion, i, args, outs, keras)
         magnitude = max([magnitude, *(_finite_max_abs(o) * abs(w) for o in outs)])
         terms = [w * o for o in outs]
         expected = (
             terms if expected is None else [e + t for e, t in zip(expected, terms, strict=True)]
         )
+    if fusion.activation == "softmax":
+        expected = [_softmax(e, axis) for e, axis in zip(expected, fusion.axes, strict=True)]
+        magnitude = 1.0
     tolerance = _RELATIVE_TOLERANCE * max(1.0, magnitude) * len(fusion.sources)
+    worst = _largest_difference(got, expected)
+    if worst > tolerance:
+        raise VerificationError(
+            f"The written model differs from {fusion.formula} by up to {worst:.3g} "
+            f"(tolerance {tolerance:.3g}); the file was not kept"
+        )
+    return worst
+
+
+def _check_cut(fusion: Fusion, i: int, args: list, logits: list[np.ndarray], keras: Any) -> None:
+    """softmax(logits) must give back the original model's output: the cut is right."""
+    original = [np.asarray(o, dtype=np.float64) for o in _call(fusion.originals[i], args, keras)]
+    recomputed = [_softmax(z, axis) for z, axis in zip(logits, fusion.axes, strict=True)]
+    worst = _largest_difference(recomputed, original)
+    if worst > _RELATIVE_TOLERANCE * len(fusion.sources):
+        raise VerificationError(
+            f"softmax of the logits of {fusion.branches[i]!r} differs from its output by "
+            f"{worst:.3g}; cannot fuse it at the logits"
+        )
+
+
+def _largest_difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
     worst = 0.0
     for j, (g, e) in enumerate(zip(got, expected, strict=True)):
         if g.shape != e.shape:
@@ -238,18 +319,18 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
             )
         if not np.array_equal(np.isfinite(g), np.isfinite(e)):
             raise VerificationError(
-                f"Output {j} of the written model is not finite where sum(w_i * M_i(x)) is "
+                f"Output {j} of the written model is not finite where the expected output is "
                 "(or the other way round)"
             )
         finite = np.isfinite(e)
         if finite.any():
             worst = max(worst, float(np.max(np.abs(g[finite] - e[finite]))))
-    if worst > tolerance:
-        raise VerificationError(
-            f"The written model differs from sum(w_i * M_i(x)) by up to {worst:.3g} "
-            f"(tolerance {tolerance:.3g}); the file was not kept"
-        )
     return worst
+
+
+def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
+    shifted = np.exp(z - np.max(z, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
 
 
 def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
@@ -287,7 +368,15 @@ def _check_request(
     normalize: bool,
     scale: str,
     inputs: str,
+    at: str,
+    activation: str | None,
 ) -> tuple[float, ...]:
+    if at not in FUSE_AT:
+        raise InvalidRequest(f"Expected at to be one of {FUSE_AT}. Received: {at!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise InvalidRequest(
+            f"Expected activation to be one of {ACTIVATIONS}. Received: {activation!r}"
+        )
     if len(models) < 2:
         raise InvalidRequest(f"Expected two or more models to fuse. Received: {len(models)}")
     if scale not in SCALE_MODES:
@@ -392,6 +481,42 @@ def _first_input_mismatch(
                     f"of {branch!r} {_fmt_shape(s)} {d}"
                 )
     return None
+
+
+def _fused_inputs(
+    keras: Any,
+    mode: str,
+    signatures: list[list[tuple[str, tuple, str]]],
+    branches: list[str],
+    taken: set[str],
+) -> tuple[list[Any], list[list[int]]]:
+    """The fused model's Input layers, and for each branch the positions of its inputs."""
+    if mode == "shared":
+        new_inputs = [
+            keras.Input(batch_shape=shape, dtype=dtype, name=_unique(name, taken))
+            for name, shape, dtype in _shared_input_names(signatures[0])
+        ]
+        return new_inputs, [list(range(len(new_inputs))) for _ in branches]
+    new_inputs, slots = [], []
+    for branch, signature in zip(branches, signatures, strict=True):
+        slots.append([])
+        for name, shape, dtype in signature:
+            label = f"{branch}_{'input' if _GENERIC_INPUT.fullmatch(name) else name}"
+            slots[-1].append(len(new_inputs))
+            new_inputs.append(
+                keras.Input(batch_shape=shape, dtype=dtype, name=_unique(label, taken))
+            )
+    return new_inputs, slots
+
+
+def _common_axes(per_model: list[list[int]], branches: list[str]) -> list[int]:
+    for branch, axes in zip(branches[1:], per_model[1:], strict=True):
+        if axes != per_model[0]:
+            raise FusecliError(
+                f"The final softmax of {branches[0]!r} works over axes {per_model[0]}, that of "
+                f"{branch!r} over {axes}; they must agree to fuse at the logits"
+            )
+    return per_model[0]
 
 
 def _shared_input_names(signature: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:

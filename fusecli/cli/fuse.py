@@ -14,7 +14,7 @@ from fusecli.cli.common import (
     verbose_option,
     weights_option,
 )
-from fusecli.fusion import INPUT_MODES, SCALE_MODES
+from fusecli.fusion import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 
 
 @click.command(
@@ -51,6 +51,19 @@ from fusecli.fusion import INPUT_MODES, SCALE_MODES
     "Lambda(lambda x: x*w) (needs safe_mode=False to load).",
 )
 @click.option(
+    "--at",
+    type=click.Choice(FUSE_AT),
+    default="output",
+    show_default=True,
+    help="output: add the models' outputs; logits: add them before each model's final softmax.",
+)
+@click.option(
+    "--activation",
+    type=click.Choice(ACTIVATIONS),
+    default=None,
+    help="Applied after the Add. [default: softmax with --at logits, else none]",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
@@ -67,6 +80,8 @@ def fuse_command(
     output: str,
     inputs_mode: str,
     scale: str,
+    at: str,
+    activation: str | None,
     verify: bool,
     force: bool,
     trust: bool,
@@ -81,7 +96,8 @@ def fuse_command(
     \b
     Examples:
       fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2 -o fused.keras
-      fusecli fuse a.keras b.keras c.keras -o soup_out.h5 --json
+      fusecli fuse a.keras b.keras c.keras -o three.h5 --json
+      fusecli fuse rgb.keras flow.keras --w 1 1.5 --at logits    # softmax(z_rgb + 1.5 z_flow)
     """
     from fusecli.fusion import fuse_to_file
 
@@ -94,6 +110,8 @@ def fuse_command(
         normalize=normalize,
         scale=scale,
         inputs=inputs_mode,
+        at=at,
+        activation=activation,
         trust=trust,
         force=force,
         verify=verify,
@@ -108,7 +126,7 @@ def fuse_command(
         f"{b}={w:g}" for b, w in zip(report.branches, report.weights, strict=True)
     )
     checked = (
-        f"largest difference from sum(w_i * M_i(x)): {report.max_abs_diff:.3g}"
+        f"largest difference from {report.formula}: {report.max_abs_diff:.3g}"
         if report.max_abs_diff is not None
         else "not verified"
     )
