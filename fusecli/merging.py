@@ -32,12 +32,12 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.merge_methods import MergePlan, plan_merge
-from fusecli.modelfile import open_weights
 from fusecli.outputfile import atomic_output, check_output_path, model_format
 from fusecli.tensors import (
     TRAINING_STATE_GROUPS,
     Layout,
     architecture_difference,
+    open_tensors,
     read_layout,
     read_tensor,
 )
@@ -199,9 +199,9 @@ def _write(
     progress: Progress | None,
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
-        groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
+        groups = [stack.enter_context(open_tensors(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, plan)
-        with open_weights(template.path) as template_group:
+        with open_tensors(template.path) as template_group:
             if fmt == "h5":
                 with h5py.File(tmp, "w") as out:
                     return _write_h5(out, template, template_group, tensors, progress)
@@ -346,7 +346,7 @@ def _verify(path: Path, template: Layout, digests: list[bytes]) -> None:
         raise VerificationError(
             f"The written file's architecture differs from its inputs': {difference}"
         )
-    with open_weights(path) as group:
+    with open_tensors(path) as group:
         for k, (variable, digest) in enumerate(zip(written.variables, digests, strict=True)):
             if _digest(read_tensor(path, group, variable)) != digest:
                 raise VerificationError(
