@@ -109,9 +109,9 @@ def merge(
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
     layouts = [_read_input(p, trust=trust) for p in sources]
+    _check_pairing(layouts)
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
-    _check_pairing(layouts)
 
     with atomic_output(output, force=force) as tmp:
         digests = _write(tmp, fmt, template, layouts, plan, progress)

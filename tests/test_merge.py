@@ -66,6 +66,14 @@ def counting_net(keras, seed: int):
     return _randomized(model, seed)
 
 
+def attention_net(keras, seed: int):
+    """MultiHeadAttention keeps its variables in sub-layers, stored differently per format."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((5, 8))
+    y = keras.layers.MultiHeadAttention(2, 4, name="attention")(x, x)
+    return keras.Model(x, keras.layers.Dense(2)(y))
+
+
 def _counting_layer(keras):
     @keras.saving.register_keras_serializable(package="fusecli_tests")
     class CountingDense(keras.layers.Layer):
@@ -121,6 +129,9 @@ def files(tmp_path_factory, keras):
     save("tanh", conv_net(keras, 5, activation="tanh"), ".keras")
     save("seq1", seq_net(keras, 1), ".keras")
     save("seq1_h", seq_net(keras, 1), ".h5")
+    save("mha1", attention_net(keras, 1), ".keras")
+    save("mha2", attention_net(keras, 2), ".keras")
+    save("mha2_h", attention_net(keras, 2), ".h5")
     save("int1", counting_net(keras, 1), ".keras")
     save("int2", counting_net(keras, 2), ".keras")
     return out
@@ -351,6 +362,24 @@ def test_different_classes_refused(files, tmp_path):
     with pytest.raises(FusecliError) as e:
         merge([files["k1"], files["seq1"]], tmp_path / "o.keras")
     assert str(e.value).endswith("k1.keras is a Functional model, seq1.keras a Sequential model")
+
+
+def test_layers_with_sub_layers_merge_within_one_format(keras, files, kw, tmp_path):
+    out = tmp_path / "mha.keras"
+    merge([files["mha1"], files["mha2"]], out)
+    assert_weights(
+        loaded_weights(keras, out),
+        [(a + b) / 2 for a, b in zip(kw("mha1"), kw("mha2"), strict=True)],
+    )
+
+
+def test_layers_with_sub_layers_are_not_paired_across_formats(files, tmp_path):
+    with pytest.raises(FusecliError) as e:
+        merge([files["mha1"], files["mha2_h"]], tmp_path / "o.keras")
+    assert str(e.value).startswith(
+        "Cannot pair the weights of layer 'attention' between .keras and .h5 files (its "
+        "sub-layers are stored in different orders); give all models in one format."
+    )
 
 
 def test_nan_weights_refused(files, tmp_path):
