@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from click.testing import CliRunner
 from conftest import run_cli
 
 from fusecli.cli import cli
+from fusecli.cli.merge import _progress_bar
 
 
 @pytest.fixture
@@ -149,3 +152,25 @@ def test_subprocess_error_is_one_line(tmp_path, model_files):
     assert proc.stdout == ""
     assert proc.stderr.startswith("Error: Models must have the same architecture to be merged")
     assert proc.stderr.count("\n") == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_for_large_models_on_a_terminal(monkeypatch):
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with _progress_bar(enabled=True) as update:
+        update(2**10, 2**20)  # 1 MB of weights: over before a bar is worth drawing
+    assert stream.getvalue() == ""
+    with _progress_bar(enabled=True) as update:
+        update(2**25, 2**26)
+        update(2**26, 2**26)
+    assert "Merging" in stream.getvalue() and "100%" in stream.getvalue()
+    with _progress_bar(enabled=False) as update:
+        assert update is None
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with _progress_bar(enabled=True) as update:
+        assert update is None
