@@ -124,6 +124,9 @@ def files(tmp_path_factory, keras):
     for seed in (1, 2):
         save(f"h{seed}", conv_net(keras, seed), ".h5")
     save("base_h", conv_net(keras, 0), ".h5")
+    frozen = conv_net(keras, 6)
+    frozen.get_layer("block").layers[1].trainable = False  # its variables move last in .h5
+    save("frozen_h", frozen, ".h5")
     save("wide", conv_net(keras, 4, units=5), ".keras")
     save("wide_h", conv_net(keras, 4, units=5, head="wide_head"), ".h5")
     save("tanh", conv_net(keras, 5, activation="tanh"), ".keras")
@@ -168,7 +171,7 @@ def no_leftovers(folder):
 # -- the order of variables ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["k1", "h1", "seq1", "seq1_h", "int1"])
+@pytest.mark.parametrize("key", ["k1", "h1", "frozen_h", "seq1", "seq1_h", "int1"])
 def test_variable_order_is_keras_model_weights_order(keras, files, key):
     model = keras.models.load_model(files[key], compile=False)
     layout = read_layout(files[key])
