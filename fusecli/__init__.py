@@ -24,6 +24,7 @@ _LAZY = {
     "fuse": "fusecli.fusion",
     "fuse_to_file": "fusecli.fusion",
     "load_model": "fusecli.loading",
+    "merge": "fusecli.merging",
 }
 
 __all__ = [

@@ -1,0 +1,71 @@
+"""`fusecli merge` against the same merge written by hand in Keras 3, on two ResNet50 files.
+
+    python bench/bench_merge.py
+
+Makes two ResNet50 .keras files (keras.applications, weights=None, different seeds, ~100 MB
+each) in a temporary folder, then runs each variant in its own process and prints wall time,
+peak memory and the ratios. fusecli is measured as shipped (it reads the written file back and
+checks every tensor) and with --no-verify, which does what the hand-written script does. Both
+results are then compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from measure import measure, report
+
+MAKE = textwrap.dedent(
+    """
+    import sys, keras
+    for seed, path in enumerate(sys.argv[1:]):
+        keras.utils.set_random_seed(seed)
+        keras.applications.ResNet50(weights=None).save(path)
+    """
+)
+
+# The merge by hand, as a user writes it today: load both, average, set_weights, save.
+BY_HAND = textwrap.dedent(
+    """
+    import sys, keras
+    a_path, b_path, out = sys.argv[1:]
+    a = keras.models.load_model(a_path, compile=False)
+    b = keras.models.load_model(b_path, compile=False)
+    a.set_weights([(x + y) / 2 for x, y in zip(a.get_weights(), b.get_weights())])
+    a.save(out)
+    """
+)
+
+COMPARE = textwrap.dedent(
+    """
+    import sys, keras, numpy as np
+    ours, theirs = (keras.models.load_model(p).get_weights() for p in sys.argv[1:])
+    worst = max(float(np.max(np.abs(x - y))) for x, y in zip(ours, theirs, strict=True))
+    print(f"largest difference between the two results: {worst:.3g} ({len(ours)} tensors)")
+    """
+)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        a, b = d / "a.keras", d / "b.keras"
+        subprocess.run([sys.executable, "-c", MAKE, a, b], check=True, capture_output=True)
+        fusecli = [sys.executable, "-m", "fusecli", "merge", a, b]
+        by_hand = measure("by hand in Keras", [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"])
+        verified = measure("fusecli merge (reads back, checks)", [*fusecli, "-o", d / "m1.keras"])
+        plain = measure(
+            "fusecli merge --no-verify", [*fusecli, "-o", d / "m2.keras", "--no-verify"]
+        )
+        print(report(verified, by_hand))
+        print(report(plain, by_hand))
+        compare = [sys.executable, "-c", COMPARE, d / "m1.keras", d / "h.keras"]
+        print(subprocess.run(compare, check=True, capture_output=True, text=True).stdout, end="")
+
+
+if __name__ == "__main__":
+    main()

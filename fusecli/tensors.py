@@ -1,0 +1,543 @@
+"""A model file's variables, listed in Keras' own order without loading any tensor.
+
+Merging pairs the i-th variable of one model with the i-th of another, so both layouts must be
+listed in the same order — the order of `model.weights`:
+
+- `.keras`: `model.weights.h5` holds `layers/<key>/vars/<i>`, where `<key>` is made from the
+  layer's class (`conv2d`, `conv2d_1`, ...), not its name; the `vars` group's `name` attribute
+  gives the layer's name. Nested models hold their own `layers/` group. Layers are listed in the
+  config's order, each one's own variables first, then its nested layers.
+- legacy `.h5`: `model_weights/<layer>/` lists its datasets in the `weight_names` attribute, in
+  the order of the layer group's `layer_names` attribute. A nested model is one layer whose
+  `weight_names` put all trainable variables before the non-trainable ones (BatchNormalization
+  statistics last); they are regrouped layer by layer to match `model.weights`.
+
+`architecture_difference` compares two files' architectures from their configs and variable lists
+(class names, wiring, settings that change what a layer computes, every variable's shape and
+dtype; layer names may differ) and describes the first difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from fusecli.errors import ModelFileError
+from fusecli.loading import check_model_path
+from fusecli.modelfile import Format, ModelFile, file_format, open_weights, read_model_file
+
+_VARS_FILENAME = "model.weights.h5"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
+# Top-level groups of a weights file that hold training state, not the model.
+TRAINING_STATE_GROUPS = ("optimizer", "optimizer_weights")
+# Config keys that do not change what a trained layer computes (or that are spelled differently
+# in each format); everything else in a layer's config must match for models to be merged.
+_IGNORED_KEYS = {
+    "name",
+    "trainable",
+    "module",
+    "registered_name",
+    "build_config",
+    "compile_config",
+    "shared_object_id",
+    "seed",
+    "layers",
+    "input_layers",
+    "output_layers",
+    "inbound_nodes",
+}
+_IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One variable of a model file, where it sits, and what it holds (data not read)."""
+
+    layer: str  # the layer's path by name, e.g. "block/conv2d"
+    dataset: str  # the dataset's path inside the weights group
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def mergeable(self) -> bool:
+        """Floating-point variables are merged; integer and boolean ones are copied."""
+        return self.dtype.kind == "f"
+
+
+@dataclass
+class Layout:
+    """A model file's config and its variables in `model.weights` order."""
+
+    path: Path
+    format: Format
+    config: dict[str, Any]
+    keras_version: str | None
+    variables: list[Variable]
+    # Layers whose .keras group holds sub-objects (e.g. MultiHeadAttention's dense layers): their
+    # order inside the layer follows attribute names, so they cannot be paired with a .h5 file.
+    composite_layers: list[str] = field(default_factory=list)
+
+
+def read_layout(path: str | os.PathLike[str]) -> Layout:
+    """List a model file's variables in `model.weights` order; reads metadata, no tensor."""
+    info = read_model_file(path)
+    with open_tensors(info.path) as group:
+        try:
+            if info.format == "keras":
+                variables, composite = _keras_variables(group, info.config)
+            else:
+                variables, composite = _h5_variables(group, info.config), []
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ModelFileError(
+                info.path, f"its weights do not match its config ({_short(e)})"
+            ) from None
+    return _layout(info, variables, composite)
+
+
+@contextlib.contextmanager
+def open_tensors(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
+    """`modelfile.open_weights`, fast for .keras files: Keras stores `model.weights.h5`
+    uncompressed, so h5py reads it in place through a window on the archive. (Through
+    `zipfile`, every backward seek re-reads the member from its start: minutes for a ResNet.)"""
+    path = check_model_path(path)
+    window = _stored_member(path)
+    if window is None:
+        with open_weights(path) as group:
+            yield group
+        return
+    try:
+        h5 = h5py.File(window, "r")
+    except (OSError, ValueError) as e:
+        window.close()
+        raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
+    with window, h5:
+        yield h5
+
+
+def architecture_difference(a: Layout, b: Layout) -> str | None:
+    """The first way in which `b`'s architecture differs from `a`'s, or None if they match."""
+    na, nb = a.path.name, b.path.name
+    if na == nb:
+        na, nb = str(a.path), str(b.path)
+    ca, cb = a.config.get("class_name"), b.config.get("class_name")
+    if ca != cb:
+        return f"{na} is a {ca} model, {nb} a {cb} model"
+    layers_a, layers_b = _flat_layers(a.config), _flat_layers(b.config)
+    for i, (la, lb) in enumerate(zip(layers_a, layers_b, strict=False)):
+        where = f"layer {i} ({la.path!r} in {na}, {lb.path!r} in {nb})"
+        if la.class_name != lb.class_name:
+            return f"{where} is a {la.class_name} in {na}, a {lb.class_name} in {nb}"
+        if la.edges != lb.edges:
+            return (
+                f"{where} takes its inputs from layers {_fmt_edges(la.edges, layers_a)} in {na}, "
+                f"{_fmt_edges(lb.edges, layers_b)} in {nb}"
+            )
+        for key in sorted(la.settings.keys() & lb.settings.keys()):
+            if la.settings[key] != lb.settings[key]:
+                return (
+                    f"{where}, a {la.class_name}: {key} is {_fmt(la.settings[key])} in {na}, "
+                    f"{_fmt(lb.settings[key])} in {nb}"
+                )
+    if len(layers_a) != len(layers_b):
+        return f"{na} has {len(layers_a)} layers, {nb} has {len(layers_b)}"
+    for i, (va, vb) in enumerate(zip(a.variables, b.variables, strict=False)):
+        if va.shape != vb.shape or va.dtype != vb.dtype:
+            return (
+                f"weight {i} (of layer {va.layer!r} in {na}, {vb.layer!r} in {nb}) is "
+                f"{_fmt_shape(va.shape)} {va.dtype} in {na}, {_fmt_shape(vb.shape)} {vb.dtype} "
+                f"in {nb}"
+            )
+    if len(a.variables) != len(b.variables):
+        return f"{na} has {len(a.variables)} weights, {nb} has {len(b.variables)}"
+    return None
+
+
+def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray:
+    """Read one variable's values; a clean `ModelFileError` if the file is broken."""
+    try:
+        values = np.asarray(group[variable.dataset][()])
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        reason = f"weight {variable.dataset!r} cannot be read ({_short(e)})"
+        raise ModelFileError(path, reason) from None
+    if values.shape != variable.shape:
+        raise ModelFileError(path, f"weight {variable.dataset!r} changed while it was read")
+    return values
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of `size` bytes of a file, starting at `offset`."""
+
+    def __init__(self, file: io.BufferedReader, offset: int, size: int) -> None:
+        super().__init__()
+        self._file, self._offset, self._size, self._pos = file, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, start + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        data = os.pread(self._file.fileno(), n, self._offset + self._pos) if n else b""
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _stored_member(path: Path) -> _Window | None:
+    """A window on the uncompressed `model.weights.h5` of a .keras file; None otherwise."""
+    if file_format(path) != "keras":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(_VARS_FILENAME)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        file = open(path, "rb")  # noqa: SIM115 - owned by the window
+        header = os.pread(file.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if signature != b"PK\x03\x04" or offset + info.file_size > os.fstat(file.fileno()).st_size:
+            file.close()
+            return None
+    except (zipfile.BadZipFile, KeyError, OSError, struct.error):
+        return None  # open_weights gives the precise error
+    return _Window(file, offset, info.file_size)
+
+
+# -- .keras ----------------------------------------------------------------------------------
+
+
+def _keras_variables(root: h5py.Group, config: dict[str, Any]) -> tuple[list[Variable], list[str]]:
+    variables: list[Variable] = []
+    composite: list[str] = []
+    visited: set[str] = set()
+    own = root.get("vars")
+    if isinstance(own, h5py.Group):
+        variables += _vars_of(own, "", visited)
+    if _is_model(config):
+        _walk_keras_model(root, config, "", variables, composite, visited)
+    # Anything Keras would load that the config walk did not reach, in a stable order.
+    for name in _all_datasets(root):
+        if name not in visited and name.split("/")[0] not in TRAINING_STATE_GROUPS:
+            variables.append(_variable(root, name, layer=name.rsplit("/", 2)[0]))
+    return variables, composite
+
+
+def _walk_keras_model(
+    group: h5py.Group,
+    config: dict[str, Any],
+    prefix: str,
+    variables: list[Variable],
+    composite: list[str],
+    visited: set[str],
+) -> None:
+    container = group.get("layers")
+    if not isinstance(container, h5py.Group):
+        return
+    members = {key: container[key] for key in container}
+    by_name: dict[str, str] = {}
+    for key, member in members.items():
+        vars_group = member.get("vars") if isinstance(member, h5py.Group) else None
+        if isinstance(vars_group, h5py.Group) and "name" in vars_group.attrs:
+            by_name[_decode(vars_group.attrs["name"])] = key
+    by_class = _class_keys(config)
+    for entry in _layer_entries(config):
+        name = _layer_name(entry)
+        key = by_name.get(name) or by_class.get(name)
+        layer_group = members.get(key) if key is not None else None
+        if not isinstance(layer_group, h5py.Group):
+            continue
+        path = f"{prefix}{name}"
+        base = f"{group.name.rstrip('/')}/layers/{key}".lstrip("/")
+        if "vars" in layer_group:
+            variables += _vars_of(layer_group["vars"], path, visited, base=f"{base}/vars")
+        if _is_model(entry):
+            _walk_keras_model(layer_group, entry, f"{path}/", variables, composite, visited)
+        others = sorted(k for k in layer_group if k not in ("vars", "layers"))
+        for other in others:
+            node = layer_group[other]
+            names = _all_datasets(node) if isinstance(node, h5py.Group) else []
+            if names:
+                composite.append(path)
+            for n in names:
+                full = f"{base}/{other}/{n}"
+                visited.add(full)
+                variables.append(_variable(group.file, full, layer=path))
+
+
+def _vars_of(
+    vars_group: h5py.Group, layer: str, visited: set[str], base: str = "vars"
+) -> list[Variable]:
+    nodes = {k: vars_group[k] for k in vars_group}
+    out = []
+    for k in sorted((k for k, n in nodes.items() if isinstance(n, h5py.Dataset)), key=_int_key):
+        full = f"{base}/{k}"
+        visited.add(full)
+        out.append(Variable(layer, full, tuple(nodes[k].shape), nodes[k].dtype))
+    return out
+
+
+def _class_keys(config: dict[str, Any]) -> dict[str, str]:
+    """Layer name -> group key, the way Keras names layers in .keras files (by class)."""
+    used: dict[str, int] = {}
+    keys: dict[str, str] = {}
+    sequential = config.get("class_name") == "Sequential"
+    for entry in _layer_entries(config):
+        if sequential and entry.get("class_name") == "InputLayer":
+            continue
+        key = _snake_case(str(entry.get("class_name", "")))
+        if key in used:
+            used[key] += 1
+            key = f"{key}_{used[key]}"
+        else:
+            used[key] = 0
+        keys[_layer_name(entry)] = key
+    return keys
+
+
+# -- legacy .h5 ------------------------------------------------------------------------------
+
+
+def _h5_variables(group: h5py.Group, config: dict[str, Any]) -> list[Variable]:
+    if "layer_names" not in group.attrs:
+        raise ValueError("no layer_names attribute")
+    entries = {_layer_name(e): e for e in _layer_entries(config)}
+    variables: list[Variable] = []
+    for layer_name in _strings(group.attrs["layer_names"]):
+        layer_group = group[layer_name]
+        names = _strings(layer_group.attrs.get("weight_names", []))
+        entry = entries.get(layer_name)
+        if entry is not None and _is_model(entry):
+            ordered = [
+                (f"{layer_name}/{leaf}", n) for leaf, n in _regroup(names, _leaf_layers(entry))
+            ]
+        else:
+            ordered = [(layer_name, n) for n in names]
+        for layer, n in ordered:
+            variables.append(_variable(group, f"{layer_name}/{n}", layer=layer))
+    return variables
+
+
+def _regroup(names: list[str], leaves: list[str]) -> list[tuple[str, str]]:
+    """Order a nested model's weight names layer by layer (as `model.weights` does).
+
+    A weight belongs to the innermost layer named in its path ("sequential/dense/kernel" ->
+    "dense"); within a layer the file's order is kept.
+    """
+    position = {name: i for i, name in enumerate(leaves)}
+    keyed = []
+    for j, n in enumerate(names):
+        owners = [position[part] for part in n.split("/")[:-1] if part in position]
+        keyed.append((owners[-1] if owners else len(leaves), j, n))
+    keyed.sort()
+    return [(leaves[k] if k < len(leaves) else "?", n) for k, _, n in keyed]
+
+
+def _leaf_layers(entry: dict[str, Any]) -> list[str]:
+    out = []
+    for sub in _layer_entries(entry):
+        out.extend(_leaf_layers(sub) if _is_model(sub) else [_layer_name(sub)])
+    return out
+
+
+# -- architecture ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    path: str
+    class_name: str
+    edges: list[tuple[int, ...]]
+    settings: dict[str, Any]
+
+
+def _flat_layers(config: dict[str, Any], prefix: str = "") -> list[_Layer]:
+    """The layers depth-first (a nested model, then its layers), with names replaced by
+    positions so that models whose layers are named differently compare equal."""
+    entries = _layer_entries(config)
+    names = {_layer_name(e): i for i, e in enumerate(entries)}
+    out: list[_Layer] = []
+    for entry in entries:
+        name = _layer_name(entry)
+        inner = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+        edges = _edges(entry.get("inbound_nodes", []), names)
+        if _is_model(entry):
+            edges += [("in", *e) for e in _edges(inner.get("input_layers", []), _names(entry))]
+            edges += [("out", *e) for e in _edges(inner.get("output_layers", []), _names(entry))]
+        out.append(_Layer(f"{prefix}{name}", str(entry.get("class_name")), edges, _settings(inner)))
+        if _is_model(entry):
+            out += _flat_layers(entry, f"{prefix}{name}/")
+    return out
+
+
+def _names(config: dict[str, Any]) -> dict[str, int]:
+    return {_layer_name(e): i for i, e in enumerate(_layer_entries(config))}
+
+
+def _edges(nodes: Any, names: dict[str, int]) -> list[tuple[Any, ...]]:
+    """Every reference [layer_name, node, tensor, ...] in `nodes`, as (position, node, tensor).
+
+    Works for Keras 3 (`keras_history`) and Keras 2 (`[[name, node, tensor, kwargs]]`) configs.
+    """
+    found: list[tuple[Any, ...]] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, list | tuple):
+            if (
+                len(value) >= 3
+                and isinstance(value[0], str)
+                and value[0] in names
+                and isinstance(value[1], int)
+                and isinstance(value[2], int)
+            ):
+                found.append((names[value[0]], value[1], value[2]))
+                for rest in value[3:]:
+                    walk(rest)
+                return
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(nodes)
+    return found
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: _normalized(value, key)
+        for key, value in config.items()
+        if key not in _IGNORED_KEYS and not key.endswith(_IGNORED_SUFFIXES)
+    }
+
+
+def _normalized(value: Any, key: str = "") -> Any:
+    """Spell a config value the same way whichever format it was read from."""
+    if key == "dtype" and isinstance(value, dict):
+        inner = value.get("config")
+        return inner.get("name") if isinstance(inner, dict) else value.get("class_name")
+    if isinstance(value, dict):
+        return {
+            k: _normalized(v, k)
+            for k, v in value.items()
+            if k not in ("module", "registered_name", "shared_object_id")
+        }
+    if isinstance(value, list | tuple):
+        return [_normalized(v) for v in value]
+    return value
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _layout(info: ModelFile, variables: list[Variable], composite: list[str]) -> Layout:
+    return Layout(
+        path=info.path,
+        format=info.format,
+        config=info.config,
+        keras_version=info.keras_version,
+        variables=variables,
+        composite_layers=composite,
+    )
+
+
+def _variable(root: h5py.Group, dataset: str, *, layer: str) -> Variable:
+    """`dataset` is a path relative to `root`, the group every tensor is read from."""
+    node = root[dataset]
+    if not isinstance(node, h5py.Dataset):
+        raise ValueError(f"{dataset!r} is not a dataset")
+    return Variable(layer=layer, dataset=dataset, shape=tuple(node.shape), dtype=node.dtype)
+
+
+def _all_datasets(group: h5py.Group) -> list[str]:
+    names: list[str] = []
+
+    def visit(name: str, node: Any) -> None:
+        if isinstance(node, h5py.Dataset):
+            names.append(name)
+
+    group.visititems(visit)
+    return sorted(names, key=lambda n: [_int_key(p) for p in n.split("/")])
+
+
+def _layer_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
+    inner = config.get("config")
+    layers = inner.get("layers") if isinstance(inner, dict) else None
+    return [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
+
+
+def _is_model(entry: dict[str, Any]) -> bool:
+    inner = entry.get("config")
+    return isinstance(inner, dict) and isinstance(inner.get("layers"), list)
+
+
+def _layer_name(entry: dict[str, Any]) -> str:
+    inner = entry.get("config")
+    name = inner.get("name") if isinstance(inner, dict) else None
+    return str(name if name is not None else entry.get("name"))
+
+
+def _snake_case(name: str) -> str:
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def _int_key(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def _strings(values: Any) -> list[str]:
+    return [_decode(v) for v in np.asarray(values).reshape(-1).tolist()]
+
+
+def _decode(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _fmt_edges(edges: list[tuple[Any, ...]], layers: list[_Layer]) -> str:
+    return "[" + ", ".join(str(e[0]) if isinstance(e[0], int) else str(e) for e in edges) + "]"
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
