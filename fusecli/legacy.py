@@ -276,7 +276,7 @@ def _load_weights(model: Any, path: Path) -> None:
 
     try:
         with h5py.File(path, "r") as f:
-            group = f["model_weights"] if "model_weights" in f else f
+            group = f.get("model_weights", f)
             legacy_h5_format.load_weights_from_hdf5_group(group, model)
     except (ValueError, KeyError, OSError) as e:
         raise ModelFileError(
