@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.modelfile import file_format, read_model_file
@@ -32,10 +34,15 @@ if TYPE_CHECKING:
 _RNN_CLASSES = ("RNN", "SimpleRNN", "GRU", "LSTM", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
 _RETIRED: dict[str, dict[str, Any]] = {
     **{name: {"time_major": False} for name in _RNN_CLASSES},
-    "DepthwiseConv1D": {"groups": 1},
-    "DepthwiseConv2D": {"groups": 1},
-    "SeparableConv1D": {"groups": 1},
-    "SeparableConv2D": {"groups": 1},
+    **{
+        f"{kind}{d}": {"groups": 1}
+        for kind in ("DepthwiseConv", "SeparableConv", "Conv")
+        for d in ("1D", "2D", "3D", "1DTranspose", "2DTranspose", "3DTranspose")
+        if kind == "Conv" and "Transpose" in d or kind != "Conv" and "Transpose" not in d
+    },
+    **{f"SpatialDropout{d}D": {"noise_shape": None} for d in "123"},
+    # Keras 3 masks the softmax the way Keras 2 did without robust masking.
+    "MultiHeadAttention": {"softmax_robust_masking": False},
     "BatchNormalization": {"virtual_batch_size": None, "adjustment": None},
 }
 # Arguments Keras 2 stored but that never changed the output (an implementation choice, a
@@ -46,10 +53,33 @@ _NO_EFFECT: dict[str, tuple[str, ...]] = {
     "Embedding": ("input_length",),
     "SeparableConv1D": _UNSEEN_KERNEL,
     "SeparableConv2D": _UNSEEN_KERNEL,
+    "MultiHeadAttention": ("query_shape", "key_shape", "value_shape"),
+    # Keras 3's SpatialDropout takes no `trainable`; it has no weights to train anyway.
+    **{f"SpatialDropout{d}D": ("trainable",) for d in "123"},
 }
 # Arguments renamed in Keras 3.
 _RENAMED: dict[str, dict[str, str]] = {
     "LeakyReLU": {"alpha": "negative_slope"},
+}
+# Keras 2's hard_sigmoid is clip(0.2x + 0.5, 0, 1), Keras 3's is clip(x/6 + 0.5, 0, 1): Keras 3's
+# of 1.2x. Where the activation's input is linear in the layer's weights, scaling those weights
+# by 1.2 makes Keras 3 compute what Keras 2 did (GRU/LSTM of Keras <= 2.3 and ConvLSTM2D used it
+# by default). Elsewhere (an Activation layer, LSTM's cell-state activation) it cannot be matched.
+_HARD_SIGMOID = "hard_sigmoid"
+_HARD_SIGMOID_SCALE = 1.2
+_CONVS = tuple(f"{kind}{d}D" for kind in ("Conv", "DepthwiseConv", "SeparableConv") for d in "123")
+_LINEAR_BEFORE_ACTIVATION = (
+    "Dense", "EinsumDense", "SimpleRNN", "SimpleRNNCell", "GRU", "GRUCell",
+    *_CONVS, *(f"Conv{d}DTranspose" for d in "123"),
+)  # fmt: skip
+_GATED = ("GRU", "GRUCell", "LSTM", "LSTMCell", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+# For a cell: (number of gate blocks along the weights' last axis, blocks after
+# recurrent_activation, blocks after activation).
+_CELL_BLOCKS = {
+    "SimpleRNNCell": (1, (), (0,)),
+    "GRUCell": (3, (0, 1), (2,)),  # z, r | h
+    "LSTMCell": (4, (0, 1, 3), ()),  # i, f, o | c
+    "ConvLSTMCell": (4, (0, 1, 3), ()),
 }
 _MODEL_CLASSES = ("Functional", "Model", "Sequential")
 _SHAPE_KEYS = ("batch_input_shape",)  # Keras 2 wrote only this one into layer configs
@@ -57,6 +87,10 @@ _TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 # dtype policies Keras 2 wrote whose variables (and an inserted InputLayer) are float32.
 _PLAIN_DTYPES = ("float16", "float32", "float64", "bfloat16")
 _KERAS_CAUSE = "Exception encountered:"
+_HARD_SIGMOID_MESSAGE = (
+    "{key}='hard_sigmoid' is clip(0.2x + 0.5) in Keras 2 but clip(x/6 + 0.5) in Keras 3, and "
+    "this layer's weights cannot be rescaled to make up for it"
+)
 
 
 def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
@@ -85,6 +119,7 @@ def load_keras2_h5(path: str | os.PathLike[str], *, trust: bool = False) -> kera
     if not isinstance(model, keras_module.Model):
         raise ModelFileError(path, f"holds a {type(model).__name__}, not a Keras model")
     _load_weights(model, path)
+    _match_keras2_hard_sigmoid(model)
     return model
 
 
@@ -113,10 +148,12 @@ class _Converter:
         )
 
     def layer(self, spec: dict[str, Any], parent: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict | list):
             raise ModelFileError(self.path, f"its model config has a malformed layer in {parent}")
         class_name = str(spec.get("class_name"))
         conf = spec["config"]
+        if class_name == "Sequential" and isinstance(conf, list):  # Keras <= 2.1
+            conf = spec["config"] = {"name": "sequential", "layers": conf}
         where = (*parent, str(conf.get("name", spec.get("name", "?"))))
         if "dtype" in conf:
             conf["dtype"] = _dtype_name(conf["dtype"])
@@ -140,6 +177,13 @@ class _Converter:
                 self.functional(conf, where)
             return spec
         self.arguments(class_name, conf, where)
+        # Keras 3 builds layers that name their module with its own deserializer, the one
+        # `.keras` files use; its legacy one would turn strings that name a function in
+        # keras.layers (Attention's score_mode="dot") into that function.
+        spec.setdefault("module", "keras.layers")
+        # Every layer is built by being called when its model is wired; a stored build shape
+        # (MultiHeadAttention's is only the query's) could only get in the way.
+        spec.pop("build_config", None)
         for key in ("layer", "backward_layer", "cell"):  # wrappers and RNN(cell)
             if isinstance(conf.get(key), dict):
                 conf[key] = self.layer(conf[key], where)
@@ -166,17 +210,32 @@ class _Converter:
         for old, new in _RENAMED.get(class_name, {}).items():
             if old in conf:
                 conf[new] = conf.pop(old)
+        if conf.get("activation") == _HARD_SIGMOID and class_name not in _LINEAR_BEFORE_ACTIVATION:
+            raise self.fail(where, class_name, _HARD_SIGMOID_MESSAGE.format(key="activation"))
+        if conf.get("recurrent_activation") == _HARD_SIGMOID and class_name not in _GATED:
+            raise self.fail(
+                where, class_name, _HARD_SIGMOID_MESSAGE.format(key="recurrent_activation")
+            )
         axis = conf.get("axis")
-        if class_name == "BatchNormalization" and isinstance(axis, list):
-            if len(axis) != 1:
-                raise self.fail(where, class_name, f"axis={axis} (several axes) is not supported")
+        if class_name == "BatchNormalization" and isinstance(axis, list) and len(axis) != 1:
+            raise self.fail(where, class_name, f"axis={axis} (several axes) is not supported")
+        if isinstance(axis, list) and len(axis) == 1:
             conf["axis"] = int(axis[0])
 
     def lambda_layer(self, conf: dict[str, Any], where: tuple[str, ...]) -> None:
-        function = conf.get("function")
-        carries_code = conf.get("function_type") == "lambda" or (
-            isinstance(function, dict) and function.get("class_name") == "__lambda__"
-        )
+        carries_code = False
+        for key, kind in (("function", "function_type"), ("output_shape", "output_shape_type")):
+            value = conf.get(key)
+            if conf.get(kind) == "lambda" and isinstance(value, list) and len(value) == 3:
+                code, defaults, closure = value  # Keras 2: marshalled bytecode, base64
+                conf[key] = {
+                    "class_name": "__lambda__",
+                    "config": {"code": code, "defaults": defaults, "closure": closure},
+                }
+            value = conf.get(key)
+            carries_code |= isinstance(value, dict) and value.get("class_name") == "__lambda__"
+        for key in ("module", "function_type", "output_shape_type", "output_shape_module"):
+            conf.pop(key, None)
         if carries_code and not self.trust:
             raise UnsafeModelError(
                 self.path,
@@ -216,14 +275,22 @@ class _Converter:
             if _has_own_node(spec)
         }
         for spec in layers:
-            for node in spec.get("inbound_nodes", []):
+            nodes = spec.get("inbound_nodes", [])
+            for node in nodes:
                 for ref in _tensor_refs(node):
                     if ref[0] in nested and ref[1] > 0:
                         ref[1] -= 1
+            states_in_inputs = spec.get("class_name") in (*_RNN_CLASSES, "Bidirectional")
+            spec["inbound_nodes"] = [_keras3_node(node, states_in_inputs) for node in nodes]
         for key in ("input_layers", "output_layers"):
-            for ref in _tensor_refs(conf.get(key)):
+            refs = list(_tensor_refs(conf.get(key)))
+            for ref in refs:
                 if nested.get(ref[0]) == "Sequential" and ref[1] > 0:
                     ref[1] -= 1
+            # A Keras 2 model with one input or output takes or returns a tensor; Keras 3 keeps
+            # the list of one it finds in the config, and the next layer would get a list.
+            if len(refs) == 1 and conf[key] == [refs[0]]:
+                conf[key] = refs[0]
 
 
 def _build(config: dict[str, Any], path: Path, *, trust: bool) -> Any:
@@ -247,10 +314,15 @@ def _build(config: dict[str, Any], path: Path, *, trust: bool) -> Any:
 
 
 def _first_failing_layer(config: dict[str, Any], saving_utils: Any) -> tuple | None:
-    """Deserialize the leaf layers one by one to find which one Keras refuses."""
+    """Deserialize the leaf layers one by one, as their model would, to find the culprit."""
+    from keras.src.saving import serialization_lib
+
     for where, spec in _leaf_layers(config, ()):
         try:
-            saving_utils.model_from_config(copy.deepcopy(spec), custom_objects={})
+            if "module" in spec:
+                serialization_lib.deserialize_keras_object(copy.deepcopy(spec))
+            else:
+                saving_utils.model_from_config(copy.deepcopy(spec), custom_objects={})
         except Exception as e:
             return where, str(spec.get("class_name")), _short(e)
     return None
@@ -265,7 +337,7 @@ def _leaf_layers(
         for child in conf["layers"]:
             yield from _leaf_layers(child, where)
     else:
-        yield where, {"class_name": spec.get("class_name"), "config": conf}
+        yield where, {k: v for k, v in spec.items() if k not in ("name", "inbound_nodes")}
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -282,6 +354,43 @@ def _load_weights(model: Any, path: Path) -> None:
         raise ModelFileError(
             path, f"its weights do not fit the converted model: {_short(e)}"
         ) from e
+
+
+def _match_keras2_hard_sigmoid(model: Any) -> None:
+    """Scale the weights feeding a hard_sigmoid by 1.2 (see _HARD_SIGMOID_SCALE); the config
+    check has already refused the places where that is not possible."""
+    for layer in model._flatten_layers(include_self=False):
+        if hasattr(layer, "cell"):  # an RNN layer: its cell is visited on its own
+            continue
+        after_activation = _is_hard_sigmoid(getattr(layer, "activation", None))
+        after_recurrent = _is_hard_sigmoid(getattr(layer, "recurrent_activation", None))
+        if not (after_activation or after_recurrent):
+            continue
+        class_name = type(layer).__name__
+        if class_name in _CELL_BLOCKS:
+            count, recurrent_blocks, activation_blocks = _CELL_BLOCKS[class_name]
+            blocks = (recurrent_blocks if after_recurrent else ()) + (
+                activation_blocks if after_activation else ()
+            )
+            names = ("kernel", "recurrent_kernel", "bias")
+        else:  # Dense, convolutions: the whole pre-activation (depthwise part excepted)
+            count, blocks = 1, (0,)
+            names = ("kernel", "pointwise_kernel", "bias")
+        for variable in layer.weights:
+            if variable.name in names:
+                variable.assign(_scale_blocks(np.asarray(variable), count, blocks))
+
+
+def _scale_blocks(values: np.ndarray, count: int, blocks: tuple[int, ...]) -> np.ndarray:
+    values = values.copy()
+    size = values.shape[-1] // count
+    for block in blocks:
+        values[..., block * size : (block + 1) * size] *= _HARD_SIGMOID_SCALE
+    return values
+
+
+def _is_hard_sigmoid(function: Any) -> bool:
+    return getattr(function, "__name__", None) == _HARD_SIGMOID
 
 
 class _legacy_scopes:
@@ -333,6 +442,43 @@ def _tensor_refs(data: Any) -> Iterator[list[Any]]:
         else:
             for item in data:
                 yield from _tensor_refs(item)
+
+
+def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
+    """Rewrite a Keras 2 node in Keras 3's node format where Keras 3 would misread it.
+
+    Keras 3 reads tensors only from the inputs of a Keras 2 node, so call kwargs holding tensors
+    (MultiHeadAttention's value) would reach the layer as [layer, node, tensor] lists; and a
+    Keras 2 RNN called with initial_state lists the states among its inputs, which a Keras 3
+    RNN does not accept.
+    """
+    if not (isinstance(node, list) and node and all(isinstance(e, list) for e in node)):
+        return node
+    kwargs = node[-1][3] if len(node[-1]) > 3 and isinstance(node[-1][3], dict) else {}
+    tensor_kwargs = any(True for _ in _tensor_refs(list(kwargs.values())))
+    if not (tensor_kwargs or states_in_inputs and len(node) > 1):
+        return node
+    tensors = [_keras3_tensor(entry[:3]) for entry in node]
+    kwargs = {key: _map_refs(value) for key, value in kwargs.items()}
+    if states_in_inputs and len(tensors) > 1:
+        tensors, kwargs["initial_state"] = tensors[:1], tensors[1:]
+    return {"args": [tensors[0] if len(tensors) == 1 else tensors], "kwargs": kwargs}
+
+
+def _map_refs(data: Any) -> Any:
+    if isinstance(data, list):
+        if len(data) == 3 and isinstance(data[0], str) and isinstance(data[1], int):
+            return _keras3_tensor(data)
+        return [_map_refs(item) for item in data]
+    return data
+
+
+def _keras3_tensor(ref: list[Any]) -> dict[str, Any]:
+    # Shape and dtype are placeholders: Keras 3 takes the real tensor from the history.
+    return {
+        "class_name": "__keras_tensor__",
+        "config": {"shape": [], "dtype": "float32", "keras_history": list(ref)},
+    }
 
 
 def _dtype_name(dtype: Any) -> Any:

@@ -39,6 +39,9 @@ CONVERTED = {
     "multi_io": "two inputs, two outputs, nested Model and nested Sequential with frozen BN",
     "siamese": "a nested Sequential shared by two calls, nested models as outputs, "
     "TimeDistributed, SimpleRNN",
+    "transfer": "a frozen functional base with BatchNormalization inside a Sequential",
+    "hard_sigmoid": "Keras 2's hard_sigmoid in LSTM, GRU, Dense, and ConvLSTM2D's default",
+    "seq2seq": "encoder states as a decoder's initial_state, Attention, MultiHeadAttention",
     "mixed_precision": "a layer whose dtype is a mixed_float16 Policy dict",
 }
 
@@ -189,6 +192,20 @@ def test_nested_layer_is_named_by_its_path(keras2_dir, tmp_path):
     )
 
 
+def test_hard_sigmoid_that_cannot_be_matched_is_refused(keras2_dir, tmp_path):
+    def edit(config):
+        config["config"]["layers"][3]["config"]["activation"] = "hard_sigmoid"
+
+    path = copy_with_config(keras2_dir / "hard_sigmoid.h5", tmp_path / "lstm_hs.h5", edit)
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    assert str(info.value) == (
+        f"{path}: cannot convert Keras 2 layer 'old_lstm' (LSTM): activation='hard_sigmoid' is "
+        "clip(0.2x + 0.5) in Keras 2 but clip(x/6 + 0.5) in Keras 3, and this layer's weights "
+        "cannot be rescaled to make up for it"
+    )
+
+
 def test_tf_op_layer_is_refused(keras2_dir):
     path = keras2_dir / "tf_op.h5"
     with pytest.raises(ModelFileError) as info:
@@ -263,8 +280,16 @@ def test_cli_fuses_gru_and_lstm_streams(keras2_dir, tmp_path, keras):
     out = tmp_path / "fused.keras"
     result = CliRunner().invoke(
         cli,
-        ["fuse", str(keras2_dir / "gru.h5"), str(keras2_dir / "lstm.h5"), "--w", "0.8", "0.2",
-         "-o", str(out)],
+        [
+            "fuse",
+            str(keras2_dir / "gru.h5"),
+            str(keras2_dir / "lstm.h5"),
+            "--w",
+            "0.8",
+            "0.2",
+            "-o",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
@@ -287,8 +312,15 @@ def test_cli_reports_an_unconvertible_file_in_one_line(keras2_dir, tmp_path):
 
 def test_fuse_subprocess_writes_a_plain_keras3_file(keras2_dir, tmp_path, keras):
     result = run_cli(
-        "fuse", keras2_dir / "gru.h5", keras2_dir / "lstm.h5", "--w", "0.8", "0.2",
-        "-o", "fused.keras", cwd=tmp_path,
+        "fuse",
+        keras2_dir / "gru.h5",
+        keras2_dir / "lstm.h5",
+        "--w",
+        "0.8",
+        "0.2",
+        "-o",
+        "fused.keras",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "fused.keras\n"

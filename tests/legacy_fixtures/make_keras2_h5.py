@@ -130,6 +130,15 @@ def multi_io() -> k.Model:
     return k.Model([image, vector], [label, score], name="two_heads")
 
 
+def transfer() -> k.Model:
+    """The fine-tuning recipe: a frozen functional base (with BatchNormalization) as the first
+    layer of a Sequential; the base returns one tensor, which Keras 2 did not wrap in a list."""
+    image = k.Input((8, 8, 3))
+    base = k.Model(image, L.BatchNormalization()(L.Conv2D(4, 3)(image)), name="base")
+    base.trainable = False
+    return k.Sequential([base, L.GlobalAveragePooling2D(), L.Dense(2)], name="fine_tuned")
+
+
 def siamese() -> k.Model:
     """A shared nested Sequential called twice (nodes 1 and 2), one call is itself an output,
     and a nested Model that is an output too; TimeDistributed and SimpleRNN inside."""
@@ -142,6 +151,35 @@ def siamese() -> k.Model:
     left, right = k.Input((TIME, FEATURES), name="left"), k.Input((TIME, FEATURES), name="right")
     a, b = encoder(left), encoder(right)
     return k.Model([left, right], [head(L.Subtract()([a, b])), b], name="siamese")
+
+
+def hard_sigmoid() -> k.Model:
+    """The Keras <= 2.3 defaults: recurrent_activation="hard_sigmoid" (clip(0.2x + 0.5) in
+    Keras 2, clip(x/6 + 0.5) in Keras 3), also as GRU and Dense activation; and ConvLSTM2D,
+    whose recurrent_activation is hard_sigmoid by default in tf.keras too."""
+    return k.Sequential(
+        [
+            L.ConvLSTM2D(2, 3, padding="same", return_sequences=True, input_shape=(3, 5, 5, 1)),
+            L.TimeDistributed(L.Flatten()),
+            L.LSTM(6, recurrent_activation="hard_sigmoid", return_sequences=True, name="old_lstm"),
+            L.GRU(
+                5, recurrent_activation="hard_sigmoid", activation="hard_sigmoid", reset_after=False
+            ),
+            L.Dense(3, activation="hard_sigmoid"),
+        ],
+        name="classic",
+    )
+
+
+def seq2seq() -> k.Model:
+    """An encoder-decoder: the decoder LSTM starts from the encoder's states (call kwargs that
+    hold tensors), plus Attention(score_mode="dot") and MultiHeadAttention."""
+    source, target = k.Input((TIME, FEATURES), name="source"), k.Input((5, 3), name="target")
+    encoded, h, c = L.LSTM(8, return_sequences=True, return_state=True)(source)
+    decoded = L.LSTM(8, return_sequences=True)(target, initial_state=[h, c])
+    attended = L.Attention(score_mode="dot")([decoded, encoded])
+    mixed = L.MultiHeadAttention(num_heads=2, key_dim=4)(decoded, encoded)
+    return k.Model([source, target], L.Dense(3)(L.Concatenate()([attended, mixed])), name="seq2seq")
 
 
 def mixed_precision() -> k.Model:
@@ -188,7 +226,10 @@ MODELS: dict[str, Callable[[], k.Model]] = {
     "conv1d": conv1d,
     "masked": masked,
     "multi_io": multi_io,
+    "transfer": transfer,
     "siamese": siamese,
+    "hard_sigmoid": hard_sigmoid,
+    "seq2seq": seq2seq,
     "mixed_precision": mixed_precision,
     "lambda_code": lambda_code,
     "tf_op": tf_op,
