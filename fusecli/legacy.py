@@ -131,7 +131,13 @@ def convert_config(
     Raises `ModelFileError` naming the layer when a layer uses a Keras 2 feature that has no
     Keras 3 equivalent, and `UnsafeModelError` for a Lambda with bytecode unless `trust`.
     """
-    return _Converter(Path(path), trust).layer(copy.deepcopy(config), ())
+    try:
+        return _Converter(Path(path), trust).layer(copy.deepcopy(config), ())
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        # A config that is JSON but not the shape any Keras wrote.
+        raise ModelFileError(
+            path, f"its Keras 2 model config is malformed ({type(e).__name__}: {_short(e)})"
+        ) from None
 
 
 class _Converter:
@@ -149,7 +155,11 @@ class _Converter:
 
     def layer(self, spec: dict[str, Any], parent: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict | list):
-            raise ModelFileError(self.path, f"its model config has a malformed layer in {parent}")
+            raise ModelFileError(
+                self.path,
+                f"its Keras 2 model config is malformed (a layer in {_layer_path(parent)!r} "
+                "is not a {class_name, config} object)",
+            )
         class_name = str(spec.get("class_name"))
         conf = spec["config"]
         if class_name == "Sequential" and isinstance(conf, list):  # Keras <= 2.1
@@ -350,7 +360,7 @@ def _load_weights(model: Any, path: Path) -> None:
         with h5py.File(path, "r") as f:
             group = f.get("model_weights", f)
             legacy_h5_format.load_weights_from_hdf5_group(group, model)
-    except (ValueError, KeyError, OSError) as e:
+    except Exception as e:  # Keras and h5py raise many types for weights that do not fit
         raise ModelFileError(
             path, f"its weights do not fit the converted model: {_short(e)}"
         ) from e

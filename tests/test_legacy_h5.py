@@ -7,6 +7,7 @@ processes); see that script for what each model holds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fusecli import legacy
 from fusecli.cli import cli
@@ -49,6 +52,8 @@ CONVERTED = {
 @pytest.fixture(scope="session")
 def keras2_dir(tmp_path_factory) -> Path:
     """Keras 2 .h5 files and tf-keras' outputs on fixed inputs, written by tf-keras itself."""
+    if importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tf-keras is not installed (pip install -e '.[test]')")
     out = tmp_path_factory.mktemp("keras2")
     env = {k: v for k, v in os.environ.items() if k != MARKER}
     done = subprocess.run(
@@ -147,6 +152,53 @@ def test_convert_config_renumbers_calls_of_nested_models(keras2_dir):
     assert converted["config"]["output_layers"] == [["head", 1, 0], ["encoder", 1, 0]]
     subtract = next(s for s in converted["config"]["layers"] if s["class_name"] == "Subtract")
     assert subtract["inbound_nodes"] == [[["encoder", 0, 0, {}], ["encoder", 1, 0, {}]]]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+def _nodes(data, path=()):
+    """Every (path, value) inside a JSON tree."""
+    yield path, data
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else ()
+    )
+    for key, value in items:
+        yield from _nodes(value, (*path, key))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_convert_config_raises_only_model_file_errors_on_mutated_configs(keras2_dir, data):
+    name = data.draw(st.sampled_from(["gru_old", "multi_io", "seq2seq", "siamese"]))
+    with h5py.File(keras2_dir / f"{name}.h5", "r") as f:
+        config = json.loads(f.attrs["model_config"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p, _ in _nodes(config) if p]
+        path = data.draw(st.sampled_from(paths))
+        parent = config
+        for key in path[:-1]:
+            parent = parent[key]
+        if data.draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = data.draw(JSON)
+    try:
+        converted = legacy.convert_config(config, "m.h5")
+    except ModelFileError as e:
+        assert str(e).startswith("m.h5: ")
+    else:
+        assert isinstance(converted, dict)
 
 
 # -- what cannot be converted: one clear error naming the file and the layer ---------------------
