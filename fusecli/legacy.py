@@ -87,6 +87,10 @@ _TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 # dtype policies Keras 2 wrote whose variables (and an inserted InputLayer) are float32.
 _PLAIN_DTYPES = ("float16", "float32", "float64", "bfloat16")
 _KERAS_CAUSE = "Exception encountered:"
+_UNKNOWN_CLASS_MESSAGE = (
+    "Keras 3 has no layer of this name; if it is a custom layer, its Python code must be "
+    "imported and registered with keras.saving.register_keras_serializable"
+)
 _HARD_SIGMOID_MESSAGE = (
     "{key}='hard_sigmoid' is clip(0.2x + 0.5) in Keras 2 but clip(x/6 + 0.5) in Keras 3, and "
     "this layer's weights cannot be rescaled to make up for it"
@@ -325,9 +329,16 @@ def _build(config: dict[str, Any], path: Path, *, trust: bool) -> Any:
 
 def _first_failing_layer(config: dict[str, Any], saving_utils: Any) -> tuple | None:
     """Deserialize the leaf layers one by one, as their model would, to find the culprit."""
+    import keras
     from keras.src.saving import serialization_lib
 
     for where, spec in _leaf_layers(config, ()):
+        class_name = str(spec.get("class_name"))
+        registered = spec.get("registered_name") or class_name
+        if not hasattr(keras.layers, class_name) and not keras.saving.get_registered_object(
+            registered
+        ):
+            return where, class_name, _UNKNOWN_CLASS_MESSAGE
         try:
             if "module" in spec:
                 serialization_lib.deserialize_keras_object(copy.deepcopy(spec))

@@ -230,6 +230,20 @@ def test_unknown_argument_is_reported_with_keras_reason_and_the_layer(keras2_dir
     )
 
 
+def test_unknown_layer_class_is_named(keras2_dir, tmp_path):
+    def edit(config):
+        config["config"]["layers"][-1]["class_name"] = "MyAttention"
+
+    path = copy_with_config(keras2_dir / "gru.h5", tmp_path / "custom.h5", edit)
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    assert str(info.value) == (
+        f"{path}: cannot convert Keras 2 layer 'dense' (MyAttention): Keras 3 has no layer of "
+        "this name; if it is a custom layer, its Python code must be imported and registered "
+        "with keras.saving.register_keras_serializable"
+    )
+
+
 def test_nested_layer_is_named_by_its_path(keras2_dir, tmp_path):
     def edit(config):
         tower = next(s for s in config["config"]["layers"] if s["name"] == "vector_tower")
