@@ -1,15 +1,20 @@
 """Keras 2 era `.h5` files (written by tf.keras 2.x) loaded into Keras 3, computing the same thing.
 
-Keras 3 reads the legacy `.h5` format but not every Keras 2 config: arguments it retired
-(`time_major`, DepthwiseConv2D's `groups`, BatchNormalization's `fused`...), mixed-precision
-policies stored as `Policy` dicts, Sequential models declared with `input_shape` and no
-InputLayer (Keras <= 2.3), and node indices of nested models (Keras 2 counts a nested model's own
-construction node, Keras 3 does not) all make `keras.saving.load_model` fail.
-
-`convert_config` rewrites the model config (plain JSON, no TensorFlow) into one Keras 3 builds;
-`load_keras2_h5` builds it with Keras' own legacy deserializer, safe mode on unless trusted, and
-loads the weights from the same file with Keras' legacy weight loader. The weight layout of
-GRU, LSTM, BatchNormalization and the rest is the same in both versions; only the config differs.
+Keras 3 reads the legacy `.h5` format but not every Keras 2 config. `convert_config` rewrites the
+model config (plain JSON, no TensorFlow) into one Keras 3 builds to the same function:
+- retired arguments with their neutral value are dropped (GRU/LSTM `time_major=False`,
+  DepthwiseConv2D `groups=1`, BatchNormalization `fused`, Embedding `input_length`...); any other
+  value is refused, naming the layer;
+- Sequential models declared with `input_shape`/`batch_input_shape` get an InputLayer,
+  `batch_input_shape` becomes `batch_shape`, `Policy` dicts become dtype policy names;
+- functional graphs: calls of nested models are renumbered (Keras 2 counts a nested model's own
+  graph as node 0), a one-tensor input/output stays a tensor, and RNN initial states and tensor
+  call arguments move to Keras 3's node format;
+- Lambda bytecode is refused unless trusted.
+`load_keras2_h5` builds the result in Keras' safe mode (unless trusted), loads the weights from
+the same file with Keras' legacy loader (the weight layouts, GRU/LSTM/BatchNormalization
+included, are the same in both versions), and makes up for the one activation that changed
+meaning, hard_sigmoid, by rescaling the weights that feed it.
 """
 
 from __future__ import annotations
@@ -32,14 +37,13 @@ if TYPE_CHECKING:
 # Retired Keras 2 arguments: the value that means "nothing special" (the argument is dropped),
 # per layer class. Any other value changes what the layer computes and cannot be converted.
 _RNN_CLASSES = ("RNN", "SimpleRNN", "GRU", "LSTM", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+_GROUPS_OF_ONE = (
+    "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
+    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+)  # fmt: skip
 _RETIRED: dict[str, dict[str, Any]] = {
     **{name: {"time_major": False} for name in _RNN_CLASSES},
-    **{
-        f"{kind}{d}": {"groups": 1}
-        for kind in ("DepthwiseConv", "SeparableConv", "Conv")
-        for d in ("1D", "2D", "3D", "1DTranspose", "2DTranspose", "3DTranspose")
-        if kind == "Conv" and "Transpose" in d or kind != "Conv" and "Transpose" not in d
-    },
+    **{name: {"groups": 1} for name in _GROUPS_OF_ONE},
     **{f"SpatialDropout{d}D": {"noise_shape": None} for d in "123"},
     # Keras 3 masks the softmax the way Keras 2 did without robust masking.
     "MultiHeadAttention": {"softmax_robust_masking": False},
@@ -221,6 +225,8 @@ class _Converter:
                 )
         for key in _NO_EFFECT.get(class_name, ()):
             conf.pop(key, None)
+        if class_name in ("GRU", "GRUCell"):
+            conf.setdefault("reset_after", False)  # Keras <= 2.1 had only this behaviour
         for old, new in _RENAMED.get(class_name, {}).items():
             if old in conf:
                 conf[new] = conf.pop(old)

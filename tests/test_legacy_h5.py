@@ -99,6 +99,18 @@ def test_loaded_model_computes_what_tf_keras_computed(keras2_dir, name):
         np.testing.assert_allclose(g, y, rtol=tolerance, atol=tolerance)
 
 
+def test_gru_without_reset_after_is_read_as_keras_2_1_wrote_it(keras2_dir, tmp_path):
+    # Keras <= 2.1 had no reset_after (its GRU is reset_after=False); Keras 3 defaults to True.
+    def edit(config):
+        gru = config["config"]["layers"][2]["config"]
+        assert gru["reset_after"] is False
+        del gru["reset_after"], gru["time_major"]
+
+    path = copy_with_config(keras2_dir / "gru.h5", tmp_path / "gru21.h5", edit)
+    (x,), (y,) = expected(keras2_dir, "gru")
+    np.testing.assert_allclose(predict(load_model(path), x)[0], y, rtol=1e-5, atol=1e-6)
+
+
 def test_weights_are_not_left_at_their_initial_values(keras2_dir):
     # The generator gave every weight random values; equal outputs alone could hide a
     # BatchNormalization left at mean 0 / variance 1 if its input happened to be small.
