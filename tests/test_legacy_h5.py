@@ -45,6 +45,9 @@ CONVERTED = {
     "transfer": "a frozen functional base with BatchNormalization inside a Sequential",
     "hard_sigmoid": "Keras 2's hard_sigmoid in LSTM, GRU, Dense, and ConvLSTM2D's default",
     "seq2seq": "encoder states as a decoder's initial_state, Attention, MultiHeadAttention",
+    "assorted": "Normalization, LeakyReLU(alpha), PReLU, SpatialDropout1D, DepthwiseConv1D, "
+    "SeparableConv1D, Conv1DTranspose, RNN([GRUCell, LSTMCell]), Rescaling",
+    "volumes": "Conv3D, MaxPooling3D, a stateful GRU",
     "mixed_precision": "a layer whose dtype is a mixed_float16 Policy dict",
 }
 

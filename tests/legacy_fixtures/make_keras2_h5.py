@@ -182,6 +182,40 @@ def seq2seq() -> k.Model:
     return k.Model([source, target], L.Dense(3)(L.Concatenate()([attended, mixed])), name="seq2seq")
 
 
+def assorted() -> k.Model:
+    """Layers with smaller Keras 2 -> 3 differences (LeakyReLU alpha, SpatialDropout noise_shape
+    and trainable, Conv1DTranspose groups, SeparableConv's unused kernel_* arguments), and
+    RNN over a list of cells."""
+    return k.Sequential(
+        [
+            L.Normalization(mean=[0.5, 1, 0, -1], variance=[1, 2, 3, 4], input_shape=(4,)),
+            L.Dense(12),
+            L.LeakyReLU(alpha=0.2),
+            L.PReLU(),
+            L.LayerNormalization(),
+            L.Reshape((6, 2)),
+            L.SpatialDropout1D(0.1),
+            L.DepthwiseConv1D(3, padding="same"),
+            L.SeparableConv1D(4, 2),
+            L.Conv1DTranspose(3, 2),
+            L.GaussianNoise(0.1),
+            L.RNN([L.GRUCell(3), L.LSTMCell(2)], return_sequences=True),
+            L.Rescaling(0.5, offset=0.1),
+            L.Flatten(),
+        ],
+        name="assorted",
+    )
+
+
+def volumes() -> k.Model:
+    """Conv3D and 3D pooling; a stateful GRU (fixed batch) beside it."""
+    cube = k.Input((4, 4, 4, 1), batch_size=BATCH, name="cube")
+    steps = k.Input((TIME, FEATURES), batch_size=BATCH, name="steps")
+    a = L.Flatten()(L.MaxPooling3D()(L.Conv3D(2, 2, activation="relu")(cube)))
+    b = L.GRU(3, stateful=True)(steps)
+    return k.Model([cube, steps], L.Dense(2)(L.Concatenate()([a, b])), name="volumes")
+
+
 def mixed_precision() -> k.Model:
     """Layers whose dtype is a mixed_float16 policy (stored as a dict in the config)."""
     return k.Sequential(
@@ -230,6 +264,8 @@ MODELS: dict[str, Callable[[], k.Model]] = {
     "siamese": siamese,
     "hard_sigmoid": hard_sigmoid,
     "seq2seq": seq2seq,
+    "assorted": assorted,
+    "volumes": volumes,
     "mixed_precision": mixed_precision,
     "lambda_code": lambda_code,
     "tf_op": tf_op,
