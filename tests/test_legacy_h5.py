@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import predict, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,6 @@ from fusecli import legacy
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.loading import load_model
-from tests.conftest import predict, run_cli
 
 GENERATOR = Path(__file__).parent / "legacy_fixtures" / "make_keras2_h5.py"
 MARKER = "FUSECLI_TEST_MARKER"
