@@ -246,6 +246,7 @@ class _Converter:
         carries_code = False
         for key, kind in (("function", "function_type"), ("output_shape", "output_shape_type")):
             value = conf.get(key)
+            carries_code |= conf.get(kind) == "lambda"
             if conf.get(kind) == "lambda" and isinstance(value, list) and len(value) == 3:
                 code, defaults, closure = value  # Keras 2: marshalled bytecode, base64
                 conf[key] = {
