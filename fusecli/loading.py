@@ -39,6 +39,10 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Mo
     `trust=True` allows files that carry code (Lambda layers) to load; only for trusted files.
     """
     path = check_model_path(path)
+    from fusecli import legacy  # imported here: legacy -> modelfile -> loading
+
+    if legacy.is_keras2_h5(path):
+        return legacy.load_keras2_h5(path, trust=trust)
     keras = runtime.keras()
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not trust)

@@ -1,0 +1,112 @@
+"""Keras 2 era .h5 into Keras 3: fusecli.load_model vs tf-keras (Keras 2 itself) on the same file.
+
+    python bench/bench_legacy_h5.py [--model ResNet50|MobileNetV2] [--dir DIR]
+
+tf-keras writes a Keras 2 .h5 of a Keras application (random weights, seeded), with its own output
+on a fixed image. Then, each in a fresh process: tf-keras loads the file and predicts; fusecli
+loads it into Keras 3 and predicts; plain `keras.saving.load_model` is tried too. Prints wall time
+and peak RSS of each process (os.wait4), the ratios, and the largest difference between the
+Keras 3 output and Keras 2's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+MAKE = """
+import sys, numpy as np, tf_keras as k
+k.utils.set_random_seed(0)
+model = getattr(k.applications, sys.argv[1])(weights=None)
+rng = np.random.default_rng(0)
+for w in model.weights:  # BatchNormalization statistics away from 0/1, so they matter
+    if "moving_variance" in w.name:
+        w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+    elif "moving_mean" in w.name or "beta" in w.name:
+        w.assign(rng.normal(0, 0.1, w.shape).astype("float32"))
+x = rng.uniform(-1, 1, (1, 224, 224, 3)).astype("float32")
+model.save(sys.argv[2])
+np.savez(sys.argv[3], x=x, y=model(x, training=False).numpy())
+"""
+
+TF_KERAS = """
+import sys, numpy as np, tf_keras as k
+model = k.models.load_model(sys.argv[1], compile=False)
+np.save(sys.argv[3], model(np.load(sys.argv[2])["x"], training=False).numpy())
+"""
+
+FUSECLI = """
+import sys, numpy as np
+from fusecli.loading import load_model
+model = load_model(sys.argv[1])
+np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2])["x"], training=False)))
+"""
+
+PLAIN_KERAS3 = """
+import sys, keras
+keras.saving.load_model(sys.argv[1], compile=False)
+"""
+
+
+def run(label: str, code: str, *args: str) -> tuple[float, float, str]:
+    """Run `code` in a fresh Python; (seconds, peak RSS in MB of that process, stderr)."""
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 and label != "plain":
+        sys.exit(f"{label} failed ({proc.returncode}):\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, stderr if proc.returncode else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ResNet50", help="a keras.applications name")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the files")
+    args = parser.parse_args()
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench_legacy_"))
+    work.mkdir(parents=True, exist_ok=True)
+    h5, ref = work / f"{args.model}_keras2.h5", work / f"{args.model}_ref.npz"
+    if not h5.exists():
+        run("make", MAKE, args.model, str(h5), str(ref))
+    print(f"{args.model}: {h5.stat().st_size / 1e6:.0f} MB Keras 2 .h5 written by tf-keras")
+
+    k2 = run("tf-keras", TF_KERAS, str(h5), str(ref), str(work / "k2.npy"))
+    ours = run("fusecli", FUSECLI, str(h5), str(ref), str(work / "k3.npy"))
+    plain = run("plain", PLAIN_KERAS3, str(h5))
+    expected = np.load(ref)["y"]
+    diff = float(np.max(np.abs(np.load(work / "k3.npy") - expected)))
+    same_k2 = float(np.max(np.abs(np.load(work / "k2.npy") - expected)))
+
+    print(f"{'tf-keras load_model + predict (Keras 2)':<44} {k2[0]:7.2f} s {k2[1]:8.0f} MB")
+    print(f"{'fusecli load_model + predict (Keras 3)':<44} {ours[0]:7.2f} s {ours[1]:8.0f} MB")
+    print(f"{'ratio (fusecli / tf-keras)':<44} {ours[0] / k2[0]:7.2f} x {ours[1] / k2[1]:8.2f} x")
+    print(f"largest |Keras 3 - Keras 2| output difference: {diff:.3g}", end=" ")
+    print(f"(tf-keras reloading its own file: {same_k2:.3g})")
+    last = plain[2].strip().splitlines()[-1] if plain[2] else "loaded"
+    print(f"plain keras.saving.load_model: {last[:160]}")
+
+
+if __name__ == "__main__":
+    main()
