@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 
 from fusecli import __version__
+from fusecli.cli.combine import combine_command
 from fusecli.cli.fuse import fuse_command
+from fusecli.cli.predict import predict_command
+from fusecli.cli.tune import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +23,9 @@ def cli() -> None:
 
 
 cli.add_command(fuse_command)
+cli.add_command(predict_command)
+cli.add_command(combine_command)
+cli.add_command(tune_command)
 
 
 def main() -> None:
