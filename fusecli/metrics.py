@@ -74,6 +74,11 @@ def parse_labels(raw: np.ndarray, scores_shape: Sequence[int], *, source: str) -
     if targets.shape != tuple(scores_shape):
         if targets.size == n * int(np.prod(scores_shape[1:])):
             targets = targets.reshape(tuple(scores_shape))  # (N,) against (N, 1)
+        elif raw.ndim == 1 and len(scores_shape) == 2:
+            raise FusecliError(
+                f"{source}: class ids must be integers. Received: labels of dtype {raw.dtype} "
+                f"(save them with .astype(int))"
+            )
         else:
             raise FusecliError(
                 f"{source}: labels of shape {raw.shape} are neither class ids (integers, "
