@@ -163,7 +163,8 @@ def test_cli_json_and_table(tmp_path):
         (
             ["{s0}", "{s1}", "--labels", "{short}"],
             1,
-            "Error: {short}: expected one label per row of the scores (60 rows). Received: 10 labels",
+            "Error: {short}: expected one label per row of the scores (60 rows). "
+            "Received: 10 labels",
         ),
         (["{s0}", "{s1}", "--labels", "{y}", "--step", "0.3"], 2, "The step must divide 1"),
     ],
