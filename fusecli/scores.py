@@ -340,11 +340,15 @@ def _read_header(stream: BinaryIO, name: str) -> tuple[tuple[int, ...], bool, np
     try:
         version = npy_format.read_magic(stream)
     except ValueError as e:
-        what = "is empty" if "EOF" in str(e) or "empty" in str(e) else "is not a .npy array"
+        empty = "got 0" in str(e)
         if name == STDIO:
-            what = f"stdin {what.removeprefix('is ')}" if "empty" in what else what
-        if name.endswith(".npz") or _looks_like_zip(e):
+            what = "stdin is empty (expected a .npy stream)" if empty else "is not a .npy stream"
+        elif empty:
+            what = "is empty"
+        elif name.lower().endswith(".npz") or "PK" in str(e):
             what = "is a .npz archive, not a .npy array; save each score array with np.save"
+        else:
+            what = "is not a .npy array"
         raise FusecliError(f"{name}: {what}") from None
     try:
         if version == (1, 0):
@@ -361,10 +365,6 @@ def _read_header(stream: BinaryIO, name: str) -> tuple[tuple[int, ...], bool, np
     if dtype.kind not in NUMERIC_KINDS:
         raise FusecliError(f"{name}: holds values of dtype {dtype}, not numbers")
     return tuple(int(d) for d in shape), bool(fortran), dtype
-
-
-def _looks_like_zip(e: ValueError) -> bool:
-    return "PK" in str(e)
 
 
 def _check_shape(shape: tuple[int, ...], name: str) -> tuple[int, ...]:

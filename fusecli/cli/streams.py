@@ -12,11 +12,11 @@ import click
 
 
 def stdin_binary() -> BinaryIO:
-    return click.get_binary_stream("stdin")
+    return getattr(sys.stdin, "buffer", sys.stdin)
 
 
 def stdout_binary() -> BinaryIO:
-    return click.get_binary_stream("stdout")
+    return getattr(sys.stdout, "buffer", sys.stdout)
 
 
 @contextlib.contextmanager
