@@ -80,7 +80,7 @@ def main() -> None:
     rows = int(gib * 2**30) // (4 * CLASSES)
     env = {"PYTHONPATH": str(REPO)}
     fusecli = [sys.executable, "-m", "fusecli"]
-    with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         a, b = d / "a.npy", d / "b.npy"
         make_scores(a, rows, 0)

@@ -24,6 +24,11 @@ _LAZY = {
     "fuse": "fusecli.fusion",
     "fuse_to_file": "fusecli.fusion",
     "load_model": "fusecli.loading",
+    "combine_scores": "fusecli.scores",
+    "predict_to_file": "fusecli.prediction",
+    "predict_array": "fusecli.prediction",
+    "tune": "fusecli.tuning",
+    "tune_scores": "fusecli.tuning",
 }
 
 __all__ = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,11 @@ class DataFile:
                 raise FusecliError(f"{self.path}: has no array {key!r} (it holds: {listing})")
             try:
                 values = self._handle[key]
-            except ValueError as e:  # an object array in a .npz, with allow_pickle off
-                raise FusecliError(f"{self.path}: array {key!r} cannot be read ({e})") from None
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                # an object array in a .npz (allow_pickle is off), or a damaged member
+                raise FusecliError(
+                    f"{self.path}: array {key!r} cannot be read ({_short(e)})"
+                ) from None
         label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
         dtype = np.dtype(values.dtype)
         if dtype.hasobject or dtype.kind not in NUMERIC_KINDS:

@@ -13,7 +13,12 @@ from fusecli.cli.common import (
     verbose_option,
     weights_option,
 )
-from fusecli.cli.streams import broken_pipe_is_quiet, stdin_binary, stdout_binary
+from fusecli.cli.streams import (
+    broken_pipe_is_quiet,
+    check_terminals,
+    stdin_binary,
+    stdout_binary,
+)
 from fusecli.errors import InvalidRequest
 
 
@@ -75,6 +80,7 @@ def combine_command(
         raise InvalidRequest("Nothing to do: give -o OUTPUT (- for stdout), --labels, or both")
     if output == "-" and as_json:
         raise InvalidRequest("--json and -o - would both write to stdout; choose one")
+    check_terminals(reads_stdin="-" in inputs, writes_stdout=output == "-")
     with broken_pipe_is_quiet():
         report = combine_scores(
             list(inputs),

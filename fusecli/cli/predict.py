@@ -13,7 +13,12 @@ from fusecli.cli.common import (
     trust_option,
     verbose_option,
 )
-from fusecli.cli.streams import broken_pipe_is_quiet, progress_bar, stdout_binary
+from fusecli.cli.streams import (
+    broken_pipe_is_quiet,
+    check_terminals,
+    progress_bar,
+    stdout_binary,
+)
 from fusecli.errors import InvalidRequest
 
 
@@ -73,6 +78,7 @@ def predict_command(
 
     if output == "-" and as_json:
         raise InvalidRequest("--json and -o - would both write to stdout; choose one")
+    check_terminals(reads_stdin=False, writes_stdout=output == "-")
     if trust:
         say("Warning: --trust: model files may run code while they load.")
     with broken_pipe_is_quiet(), progress_bar("predict") as progress:

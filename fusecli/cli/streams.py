@@ -10,6 +10,8 @@ from typing import Any, BinaryIO
 
 import click
 
+from fusecli.errors import InvalidRequest
+
 
 def stdin_binary() -> BinaryIO:
     return getattr(sys.stdin, "buffer", sys.stdin)
@@ -17,6 +19,16 @@ def stdin_binary() -> BinaryIO:
 
 def stdout_binary() -> BinaryIO:
     return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+def check_terminals(*, reads_stdin: bool, writes_stdout: bool) -> None:
+    """Binary .npy data does not come from, or go to, a terminal: say so instead of hanging."""
+    if reads_stdin and _isatty(sys.stdin):
+        raise InvalidRequest("stdin ('-') is a terminal; pipe or redirect a .npy array into it")
+    if writes_stdout and _isatty(sys.stdout):
+        raise InvalidRequest(
+            "-o - would write binary .npy data to the terminal; pipe or redirect it"
+        )
 
 
 @contextlib.contextmanager
