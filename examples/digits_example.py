@@ -76,8 +76,11 @@ def train_models(workdir: Path, train: tuple[np.ndarray, np.ndarray]) -> None:
         model.save(workdir / f"{model.name}.keras")
 
 
-def sh(command: str, workdir: Path) -> str:
-    """Run `command` in bash as a user would; echo it and its stderr; return its stdout."""
+def sh(command: str, workdir: Path, *, optional: bool = False) -> str | None:
+    """Run `command` in bash as a user would; echo it and its stderr; return its stdout.
+
+    `optional`: a failure returns None instead of stopping the example.
+    """
     print(f"\n$ {command}", flush=True)
     env = {
         **os.environ,
@@ -96,6 +99,9 @@ def sh(command: str, workdir: Path) -> str:
     if done.stdout and len(done.stdout) < 4000:
         print(done.stdout, end="", flush=True)
     if done.returncode != 0:
+        if optional:
+            print(f"(skipped: exit code {done.returncode})")
+            return None
         raise SystemExit(f"failed with exit code {done.returncode}")
     return done.stdout
 
@@ -127,7 +133,17 @@ def main() -> None:
     w = " ".join(f"{x:g}" for x in tuned["weights"])
     sh("fusecli tune mlp_val.npy fused_val.npy --labels y_val.npy --top 3 >/dev/null", workdir)
 
-    for name in ("mlp", "cnn", "fused"):
+    # Fusion at the logits, softmax(w1 z_mlp + w2 z_cnn), with the tuned and with equal weights.
+    names = ["mlp", "cnn", "fused"]
+    for tag, weights in (("logits_tuned", w), ("logits_equal", "0.5 0.5")):
+        made = sh(
+            f"fusecli fuse mlp.keras cnn.keras --at logits --w {weights} -o {tag}.keras --force",
+            workdir,
+            optional=True,  # needs a fusecli with `fuse --at logits`
+        )
+        if made is not None:
+            names.append(tag)
+    for name in names:
         sh(f"fusecli predict {name}.keras test.npz -o {name}_test.npy --force", workdir)
     sh(
         f"fusecli combine mlp_test.npy cnn_test.npy --w {w} --labels y_test.npy "
@@ -145,9 +161,14 @@ def main() -> None:
             "fused.keras (tune -o)": accuracy(workdir, "fused_test.npy", "y_test.npy"),
         },
     }
+    for tag, label in (("logits_tuned", "tuned"), ("logits_equal", "equal")):
+        if tag in names:
+            results["test"][f"fuse --at logits ({label})"] = accuracy(
+                workdir, f"{tag}_test.npy", "y_test.npy"
+            )
     print("\nTest-set top-1 accuracy:")
     for name, value in results["test"].items():
-        print(f"  {name:26} {value:.4f}")
+        print(f"  {name:28} {value:.4f}")
     print(json.dumps(results, indent=2))
 
 
