@@ -121,17 +121,24 @@ def main() -> None:
     )
     train_models(workdir, data["train"])
 
+    # Validation: each model's scores, and their equal-weight sum through a shell pipe.
     sh("fusecli predict mlp.keras val.npz -o mlp_val.npy --force", workdir)
     sh(
         "fusecli predict cnn.keras val.npz -o - "
         "| fusecli combine mlp_val.npy - --labels y_val.npy -o fused_val.npy --force",
         workdir,
     )
+    # Tuning, two ways that must agree: on saved score arrays, and on the models themselves
+    # (which also writes the fused model with the best weights).
+    sh("fusecli predict cnn.keras val.npz -o cnn_val.npy --force", workdir)
+    sh("fusecli tune mlp_val.npy cnn_val.npy --labels y_val.npy --top 5", workdir)
     tuned = json.loads(
-        sh("fusecli tune mlp.keras cnn.keras --data val.npz -o fused.keras --force --json", workdir)
+        sh(
+            "fusecli tune mlp.keras cnn.keras --data val.npz --top 3 -o fused.keras --force --json",
+            workdir,
+        )
     )
     w = " ".join(f"{x:g}" for x in tuned["weights"])
-    sh("fusecli tune mlp_val.npy fused_val.npy --labels y_val.npy --top 3 >/dev/null", workdir)
 
     # Fusion at the logits, softmax(w1 z_mlp + w2 z_cnn), with the tuned and with equal weights.
     names = ["mlp", "cnn", "fused"]
