@@ -197,3 +197,4 @@ def test_shell_pipe_predict_into_combine(tmp_path, model_files, x_data, keras):
     top1 = np.mean(np.argmax(fused, axis=1) == y)
     assert f"  fused  {top1:6.4f}" in done.stderr
     assert "Traceback" not in done.stderr
+    assert "predict  [" not in done.stderr  # no progress bar when stderr is not a terminal
