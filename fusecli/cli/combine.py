@@ -94,15 +94,15 @@ def combine_command(
             stdout=stdout_binary() if output == "-" else None,
         )
     weights_text = ", ".join(
-        f"{n}={w:g}" for n, w in zip(report.inputs, report.weights, strict=True)
+        f"{_shown(n)}={w:g}" for n, w in zip(report.inputs, report.weights, strict=True)
     )
     if report.accuracy:
         ks = list(next(iter(report.accuracy.values())))
-        width = max(len(n) for n in report.accuracy)
+        width = max(len(_shown(n)) for n in report.accuracy)
         say(f"Accuracy on {report.shape[0]} rows:")
         say(f"  {'':{width}}  " + "  ".join(f"{k:>6}" for k in ks))
         for name, acc in report.accuracy.items():
-            say(f"  {name:{width}}  " + "  ".join(f"{acc[k]:6.4f}" for k in ks))
+            say(f"  {_shown(name):{width}}  " + "  ".join(f"{acc[k]:6.4f}" for k in ks))
     if output is not None:
         where = "stdout" if output == "-" else report.output
         say(f"Wrote {where} ({weights_text}; shape {tuple(report.shape)}, {report.dtype}).")
@@ -110,3 +110,7 @@ def combine_command(
         print_json(report.as_dict())
     elif output not in (None, "-"):
         click.echo(report.output)
+
+
+def _shown(name: str) -> str:
+    return "- (stdin)" if name == "-" else name
