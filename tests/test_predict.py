@@ -197,6 +197,6 @@ def test_shell_pipe_predict_into_combine(tmp_path, model_files, x_data, keras):
     np.testing.assert_allclose(fused, 0.8 * a + 0.2 * b, rtol=1e-5, atol=1e-6)
     top1 = np.mean(np.argmax(fused, axis=1) == y)
     assert re.search(rf"^  - \(stdin\) +{np.mean(np.argmax(a, 1) == y):.4f}", done.stderr, re.M)
-    assert re.search(rf"^  fused +{top1:.4f}  ", done.stderr, re.MULTILINE)
+    assert re.search(rf"^  fused +{top1:.4f}$", done.stderr, re.MULTILINE)
     assert "Traceback" not in done.stderr
     assert "predict  [" not in done.stderr  # no progress bar when stderr is not a terminal
