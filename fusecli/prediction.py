@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 # Called after each batch with (rows done, rows in all).
 ProgressCallback = Callable[[int, int], None]
 DEFAULT_BATCH_SIZE = 256
+# Where scores are taken: the model's output, or its logits (before its final softmax).
+AT_CHOICES = ("output", "logits")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class PredictReport:
     output: str
     shape: list[int]
     dtype: str
+    at: str = "output"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -51,6 +55,7 @@ def predict_to_file(
     *,
     key: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    at: str = "output",
     trust: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
@@ -58,12 +63,14 @@ def predict_to_file(
 ) -> PredictReport:
     """Run `model` over `data` and write its scores as a .npy to `output` (`-`: stdout).
 
+    `at="logits"` writes the model's scores before its final softmax instead of its output.
     The file appears only once every batch has run; bad data or a NaN score leaves nothing.
     """
     _check_batch_size(batch_size)
+    _check_at(at)
     paths = [p for p in (model, data) if isinstance(p, str | os.PathLike)]
     check_score_output(output, inputs=paths, force=force)
-    net = _as_model(model, trust=trust)
+    net = _as_model(model, trust=trust, at=at)
     with open_data(data) as opened:
         arrays, names = _inputs_for(net, opened, key=key)
         rows = len(arrays[0])
@@ -81,6 +88,7 @@ def predict_to_file(
         output=str(output),
         shape=list(shape),
         dtype=str(first.dtype),
+        at=at,
     )
 
 
@@ -90,12 +98,15 @@ def predict_array(
     *,
     key: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    at: str = "output",
     trust: bool = False,
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """`model`'s scores on `data`, in memory (for `tune`, which needs them all at once)."""
+    """`model`'s scores (or logits, see `predict_to_file`) on `data`, in memory (for `tune`,
+    which needs them all at once)."""
     _check_batch_size(batch_size)
-    net = _as_model(model, trust=trust)
+    _check_at(at)
+    net = _as_model(model, trust=trust, at=at)
     with open_data(data) as opened:
         arrays, _ = _inputs_for(net, opened, key=key)
         return np.concatenate(
@@ -143,9 +154,21 @@ def input_names(model: keras.Model) -> list[str]:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _as_model(model: str | os.PathLike[str] | keras.Model, *, trust: bool) -> keras.Model:
+def _as_model(
+    model: str | os.PathLike[str] | keras.Model, *, trust: bool, at: str = "output"
+) -> keras.Model:
     net = load_model(model, trust=trust) if isinstance(model, str | os.PathLike) else model
     keras = runtime.keras()
+    if at == "logits":
+        from fusecli.logits import cut_before_softmax
+
+        name = Path(model).stem if isinstance(model, str | os.PathLike) else net.name
+        net, axes = cut_before_softmax(net, name)
+        if any(a not in (-1, len(t.shape) - 1) for a, t in zip(axes, net.outputs, strict=True)):
+            raise FusecliError(
+                f"Model {name!r}: its final softmax is not over the last axis (axis={axes[0]}); "
+                "score arrays keep classes on the last axis"
+            )
     try:
         outputs = keras.tree.flatten(net.outputs)
     except (AttributeError, ValueError):
@@ -184,6 +207,11 @@ def _inputs_for(
     if rows == 0:
         raise FusecliError(f"{data.path}: the data has no rows")
     return arrays, names
+
+
+def _check_at(at: str) -> None:
+    if at not in AT_CHOICES:
+        raise InvalidRequest(f"Expected at to be one of {AT_CHOICES}. Received: at={at!r}")
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -51,6 +51,7 @@ class TuneResult:
     ranking: list[Candidate]  # the best `keep` grid points, best first
     grid_points: int
     rows: int
+    at: str = "output"
     output: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -68,6 +69,7 @@ class TuneResult:
             "ranking": [{"weights": c.weights, "score": c.score} for c in self.ranking],
             "grid_points": self.grid_points,
             "rows": self.rows,
+            "at": self.at,
             "output": self.output,
             "notes": self.notes,
         }
@@ -119,12 +121,18 @@ def tune_scores(
     metric: str | None = None,
     names: Sequence[str] | None = None,
     keep: int = 10,
+    activation: str | None = None,
 ) -> TuneResult:
     """Find the weights on the simplex grid whose weighted sum of `scores` scores best.
 
     `labels`: class ids (N,), one-hot rows, or targets of the scores' shape (see `metrics`);
-    `metric` defaults to accuracy for class labels and mse for targets.
+    `metric` defaults to accuracy for class labels and mse for targets. `activation="softmax"`
+    scores softmax(sum w_i s_i) instead, as a model fused at its logits computes.
     """
+    if activation not in (None, "softmax"):
+        raise InvalidRequest(
+            f"Expected activation to be None or 'softmax'. Received: activation={activation!r}"
+        )
     n = len(scores)
     if n < 2:
         raise InvalidRequest(f"Expected two or more score arrays to tune. Received: {n}")
@@ -147,12 +155,15 @@ def tune_scores(
     k = divisions(step)
     stack = np.stack([np.asarray(s, dtype=np.float64) for s in scores])
     notes = []
-    probabilities = all(metrics.looks_like_probabilities(s) for s in stack)
+    probabilities = activation == "softmax" or all(
+        metrics.looks_like_probabilities(s) for s in stack
+    )
     if metric == "logloss" and not probabilities:
         notes.append("logloss: the scores are not all probabilities, so softmax(fused) is scored")
 
-    values = _evaluate_grid(stack, grid / k, labels, metric, probabilities=probabilities)
-    singles = _evaluate_grid(stack, np.eye(n), labels, metric, probabilities=probabilities)
+    options = dict(probabilities=probabilities, softmax=activation == "softmax")
+    values = _evaluate_grid(stack, grid / k, labels, metric, **options)
+    singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
     order = rank_grid(grid, values, k, higher_is_better=metrics.HIGHER_IS_BETTER[metric])
     ranking = [Candidate(_weights(grid[i], k), float(values[i])) for i in order[:keep]]
     best = order[0]
@@ -193,6 +204,7 @@ def tune(
     labels_key: str | None = None,
     step: float = DEFAULT_STEP,
     metric: str | None = None,
+    at: str = "output",
     keep: int = 10,
     batch_size: int = 256,
     trust: bool = False,
@@ -204,7 +216,8 @@ def tune(
 
     Labels come from `labels` (a .npy, or the `labels_key` array of a .npz/.h5), else from the
     `y` array of `data`. With `output` (models only), writes the fused model with the best weights
-    through `fusion.fuse_to_file`.
+    through `fusion.fuse_to_file`. `at="logits"` (models only) tunes softmax(sum w_i z_i) over the
+    models' logits z_i, and writes the model fused at its logits.
     """
     from fusecli.datafile import read_labels
 
@@ -217,6 +230,13 @@ def tune(
     if metric is not None and metric not in metrics.METRICS:
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"
+        )
+    if at not in ("output", "logits"):
+        raise InvalidRequest(f"Expected at to be 'output' or 'logits'. Received: at={at!r}")
+    if at == "logits" and kind != "models":
+        raise InvalidRequest(
+            "--at logits runs models up to their logits; score arrays are used as they are "
+            "(tune arrays of logits with --metric logloss, or combine them)"
         )
     if kind == "models" and data is None:
         raise InvalidRequest("Tuning models needs --data: the validation inputs to run them on")
@@ -245,7 +265,13 @@ def tune(
             report = None if progress is None else _progress_for(progress, i, len(sources))
             scores.append(
                 predict_array(
-                    source, data, key=key, batch_size=batch_size, trust=trust, progress=report
+                    source,
+                    data,
+                    key=key,
+                    batch_size=batch_size,
+                    at=at,
+                    trust=trust,
+                    progress=report,
                 )
             )
     else:
@@ -257,12 +283,22 @@ def tune(
     labels_name = str(labels if labels is not None else data)
     parsed = metrics.parse_labels(raw_labels, scores[0].shape, source=labels_name)
     result = tune_scores(
-        scores, parsed, step=step, metric=metric, names=[str(s) for s in sources], keep=keep
+        scores,
+        parsed,
+        step=step,
+        metric=metric,
+        names=[str(s) for s in sources],
+        keep=keep,
+        activation="softmax" if at == "logits" else None,
     )
+    result.at = at
     if output is not None:
         from fusecli.fusion import fuse_to_file
 
-        report = fuse_to_file(list(sources), output, result.weights, trust=trust, force=force)
+        extra = {"at": "logits"} if at == "logits" else {}
+        report = fuse_to_file(
+            list(sources), output, result.weights, trust=trust, force=force, **extra
+        )
         result.output = report.output
     return result
 
@@ -293,6 +329,7 @@ def _evaluate_grid(
     metric: str,
     *,
     probabilities: bool,
+    softmax: bool = False,
 ) -> np.ndarray:
     n, rows = stack.shape[:2]
     flat = stack.reshape(n, rows, -1)
@@ -302,6 +339,8 @@ def _evaluate_grid(
     for start in range(0, len(weights), chunk):
         w = weights[start : start + chunk]
         fused = np.tensordot(w, flat, axes=1).reshape((len(w), *stack.shape[1:]))
+        if softmax:
+            fused = metrics.softmax(fused)
         out[start : start + len(w)] = metrics.evaluate(
             metric, fused, labels, probabilities=probabilities
         )

@@ -200,3 +200,23 @@ def test_shell_pipe_predict_into_combine(tmp_path, model_files, x_data, keras):
     assert re.search(rf"^  fused +{top1:.4f}$", done.stderr, re.MULTILINE)
     assert "Traceback" not in done.stderr
     assert "predict  [" not in done.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_at_logits_writes_the_scores_before_the_softmax(tmp_path, model_files, keras, x_data):
+    pytest.importorskip("fusecli.logits")  # `fuse --at logits` provides the cut
+    model = keras.saving.load_model(model_files["a"])
+    last = model.layers[-1]
+    logits = x_data
+    for layer in model.layers[1:-1]:
+        logits = np.asarray(layer(logits))
+    kernel, bias = last.get_weights()
+    expected = logits @ kernel + bias
+    np.savez(tmp_path / "d.npz", x=x_data)
+    report = predict_to_file(model_files["a"], tmp_path / "d.npz", tmp_path / "z.npy", at="logits")
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert report.at == "logits"
+
+    x = keras.Input((4,))
+    keras.Model(x, keras.layers.Dense(3, name="scores")(x)).save(tmp_path / "linear.keras")
+    with pytest.raises(FusecliError, match=r"^Model 'linear' has no final softmax"):
+        predict_array(tmp_path / "linear.keras", tmp_path / "d.npz", at="logits")

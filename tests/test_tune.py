@@ -206,3 +206,34 @@ def test_tune_models_runs_them_and_writes_the_fused_model(tmp_path, model_files,
         np.asarray(fused(x)), weights[0] * pa + weights[1] * pb, rtol=1e-5, atol=1e-6
     )
     assert result.output == str(out)
+
+
+def test_tune_at_logits(tmp_path, model_files, keras):
+    import inspect
+
+    from fusecli.fusion import fuse_to_file
+    from fusecli.prediction import predict_array
+
+    if "at" not in inspect.signature(fuse_to_file).parameters:
+        pytest.skip("needs `fuse --at logits` (fusion.fuse_to_file(..., at=...))")
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)
+    za = predict_array(model_files["a"], tmp_path / "val.npz", at="logits")
+    zb = predict_array(model_files["b"], tmp_path / "val.npz", at="logits")
+    y = np.argmax(0.6 * za + 0.4 * zb + 0.05 * rng.standard_normal(za.shape), axis=1)
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    out = tmp_path / "fused.keras"
+    models = [model_files["a"], model_files["b"]]
+    result = tune(models, data=tmp_path / "val.npz", at="logits", metric="logloss", output=out)
+    weights, value = exhaustive_best([za, zb], y, 10, "logloss")  # logloss of softmax(sum)
+    assert result.weights == pytest.approx(weights)
+    np.testing.assert_allclose(result.score, value, rtol=1e-6)
+    assert result.at == "logits" and result.as_dict()["at"] == "logits"
+    fused = np.asarray(keras.saving.load_model(out)(x))
+    z = weights[0] * za + weights[1] * zb
+    expected = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(fused, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    with pytest.raises(InvalidRequest, match=r"--at logits runs models up to their logits"):
+        tune([tmp_path / "a.npy", tmp_path / "b.npy"], labels=tmp_path / "y.npy", at="logits")

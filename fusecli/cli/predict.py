@@ -20,6 +20,7 @@ from fusecli.cli.streams import (
     stdout_binary,
 )
 from fusecli.errors import InvalidRequest
+from fusecli.prediction import AT_CHOICES
 
 
 @click.command(
@@ -48,6 +49,13 @@ from fusecli.errors import InvalidRequest
     show_default=True,
     help="Rows run through the model at once.",
 )
+@click.option(
+    "--at",
+    type=click.Choice(AT_CHOICES),
+    default="output",
+    show_default=True,
+    help="output: the model's output; logits: its scores before its final softmax.",
+)
 @force_option
 @trust_option
 @json_option
@@ -58,6 +66,7 @@ def predict_command(
     output: str,
     key: str | None,
     batch_size: int,
+    at: str,
     force: bool,
     trust: bool,
     as_json: bool,
@@ -88,13 +97,15 @@ def predict_command(
             output,
             key=key,
             batch_size=batch_size,
+            at=at,
             trust=trust,
             force=force,
             progress=progress,
             stdout=stdout_binary() if output == "-" else None,
         )
     where = "stdout" if output == "-" else report.output
-    say(f"Wrote {where} (scores of shape {tuple(report.shape)}, {report.dtype}).")
+    what = "logits" if at == "logits" else "scores"
+    say(f"Wrote {where} ({what} of shape {tuple(report.shape)}, {report.dtype}).")
     if as_json:
         print_json(report.as_dict())
     elif output != "-":

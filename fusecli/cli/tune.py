@@ -17,6 +17,7 @@ from fusecli.cli.common import (
 )
 from fusecli.cli.streams import progress_bar
 from fusecli.metrics import METRICS
+from fusecli.prediction import AT_CHOICES
 from fusecli.tuning import DEFAULT_STEP, TuneResult
 
 
@@ -55,6 +56,14 @@ from fusecli.tuning import DEFAULT_STEP, TuneResult
     "not probabilities), mse. [default: accuracy for class labels, mse for targets]",
 )
 @click.option(
+    "--at",
+    type=click.Choice(AT_CHOICES),
+    default="output",
+    show_default=True,
+    help="output: fuse the models' outputs; logits: fuse before each model's final softmax, "
+    "out = softmax(sum w_i z_i) (models only).",
+)
+@click.option(
     "--top",
     type=click.IntRange(min=1),
     default=10,
@@ -87,6 +96,7 @@ def tune_command(
     labels_key: str | None,
     step: float,
     metric: str | None,
+    at: str,
     top: int,
     batch_size: int,
     output: str | None,
@@ -126,6 +136,7 @@ def tune_command(
             labels_key=labels_key,
             step=step,
             metric=metric,
+            at=at,
             keep=top,
             batch_size=batch_size,
             trust=trust,
@@ -144,7 +155,8 @@ def tune_command(
         f"{result.grid_points} weightings scored on {result.rows} rows)."
     )
     if result.output:
-        say(f"Wrote {result.output} (the models fused with weights {weights}).")
+        where = " at their logits" if result.at == "logits" else ""
+        say(f"Wrote {result.output} (the models fused{where} with weights {weights}).")
     if as_json:
         print_json(result.as_dict())
     else:
