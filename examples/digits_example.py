@@ -140,16 +140,24 @@ def main() -> None:
     )
     w = " ".join(f"{x:g}" for x in tuned["weights"])
 
-    # Fusion at the logits, softmax(w1 z_mlp + w2 z_cnn), with the tuned and with equal weights.
+    # Fusion at the logits, softmax(w1 z_mlp + w2 z_cnn): equal weights as I3D does, and weights
+    # tuned for it. Both need a fusecli with `fuse --at logits`.
     names = ["mlp", "cnn", "fused"]
-    for tag, weights in (("logits_tuned", w), ("logits_equal", "0.5 0.5")):
-        made = sh(
-            f"fusecli fuse mlp.keras cnn.keras --at logits --w {weights} -o {tag}.keras --force",
-            workdir,
-            optional=True,  # needs a fusecli with `fuse --at logits`
-        )
-        if made is not None:
-            names.append(tag)
+    logits_tuned = sh(
+        "fusecli tune mlp.keras cnn.keras --data val.npz --at logits --top 3 "
+        "-o logits_tuned.keras --force --json",
+        workdir,
+        optional=True,
+    )
+    if logits_tuned is not None:
+        names.append("logits_tuned")
+    made = sh(
+        "fusecli fuse mlp.keras cnn.keras --at logits -o logits_equal.keras --force",
+        workdir,
+        optional=True,
+    )
+    if made is not None:
+        names.append("logits_equal")
     for name in names:
         sh(f"fusecli predict {name}.keras test.npz -o {name}_test.npy --force", workdir)
     sh(
@@ -168,11 +176,17 @@ def main() -> None:
             "fused.keras (tune -o)": accuracy(workdir, "fused_test.npy", "y_test.npy"),
         },
     }
-    for tag, label in (("logits_tuned", "tuned"), ("logits_equal", "equal")):
-        if tag in names:
-            results["test"][f"fuse --at logits ({label})"] = accuracy(
-                workdir, f"{tag}_test.npy", "y_test.npy"
-            )
+    if logits_tuned is not None:
+        doc = json.loads(logits_tuned)
+        results["logits_weights"] = doc["weights"]
+        results["val"]["tuned at logits"] = doc["score"]
+        results["test"]["tune --at logits -o"] = accuracy(
+            workdir, "logits_tuned_test.npy", "y_test.npy"
+        )
+    if "logits_equal" in names:
+        results["test"]["fuse --at logits (equal)"] = accuracy(
+            workdir, "logits_equal_test.npy", "y_test.npy"
+        )
     print("\nTest-set top-1 accuracy:")
     for name, value in results["test"].items():
         print(f"  {name:28} {value:.4f}")
