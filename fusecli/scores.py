@@ -77,7 +77,9 @@ class ScoreReader:
 
 
 @contextlib.contextmanager
-def open_scores(path: str | os.PathLike[str], *, stdin: BinaryIO | None = None):
+def open_scores(
+    path: str | os.PathLike[str], *, stdin: BinaryIO | None = None
+) -> Iterator[ScoreReader]:
     """Open a .npy score array (a file, or `-` for stdin) for reading in row chunks.
 
     Checks, before any row is read, that it holds numbers with rows first; a file must also be
@@ -321,7 +323,8 @@ def combine_scores(
 
 def output_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
     """float64 if any input is float64, else float32: scores rarely need more."""
-    return np.dtype(np.float64 if any(np.dtype(d) == np.float64 for d in dtypes) else np.float32)
+    wide = any(np.dtype(d).kind == "f" and np.dtype(d).itemsize >= 8 for d in dtypes)
+    return np.dtype(np.float64 if wide else np.float32)
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ def grid_size(n: int, step: float) -> int:
     return math.comb(divisions(step) + n - 1, n - 1)
 
 
+def check_grid_size(n: int, step: float) -> int:
+    """The grid's size, or a usage error if it is beyond `MAX_GRID_POINTS`."""
+    size = grid_size(n, step)
+    if size > MAX_GRID_POINTS:
+        raise InvalidRequest(
+            f"The weight grid for {n} models in steps of {step} has {size:,} points, more than "
+            f"the limit of {MAX_GRID_POINTS:,}; use a coarser --step or fewer models"
+        )
+    return size
+
+
 def divisions(step: float) -> int:
     """1/step, which must be a whole number so that the grid reaches every vertex exactly."""
     if not (0 < step <= 1):
@@ -99,12 +110,7 @@ def simplex_grid(n: int, step: float) -> np.ndarray:
     Ordered lexically from the most weight on the first model down.
     """
     k = divisions(step)
-    size = grid_size(n, step)
-    if size > MAX_GRID_POINTS:
-        raise InvalidRequest(
-            f"The weight grid for {n} models in steps of {step} has {size:,} points, more than "
-            f"the limit of {MAX_GRID_POINTS:,}; use a coarser --step or fewer models"
-        )
+    size = check_grid_size(n, step)
     grid = np.empty((size, n), dtype=np.int64)
     # Stars and bars: k stars and n - 1 bars; the gaps between bars are the weights.
     for row, bars in enumerate(itertools.combinations(range(k + n - 1), n - 1)):
@@ -224,9 +230,7 @@ def tune(
     kind = source_kind(sources)
     if len(sources) < 2:
         raise InvalidRequest(f"Expected two or more inputs to tune. Received: {len(sources)}")
-    grid_points = grid_size(len(sources), step)  # refuse a huge grid before any model runs
-    if grid_points > MAX_GRID_POINTS:
-        simplex_grid(len(sources), step)
+    check_grid_size(len(sources), step)  # refuse a huge grid before any model runs
     if metric is not None and metric not in metrics.METRICS:
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"

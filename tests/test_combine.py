@@ -9,6 +9,8 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, InvalidRequest
@@ -53,6 +55,45 @@ def test_weighted_sum_in_many_small_chunks(tmp_path, arrays):
     assert got.dtype == np.float32 and report.dtype == "float32"
     np.testing.assert_allclose(got, a + np.float32(1.5) * b, rtol=1e-6)
     assert report.shape == [103, 7] and report.weights == [1.0, 1.5]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    tail=st.lists(st.integers(1, 4), max_size=2),
+    dtypes=st.lists(
+        st.sampled_from(["<f4", ">f4", "<f8", ">f8", "<i4", "|u1", "|b1"]), min_size=1, max_size=3
+    ),
+    chunk_bytes=st.integers(1, 400),
+    stream_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_sum_equals_numpy(
+    tmp_path_factory, rows, tail, dtypes, chunk_bytes, stream_first, seed
+):
+    d = tmp_path_factory.mktemp("prop")
+    rng = np.random.default_rng(seed)
+    shape = (rows, *tail)
+    arrays = [(rng.random(shape) * 10).astype(dt) for dt in dtypes]
+    weights = tuple(float(w) for w in rng.uniform(-2, 2, size=len(arrays)))
+    paths = []
+    for i, a in enumerate(arrays):
+        np.save(d / f"{i}.npy", a)
+        paths.append(d / f"{i}.npy")
+    stdin = None
+    if stream_first:
+        stdin = io.BytesIO(npy_bytes(arrays[0]))
+        paths[0] = "-"
+    stdout = io.BytesIO()
+    report = combine_scores(
+        paths, "-", weights, chunk_bytes=chunk_bytes, stdin=stdin, stdout=stdout
+    )
+    got = np.load(io.BytesIO(stdout.getvalue()))
+    wide = any(np.dtype(t).kind == "f" and np.dtype(t).itemsize == 8 for t in dtypes)
+    assert got.dtype == (np.float64 if wide else np.float32) and report.dtype == str(got.dtype)
+    expected = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert got.shape == shape
 
 
 def test_any_shape_and_float64(tmp_path):
