@@ -25,6 +25,11 @@ _LAZY = {
     "fuse_to_file": "fusecli.fusion",
     "load_model": "fusecli.loading",
     "merge": "fusecli.merging",
+    "combine_scores": "fusecli.scores",
+    "predict_to_file": "fusecli.prediction",
+    "predict_array": "fusecli.prediction",
+    "tune": "fusecli.tuning",
+    "tune_scores": "fusecli.tuning",
 }
 
 __all__ = [

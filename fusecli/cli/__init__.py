@@ -5,14 +5,24 @@ from __future__ import annotations
 import click
 
 from fusecli import __version__
+from fusecli.cli.combine import combine_command
 from fusecli.cli.fuse import fuse_command
 from fusecli.cli.merge import merge_command
+from fusecli.cli.predict import predict_command
+from fusecli.cli.tune import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusecli")
 def cli() -> None:
     """Fuse saved Keras models into one.
+
+    \b
+    fuse     a new model whose output is w1*A(x) + w2*B(x) + ...
+    merge    average the weights of same-architecture models (model soups)
+    predict  run a model over data, write its scores (.npy)
+    combine  the weighted sum of saved score arrays
+    tune     choose the weights on validation data
 
     \b
     Example:
@@ -22,6 +32,9 @@ def cli() -> None:
 
 cli.add_command(fuse_command)
 cli.add_command(merge_command)
+cli.add_command(predict_command)
+cli.add_command(combine_command)
+cli.add_command(tune_command)
 
 
 def main() -> None:

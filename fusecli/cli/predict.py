@@ -1,0 +1,112 @@
+"""`fusecli predict`: run a saved model over a data file and write its scores as .npy."""
+
+from __future__ import annotations
+
+import click
+
+from fusecli.cli.common import (
+    FusecliCommand,
+    force_option,
+    json_option,
+    print_json,
+    say,
+    trust_option,
+    verbose_option,
+)
+from fusecli.cli.streams import (
+    broken_pipe_is_quiet,
+    check_terminals,
+    progress_bar,
+    stdout_binary,
+)
+from fusecli.errors import InvalidRequest
+from fusecli.prediction import AT_CHOICES
+
+
+@click.command(
+    "predict",
+    cls=FusecliCommand,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Where to write the scores: a .npy file, or - for stdout.",
+)
+@click.option(
+    "--key",
+    default=None,
+    help="The array of a .npz/.h5 DATA file to feed a one-input model. [default: x]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Rows run through the model at once.",
+)
+@click.option(
+    "--at",
+    type=click.Choice(AT_CHOICES),
+    default="output",
+    show_default=True,
+    help="output: the model's output; logits: its scores before its final softmax.",
+)
+@force_option
+@trust_option
+@json_option
+@verbose_option
+def predict_command(
+    model: str,
+    data: str,
+    output: str,
+    key: str | None,
+    batch_size: int,
+    at: str,
+    force: bool,
+    trust: bool,
+    as_json: bool,
+) -> None:
+    """Run MODEL over DATA and write its output scores, (rows, ...), as a .npy array.
+
+    DATA is a .npy, .npz or .h5 file. A .npz/.h5 feeds its array x (or --key); a model with
+    several inputs takes the arrays named after its inputs, or x0, x1, ... in input order.
+    Prints the output path (or, with --json, a JSON report) on stdout, unless -o - streams the
+    scores there.
+
+    \b
+    Examples:
+      fusecli predict rgb.keras val.npz -o rgb_scores.npy
+      fusecli predict rgb.keras val.npz -o - | fusecli combine - pose.npy -o fused.npy
+    """
+    from fusecli.prediction import predict_to_file
+
+    if output == "-" and as_json:
+        raise InvalidRequest("--json and -o - would both write to stdout; choose one")
+    check_terminals(reads_stdin=False, writes_stdout=output == "-")
+    if trust:
+        say("Warning: --trust: model files may run code while they load.")
+    with broken_pipe_is_quiet(), progress_bar("predict") as progress:
+        report = predict_to_file(
+            model,
+            data,
+            output,
+            key=key,
+            batch_size=batch_size,
+            at=at,
+            trust=trust,
+            force=force,
+            progress=progress,
+            stdout=stdout_binary() if output == "-" else None,
+        )
+    where = "stdout" if output == "-" else report.output
+    what = "logits" if at == "logits" else "scores"
+    say(f"Wrote {where} ({what} of shape {tuple(report.shape)}, {report.dtype}).")
+    if as_json:
+        print_json(report.as_dict())
+    elif output != "-":
+        click.echo(report.output)

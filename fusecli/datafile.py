@@ -1,0 +1,186 @@
+"""Reading a model's input data and labels from .npy, .npz and .h5 files.
+
+Which array feeds which model input:
+- `.npy`: the one array, for a model with one input;
+- `.npz` / `.h5`: `key` if given (one input), else the array `x`; for a model with several inputs,
+  arrays named after its inputs, or else `x0`, `x1`, ... in the model's input order.
+Labels are the array `y` of a .npz/.h5 file (or `key`), or a whole .npy file.
+
+The format is told by content, not by name. .npy files are memory-mapped and .h5 datasets read
+slice by slice, so only one batch at a time needs to be in memory; .npz members are read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+from fusecli.errors import FusecliError, InvalidRequest
+
+DEFAULT_INPUT_KEY = "x"
+DEFAULT_LABELS_KEY = "y"
+NUMERIC_KINDS = "biuf"
+
+DataFormat = Literal["npy", "npz", "h5"]
+
+
+@dataclass
+class DataFile:
+    """An open data file: named arrays (or one unnamed array for .npy), read lazily."""
+
+    path: Path
+    format: DataFormat
+    _handle: Any
+
+    def names(self) -> list[str]:
+        if self.format == "npy":
+            return []
+        if self.format == "npz":
+            return list(self._handle.files)
+        names: list[str] = []
+        self._handle.visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+        )
+        return names
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.names()
+
+    def array(self, key: str | None) -> Any:
+        """The array `key` (None: the .npy file's array), numeric and rows-first, else an error."""
+        if self.format == "npy":
+            values = self._handle
+        else:
+            if key not in self:
+                listing = ", ".join(self.names()) or "nothing"
+                raise FusecliError(f"{self.path}: has no array {key!r} (it holds: {listing})")
+            try:
+                values = self._handle[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                # an object array in a .npz (allow_pickle is off), or a damaged member
+                raise FusecliError(
+                    f"{self.path}: array {key!r} cannot be read ({_short(e)})"
+                ) from None
+        label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
+        dtype = np.dtype(values.dtype)
+        if dtype.hasobject or dtype.kind not in NUMERIC_KINDS:
+            raise FusecliError(f"{label} holds values of dtype {dtype}, not numbers")
+        if len(values.shape) == 0:
+            raise FusecliError(f"{label} is a single number, not an array with rows first")
+        return values
+
+
+@contextlib.contextmanager
+def open_data(path: str | os.PathLike[str]) -> Iterator[DataFile]:
+    """Open a .npy, .npz or .h5 data file for reading; errors name the file."""
+    path = _check_path(path)
+    fmt = _data_format(path)
+    with contextlib.ExitStack() as stack:
+        try:
+            if fmt == "npy":
+                try:
+                    handle = np.load(path, mmap_mode="r", allow_pickle=False)
+                except ValueError:  # empty arrays cannot be mapped; object arrays fail again
+                    handle = np.load(path, allow_pickle=False)
+            elif fmt == "npz":
+                handle = stack.enter_context(np.load(path, allow_pickle=False))
+            else:
+                handle = stack.enter_context(h5py.File(path, "r"))
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise FusecliError(f"{path}: cannot be read as {fmt} data ({_short(e)})") from None
+        yield DataFile(path, fmt, handle)
+
+
+def model_input_arrays(
+    data: DataFile, input_names: Sequence[str], *, key: str | None = None
+) -> list[Any]:
+    """The arrays of `data` that feed a model's inputs, in order; see the module doc."""
+    n = len(input_names)
+    if data.format == "npy":
+        if key is not None:
+            raise InvalidRequest(f"--key picks an array in a .npz or .h5 file; {data.path} is .npy")
+        if n != 1:
+            raise FusecliError(
+                f"{data.path}: a .npy file holds one array, but the model has {n} inputs "
+                f"({', '.join(input_names)}); put them in a .npz named after the inputs "
+                f"or x0 ... x{n - 1}"
+            )
+        return [data.array(None)]
+    if key is not None:
+        if n != 1:
+            raise InvalidRequest(
+                f"--key picks one array, but the model has {n} inputs ({', '.join(input_names)}); "
+                f"name the arrays after the inputs or x0 ... x{n - 1}. Received: --key {key}"
+            )
+        return [data.array(key)]
+    present = set(data.names())
+    if n == 1:
+        for candidate in (DEFAULT_INPUT_KEY, input_names[0], "x0"):
+            if candidate in present:
+                return [data.array(candidate)]
+        listing = ", ".join(sorted(present)) or "nothing"
+        raise FusecliError(
+            f"{data.path}: has no array {DEFAULT_INPUT_KEY!r} (it holds: {listing}); "
+            "choose one with --key"
+        )
+    for names in (list(input_names), [f"x{i}" for i in range(n)]):
+        if all(name in present for name in names):
+            return [data.array(name) for name in names]
+    listing = ", ".join(sorted(present)) or "nothing"
+    raise FusecliError(
+        f"{data.path}: the model has {n} inputs ({', '.join(input_names)}); expected arrays "
+        f"named after them or x0 ... x{n - 1}. Received arrays: {listing}"
+    )
+
+
+def read_labels(path: str | os.PathLike[str], *, key: str | None = None) -> np.ndarray:
+    """Labels in memory: a whole .npy file, or the array `key` (default `y`) of a .npz/.h5."""
+    with open_data(path) as data:
+        if data.format == "npy":
+            return np.asarray(data.array(None))
+        return np.asarray(data.array(key or DEFAULT_LABELS_KEY)[()])
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_path(path: str | os.PathLike[str]) -> Path:
+    if str(path) == "-":
+        raise InvalidRequest("Data and labels are read from files, not from stdin ('-')")
+    path = Path(path)
+    if not path.exists():
+        raise FusecliError(f"{path}: no such file")
+    if path.is_dir():
+        raise FusecliError(f"{path}: is a directory, not a data file")
+    if path.stat().st_size == 0:
+        raise FusecliError(f"{path}: is empty")
+    return path
+
+
+def _data_format(path: Path) -> DataFormat:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise FusecliError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"PK"):
+        return "npz"
+    if head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(path):
+        return "h5"
+    raise FusecliError(f"{path}: is not a .npy, .npz or .h5 data file")
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,227 @@
+"""Running a model over a data file in batches, to a score array on disk, stdout or in memory.
+
+    predict_to_file("a.keras", "val.npz", "a.npy", batch_size=256)
+
+Data is read batch by batch (see `datafile` for which array feeds which input) and each batch of
+scores is written as soon as it is made, so memory holds one batch, whatever the data's size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+from fusecli import runtime
+from fusecli.datafile import DataFile, model_input_arrays, open_data
+from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.loading import load_model
+from fusecli.scores import check_score_output, score_output
+
+if TYPE_CHECKING:
+    import keras
+
+# Called after each batch with (rows done, rows in all).
+ProgressCallback = Callable[[int, int], None]
+DEFAULT_BATCH_SIZE = 256
+# Where scores are taken: the model's output, or its logits (before its final softmax).
+AT_CHOICES = ("output", "logits")
+
+
+@dataclass
+class PredictReport:
+    """What `predict_to_file` wrote; `as_dict()` is the CLI's `--json` document."""
+
+    model: str
+    data: str
+    inputs: list[str]
+    output: str
+    shape: list[int]
+    dtype: str
+    at: str = "output"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def predict_to_file(
+    model: str | os.PathLike[str] | keras.Model,
+    data: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    at: str = "output",
+    trust: bool = False,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+    stdout: BinaryIO | None = None,
+) -> PredictReport:
+    """Run `model` over `data` and write its scores as a .npy to `output` (`-`: stdout).
+
+    `at="logits"` writes the model's scores before its final softmax instead of its output.
+    The file appears only once every batch has run; bad data or a NaN score leaves nothing.
+    """
+    _check_batch_size(batch_size)
+    _check_at(at)
+    paths = [p for p in (model, data) if isinstance(p, str | os.PathLike)]
+    check_score_output(output, inputs=paths, force=force)
+    net = _as_model(model, trust=trust, at=at)
+    with open_data(data) as opened:
+        arrays, names = _inputs_for(net, opened, key=key)
+        rows = len(arrays[0])
+        batches = predict_batches(net, arrays, batch_size=batch_size, progress=progress)
+        first = next(batches)
+        shape = (rows, *first.shape[1:])
+        with score_output(output, shape, first.dtype, force=force, stdout=stdout) as writer:
+            writer.write(first)
+            for batch in batches:
+                writer.write(batch)
+    return PredictReport(
+        model=_describe(model),
+        data=str(data),
+        inputs=names,
+        output=str(output),
+        shape=list(shape),
+        dtype=str(first.dtype),
+        at=at,
+    )
+
+
+def predict_array(
+    model: str | os.PathLike[str] | keras.Model,
+    data: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    at: str = "output",
+    trust: bool = False,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """`model`'s scores (or logits, see `predict_to_file`) on `data`, in memory (for `tune`,
+    which needs them all at once)."""
+    _check_batch_size(batch_size)
+    _check_at(at)
+    net = _as_model(model, trust=trust, at=at)
+    with open_data(data) as opened:
+        arrays, _ = _inputs_for(net, opened, key=key)
+        return np.concatenate(
+            list(predict_batches(net, arrays, batch_size=batch_size, progress=progress))
+        )
+
+
+def predict_batches(
+    model: keras.Model,
+    arrays: Sequence[Any],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressCallback | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the model's scores batch by batch; `arrays` feed its inputs, rows first."""
+    rows = len(arrays[0])
+    dtypes = [np.dtype(str(t.dtype)) for t in model.inputs]
+    for start in range(0, rows, batch_size):
+        batch = [
+            np.asarray(a[start : start + batch_size]).astype(d, copy=False)
+            for a, d in zip(arrays, dtypes, strict=True)
+        ]
+        out = model.predict_on_batch(batch[0] if len(batch) == 1 else batch)
+        out = np.asarray(out[0] if isinstance(out, list | tuple) else out)
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+            raise FusecliError(
+                f"The model's output is NaN or infinite for row {start + int(np.argmax(bad))} "
+                "(check the input data)"
+            )
+        yield out
+        if progress is not None:
+            progress(min(start + batch_size, rows), rows)
+
+
+def input_names(model: keras.Model) -> list[str]:
+    """The names of a model's inputs (its InputLayers'), in order."""
+    names = []
+    for i, tensor in enumerate(model.inputs):
+        history = getattr(tensor, "_keras_history", None)
+        names.append(history.operation.name if history else f"x{i}")
+    return names
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _as_model(
+    model: str | os.PathLike[str] | keras.Model, *, trust: bool, at: str = "output"
+) -> keras.Model:
+    net = load_model(model, trust=trust) if isinstance(model, str | os.PathLike) else model
+    keras = runtime.keras()
+    if at == "logits":
+        from fusecli.logits import cut_before_softmax
+
+        name = Path(model).stem if isinstance(model, str | os.PathLike) else net.name
+        net, axes = cut_before_softmax(net, name)
+        if any(a not in (-1, len(t.shape) - 1) for a, t in zip(axes, net.outputs, strict=True)):
+            raise FusecliError(
+                f"Model {name!r}: its final softmax is not over the last axis (axis={axes[0]}); "
+                "score arrays keep classes on the last axis"
+            )
+    try:
+        outputs = keras.tree.flatten(net.outputs)
+    except (AttributeError, ValueError):
+        raise FusecliError(
+            f"{_describe(model)}: the model has no defined inputs and outputs"
+        ) from None
+    if len(outputs) != 1:
+        raise FusecliError(
+            f"{_describe(model)}: has {len(outputs)} outputs; predict writes one score array, "
+            "so it needs a model with one output"
+        )
+    return net
+
+
+def _inputs_for(
+    model: keras.Model, data: DataFile, *, key: str | None
+) -> tuple[list[Any], list[str]]:
+    names = input_names(model)
+    arrays = model_input_arrays(data, names, key=key)
+    rows = len(arrays[0])
+    for name, array, tensor in zip(names, arrays, model.inputs, strict=True):
+        expected = tuple(tensor.shape)
+        got = tuple(array.shape)
+        if len(got) != len(expected) or any(
+            e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=True)
+        ):
+            raise FusecliError(
+                f"{data.path}: data of shape {got} does not fit the model's input {name!r} of "
+                f"shape {_fmt_shape(expected)}"
+            )
+        if len(array) != rows:
+            raise FusecliError(
+                f"{data.path}: the model's inputs must have as many rows as each other. "
+                f"Received: {names[0]!r} has {rows} rows, {name!r} has {len(array)}"
+            )
+    if rows == 0:
+        raise FusecliError(f"{data.path}: the data has no rows")
+    return arrays, names
+
+
+def _check_at(at: str) -> None:
+    if at not in AT_CHOICES:
+        raise InvalidRequest(f"Expected at to be one of {AT_CHOICES}. Received: at={at!r}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise InvalidRequest(f"Expected a batch size of 1 or more. Received: {batch_size}")
+
+
+def _describe(model: Any) -> str:
+    return str(model) if isinstance(model, str | os.PathLike) else f"<model {model.name}>"
+
+
+def _fmt_shape(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
