@@ -15,14 +15,9 @@ from fusecli.cli.tune import tune_command
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusecli")
 def cli() -> None:
-    """Fuse saved Keras models into one.
-
-    \b
-    fuse     a new model whose output is w1*A(x) + w2*B(x) + ...
-    merge    average the weights of same-architecture models (model soups)
-    predict  run a model over data, write its scores (.npy)
-    combine  the weighted sum of saved score arrays
-    tune     choose the weights on validation data
+    """Fuse saved Keras models into one: as a new model whose output is the weighted sum of
+    theirs (fuse), by merging their weights (merge), or at the level of saved scores (predict,
+    combine, tune).
 
     \b
     Example:
