@@ -36,9 +36,14 @@ def check_model_path(path: str | os.PathLike[str]) -> Path:
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
     """Load a `.keras` or `.h5` model file, uncompiled.
 
-    `trust=True` allows files that carry code (Lambda layers) to load; only for trusted files.
+    The file is read and scanned first (`fusecli.safety`), without Keras: a broken file raises
+    `ModelFileError`, one that holds code `UnsafeModelError`. `trust=True` skips the scan and
+    loads with safe_mode off; only for trusted files.
     """
+    from fusecli.safety import refuse_unsafe  # imports modelfile, which imports this module
+
     path = check_model_path(path)
+    refuse_unsafe(path, trust=trust)
     keras = runtime.keras()
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not trust)

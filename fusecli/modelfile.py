@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,14 +42,40 @@ class ModelFile:
     config: dict[str, Any]  # the serialized model: {"class_name": ..., "config": ...}
     keras_version: str | None
     backend: str | None
+    size: int = 0  # bytes on disk
+    members: list[str] = field(default_factory=list)  # names inside a .keras archive
+
+
+# What a broken zip, HDF5 file or JSON document can raise while being read.
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    KeyError,
+    ValueError,  # includes json.JSONDecodeError and UnicodeDecodeError
+    TypeError,
+    RuntimeError,  # includes RecursionError (JSON nested too deeply), encrypted zip members
+    NotImplementedError,  # unsupported zip compression
+    OverflowError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+)
 
 
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     """Read a model file's config and metadata; `ModelFileError` for anything broken."""
     path = check_model_path(path)
-    if file_format(path) == "keras":
-        return _read_keras(path)
-    return _read_h5(path)
+    reader = _read_keras if file_format(path) == "keras" else _read_h5
+    try:
+        model_file = reader(path)
+    except ModelFileError:
+        raise
+    except _READ_ERRORS as e:
+        raise ModelFileError(path, f"cannot be read as a model file ({_short(e)})") from None
+    model_file.size = path.stat().st_size
+    return model_file
 
 
 def file_format(path: str | os.PathLike[str]) -> Format:
@@ -72,6 +100,20 @@ def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
     `.keras`: the root of `model.weights.h5` inside the zip (read in place, not extracted).
     `.h5`: the `model_weights` group of a full model, or the root of a weights-only file.
     """
+    with open_hdf5(path) as h5:
+        try:
+            group = h5.get("model_weights", h5)
+        except _READ_ERRORS as e:
+            raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
+        yield group
+
+
+@contextlib.contextmanager
+def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """Open a model file's HDF5 root read-only: the whole `.h5`, or a `.keras` file's weights.
+
+    Errors raised while the caller reads it (broken objects, bad shapes) become `ModelFileError`.
+    """
     path = check_model_path(path)
     try:
         if file_format(path) == "keras":
@@ -83,14 +125,17 @@ def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
                 yield h5
         else:
             with h5py.File(path, "r") as h5:
-                yield h5["model_weights"] if "model_weights" in h5 else h5
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+                yield h5
+    except ModelFileError:
+        raise
+    except _READ_ERRORS as e:
         raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
 
 
 def _read_keras(path: Path) -> ModelFile:
     try:
         with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
             config = _json_member(archive, path, _CONFIG_FILENAME)
             metadata = (
                 _json_member(archive, path, _METADATA_FILENAME)
@@ -103,27 +148,33 @@ def _read_keras(path: Path) -> ModelFile:
         raise ModelFileError(path, f"cannot be read ({_short(e)})") from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelFileError(path, f"{_CONFIG_FILENAME} does not describe a Keras object")
+    if not isinstance(metadata, dict):
+        raise ModelFileError(path, f"{_METADATA_FILENAME} is not a JSON object")
     return ModelFile(
         path=path,
         format="keras",
         config=config,
         keras_version=_str_or_none(metadata.get("keras_version")),
         backend=_str_or_none(config.get("backend") or metadata.get("backend")),
+        members=members,
     )
 
 
 def _read_h5(path: Path) -> ModelFile:
     try:
         with h5py.File(path, "r") as h5:
-            attrs = {k: _decode(h5.attrs[k]) for k in ("model_config", "keras_version", "backend")
-                     if k in h5.attrs}
+            attrs = {
+                k: _decode(h5.attrs[k])
+                for k in ("model_config", "keras_version", "backend")
+                if k in h5.attrs
+            }
     except OSError as e:
         raise ModelFileError(path, f"is not a readable HDF5 file ({_short(e)})") from None
     if "model_config" not in attrs:
         raise ModelFileError(path, "is an HDF5 file without a model (no model_config attribute)")
     try:
         config = json.loads(attrs["model_config"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise ModelFileError(path, f"its model_config is not valid JSON ({_short(e)})") from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelFileError(path, "its model_config does not describe a Keras model")
@@ -148,7 +199,7 @@ def _json_member(archive: zipfile.ZipFile, path: Path, name: str) -> Any:
     with _member(archive, path, name) as member:
         try:
             return json.loads(member.read())
-        except (UnicodeDecodeError, ValueError) as e:
+        except (ValueError, RecursionError) as e:
             raise ModelFileError(path, f"{name} is not valid JSON ({_short(e)})") from None
 
 
