@@ -6,6 +6,7 @@ import click
 
 from fusecli import __version__
 from fusecli.cli.fuse import fuse_command
+from fusecli.cli.inspect import inspect_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def cli() -> None:
 
 
 cli.add_command(fuse_command)
+cli.add_command(inspect_command)
 
 
 def main() -> None:
