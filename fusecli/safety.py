@@ -250,7 +250,7 @@ def _scan_hdf5(model_file: ModelFile) -> Iterator[Finding]:
                     Finding(
                         where,
                         "ExternalLink",
-                        f"is a link to {link.path!r} in another file ({link.filename!r})",
+                        f"is a link to {link.path!r} in another file {link.filename!r}",
                         what=_HDF5_WHAT,
                     )
                 )
