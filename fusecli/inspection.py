@@ -34,6 +34,7 @@ _SAME_SHAPE = {
     "Maximum", "Minimum",
 }  # fmt: skip
 _GLOBAL_POOLING = {f"Global{kind}Pooling{d}D" for kind in ("Average", "Max") for d in (1, 2, 3)}
+_RNN = {"GRU", "LSTM", "SimpleRNN", "CuDNNGRU", "CuDNNLSTM"}
 _MIXED = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
@@ -298,6 +299,11 @@ def _layer_output(layer: dict[str, Any], inputs: list[Shape | None]) -> Shape | 
         return first
     if class_name == "Dense" and isinstance(config.get("units"), int) and first:
         return [*first[:-1], config["units"]]
+    if class_name == "Embedding" and isinstance(config.get("output_dim"), int):
+        return [*first, config["output_dim"]]
+    if class_name in _RNN and isinstance(config.get("units"), int) and len(first) == 3:
+        time = first[:2] if config.get("return_sequences") else first[:1]
+        return [*time, config["units"]]
     if class_name == "Flatten" and first:
         rest = first[1:]
         return [first[0], math.prod(rest) if all(isinstance(d, int) for d in rest) else None]
