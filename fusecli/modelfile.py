@@ -150,6 +150,8 @@ def _read_keras(path: Path) -> ModelFile:
         raise ModelFileError(path, f"{_CONFIG_FILENAME} does not describe a Keras object")
     if not isinstance(metadata, dict):
         raise ModelFileError(path, f"{_METADATA_FILENAME} is not a JSON object")
+    if _VARS_FILENAME not in members and "model.weights.npz" not in members:
+        raise ModelFileError(path, f"is a zip archive without {_VARS_FILENAME}, not a .keras model")
     return ModelFile(
         path=path,
         format="keras",
