@@ -46,6 +46,10 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         described = _describe_config(model_file)
     except RecursionError:
         raise ModelFileError(model_file.path, "its config is nested too deeply") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a config no Keras wrote
+        raise ModelFileError(
+            model_file.path, f"its config is malformed ({type(e).__name__}: {e})"
+        ) from None
     return {
         "path": str(path),
         "format": model_file.format,
@@ -165,13 +169,13 @@ def _count_layers(model: dict[str, Any], counts: Counter[str]) -> None:
         counts[_str(layer.get("class_name")) or "?"] += 1
         _count_layers(layer, counts)
         wrapped = _dict(_dict(layer.get("config")).get("layer"))
-        if wrapped.get("class_name"):  # TimeDistributed, Bidirectional...
+        if _str(wrapped.get("class_name")):  # TimeDistributed, Bidirectional...
             counts[_str(wrapped["class_name"]) or "?"] += 1
             _count_layers(wrapped, counts)
 
 
 def _layers(model: dict[str, Any]) -> list[dict[str, Any]]:
-    if model.get("class_name") not in _MODEL_CLASSES:
+    if _str(model.get("class_name")) not in _MODEL_CLASSES:
         return []
     config = model.get("config")
     layers = config.get("layers") if isinstance(config, dict) else config  # Keras 1: a list
@@ -247,7 +251,7 @@ class _Graph:
     def shape(self, ref: tuple[str, int, int]) -> Shape | None:
         name, node_index, tensor_index = ref
         layer = self.layers.get(name, {})
-        if layer.get("class_name") in _MODEL_CLASSES:  # Keras 2 counts nested models' nodes
+        if _str(layer.get("class_name")) in _MODEL_CLASSES:  # Keras 2 counts nested models' nodes
             return _layer_output(layer, [])  # differently; their output shape is their own
         return self.shapes.get((name, node_index)) if tensor_index == 0 else None
 
@@ -287,7 +291,7 @@ def _keras_tensors(value: Any, found: list[Any]) -> None:
 
 def _layer_output(layer: dict[str, Any], inputs: list[Shape | None]) -> Shape | None:
     """A layer's output shape from its input shapes, for the layers that end most models."""
-    class_name = layer.get("class_name")
+    class_name = _str(layer.get("class_name"))
     config = _dict(layer.get("config"))
     if class_name in _MODEL_CLASSES:
         outputs = _outputs(layer)
@@ -328,7 +332,7 @@ def _concatenate(shapes: list[Shape], axis: int) -> Shape | None:
 
 
 def _output_dtype(layer: dict[str, Any]) -> str | None:
-    if layer.get("class_name") in _MODEL_CLASSES:
+    if _str(layer.get("class_name")) in _MODEL_CLASSES:
         outputs = _outputs(layer)
         return outputs[0]["dtype"] if len(outputs) == 1 else None
     return _dtype(_dict(layer.get("config")).get("dtype"))

@@ -57,6 +57,7 @@ _READ_ERRORS = (
     NotImplementedError,  # unsupported zip compression
     OverflowError,
     MemoryError,
+    SystemError,  # h5py on some corrupted files
     struct.error,
     zlib.error,
     zipfile.BadZipFile,
