@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import h5py
+from h5py import h5l
 
 from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.modelfile import ModelFile, open_hdf5, read_model_file
@@ -216,6 +217,10 @@ def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Fi
             yield Finding(where, "Lambda", f"holds a callable in {field!r} {reason}")
 
 
+def _decode(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
@@ -239,26 +244,30 @@ def _scan_hdf5(model_file: ModelFile) -> Iterator[Finding]:
     prefix = "model.weights.h5:" if model_file.format == "keras" else ""
     if model_file.format == "keras" and "model.weights.h5" not in model_file.members:
         return
-    found: list[Finding] = []
+    found: list[tuple[str, Finding]] = []
     with open_hdf5(model_file.path) as h5:
-        links: list[tuple[str, Any]] = []
-        h5.visititems_links(lambda name, link: links.append((name, link)))
-        for name, link in links:
-            where = f"{prefix}/{name}"
-            if isinstance(link, h5py.ExternalLink):
+        # visititems follows hard links only, so external links are looked for separately
+        # (through the low-level API: h5py's visititems_links costs a lookup per link).
+        names: list[bytes] = []
+        h5.id.links.visit(names.append)
+        for raw in names:
+            if h5.id.links.get_info(raw).type == h5l.TYPE_EXTERNAL:
+                filename, target = (_decode(v) for v in h5.id.links.get_val(raw))
+                name = _decode(raw)
+                reason = f"is a link to {target!r} in another file {filename!r}"
                 found.append(
-                    Finding(
-                        where,
-                        "ExternalLink",
-                        f"is a link to {link.path!r} in another file {link.filename!r}",
-                        what=_HDF5_WHAT,
-                    )
+                    (name, Finding(f"{prefix}/{name}", "ExternalLink", reason, _HDF5_WHAT))
                 )
-            elif isinstance(link, h5py.HardLink):
-                obj = h5.get(name)
-                if isinstance(obj, h5py.Dataset):
-                    found.extend(_check_dataset(obj, where))
-    yield from found
+        datasets: list[tuple[str, h5py.Dataset]] = []
+        h5.visititems(
+            lambda name, obj: (
+                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+        for name, dataset in datasets:
+            found.extend((name, f) for f in _check_dataset(dataset, f"{prefix}/{name}"))
+    for _name, finding in sorted(found, key=lambda item: item[0]):
+        yield finding
 
 
 def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
