@@ -8,6 +8,7 @@ shapes of the stored weights (h5py, without reading their values), so it takes m
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -62,13 +63,25 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def inspect_paths(paths: list[str | os.PathLike[str]]) -> Iterator[tuple[str, Any]]:
-    """For each path (a folder stands for the model files in it): (path, dict or ModelFileError)."""
-    for path in expand_paths(paths):
+def inspect_paths(
+    paths: list[str | os.PathLike[str]], *, isolate: bool = True
+) -> Iterator[tuple[str, dict[str, Any] | ModelFileError]]:
+    """For each path (a folder stands for the model files in it): (path, dict or ModelFileError).
+
+    With `isolate`, each file is read in a forked child process: a file crafted (or corrupted)
+    to crash the HDF5 C library then costs an error line rather than the whole listing.
+    """
+    for item in paths:
         try:
-            yield str(path), inspect_file(path)
+            files = expand_paths([item])
         except ModelFileError as e:
-            yield str(path), e
+            yield str(item), e
+            continue
+        for path in files:
+            try:
+                yield str(path), _inspect_isolated(path) if isolate else inspect_file(path)
+            except ModelFileError as e:
+                yield str(path), e
 
 
 def expand_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
@@ -85,6 +98,44 @@ def expand_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
         else:
             out.append(item)
     return out
+
+
+def _inspect_isolated(path: Path) -> dict[str, Any]:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return inspect_file(path)
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_inspect_child, args=(path, sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        kind, value = receiver.recv()
+    except EOFError:
+        child.join()
+        raise ModelFileError(
+            path,
+            f"crashed the HDF5 library while being read (exit code {child.exitcode}); the file "
+            "is corrupt or hostile",
+        ) from None
+    finally:
+        receiver.close()
+    child.join()
+    if kind == "error":
+        raise ModelFileError(path, value)
+    if kind == "bug":
+        raise RuntimeError(value)
+    return value
+
+
+def _inspect_child(path: Path, sender: Any) -> None:
+    try:
+        sender.send(("ok", inspect_file(path)))
+    except ModelFileError as e:
+        sender.send(("error", e.reason))
+    except Exception as e:  # a bug: report it in the parent, which has the user's stderr
+        sender.send(("bug", f"{type(e).__name__}: {e}"))
+    finally:
+        sender.close()
 
 
 def count_params(model_file: ModelFile) -> int:

@@ -113,3 +113,17 @@ def test_real_process_prints_no_traceback(broken):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "".join(f"Error: {p}: {broken[Path(p).name][1]}\n" for p in paths)
+
+
+def test_a_file_that_crashes_hdf5_costs_one_error_line(model_files, tmp_path):
+    """tests/data/hdf5_crash.h5: a tf-keras .h5 with 4 bytes changed (found by fuzzing), on which
+    h5py 3.14 / HDF5 1.14.6 segfault while reading the `keras_version` attribute. inspect reads
+    each file in a child process, so the crash costs one error line, not the listing."""
+    crash = tmp_path / "crash.h5"
+    crash.write_bytes((Path(__file__).parent / "data" / "hdf5_crash.h5").read_bytes())
+    result = run_cli("inspect", crash, model_files["a"])
+    assert result.stdout.splitlines()[1].startswith(str(model_files["a"]))
+    if result.returncode != 0:  # a future HDF5 may read it, or reject it without crashing
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith(f"Error: {crash}: ")
