@@ -13,6 +13,7 @@ before Keras sees the file.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 from collections.abc import Iterator
@@ -44,8 +45,10 @@ _BYTECODE = "__lambda__"
 # Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
 _MODELING_FUNCTIONS = re.compile(
     r"keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
-    r"layers|random|backend)(\.|$)"
+    r"layers|random)(\.|$)"
 )
+# Python built-ins that share a name with a Keras function (keras.ops.abs...): harmless to call.
+_HARMLESS_BUILTINS = {"abs", "all", "any", "divmod", "max", "min", "pow", "round", "sum"}
 _HDF5_WHAT = "HDF5 object"
 
 
@@ -173,11 +176,24 @@ def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -
             "Keras, whose code would be imported and run",
         )
     elif "module" in node and not _keras_module(module, class_name, registered):
+        what = node.get("config") if class_name == "function" else class_name
+        where_from = (
+            "which is not modeling code"
+            if isinstance(module, str) and module.startswith("keras.")
+            else "outside Keras"
+        )
         yield Finding(
             where,
             class_name,
-            f"uses {class_name!r} from module {module!r}, outside "
-            "Keras, whose code would be imported and run",
+            f"uses {_text(what)!r} from module {module!r}, {where_from}, whose code would be "
+            "imported and run",
+        )
+    elif module == "builtins" and _python_builtin(node.get("config")):
+        yield Finding(
+            where,
+            class_name,
+            f"names Python's built-in function {node['config']!r}, not a Keras function; a "
+            "Keras that falls back to Python's builtins would call it",
         )
 
 
@@ -191,6 +207,11 @@ def _keras_module(module: Any, class_name: str, registered: Any) -> bool:
             _MODELING_FUNCTIONS.match(module)
         )
     return module == "keras" or module.startswith("keras.")
+
+
+def _python_builtin(name: Any) -> bool:
+    """A "builtins" function name that is Python's own (exec, eval, open...), not Keras'."""
+    return isinstance(name, str) and hasattr(builtins, name) and name not in _HARMLESS_BUILTINS
 
 
 def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Finding]:

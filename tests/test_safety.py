@@ -142,22 +142,36 @@ def test_scan_finds_hostile_classes(tmp_path, model_files, changes, expected):
 
 
 @pytest.mark.parametrize(
-    ("module", "name"), [("os", "system"), ("keras.utils", "get_file"), ("builtins", "exec")]
+    ("module", "name", "registered", "reason"),
+    [
+        ("os", "system", None, "uses 'system' from module 'os', outside Keras, whose code"),
+        (
+            "keras.utils",
+            "get_file",
+            None,
+            "uses 'get_file' from module 'keras.utils', which is not modeling code",
+        ),
+        ("builtins", "exec", "MyPkg>f", "uses 'MyPkg>f', a custom object registered outside"),
+        ("builtins", "exec", "function", "names Python's built-in function 'exec', not a Keras"),
+    ],
 )
-def test_scan_finds_functions_outside_modeling_code(tmp_path, model_files, module, name):
+def test_scan_finds_functions_outside_modeling_code(
+    tmp_path, model_files, module, name, registered, reason
+):
     def edit(config):
         dense = config["config"]["layers"][1]["config"]
         dense["activation"] = {
             "module": module,
             "class_name": "function",
             "config": name,
-            "registered_name": "MyPkg>f" if module == "builtins" else None,
+            "registered_name": registered,
         }
         return config
 
     path = rewrite_keras_config(model_files["a"], tmp_path / "fn.keras", edit)
     (finding,) = scan(path)
     assert (finding.path, finding.class_name) == ("functional/dense", "function")
+    assert finding.reason.startswith(reason)
 
 
 def test_scan_finds_bytecode_hidden_outside_a_lambda(tmp_path, model_files, made):
