@@ -269,6 +269,18 @@ def test_refusal_names_how_many_more(tmp_path_factory):
     assert refuse_unsafe(path, trust=True).keras_version == "2.21.0"
 
 
+def test_fuse_refuses_a_keras2_h5_with_a_nested_lambda(tmp_path_factory, model_files, tmp_path):
+    path = keras2_files(tmp_path_factory)["k2_unsafe"]
+    out = tmp_path / "out.keras"
+    result = CliRunner().invoke(cli, ["fuse", str(model_files["a"]), str(path), "-o", str(out)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"Error: {path}: layer 'outer/inner/lam' {BYTECODE} (and 2 more: see `fusecli inspect "
+        f"{path}`){REFUSING}\n"
+    )
+    assert not out.exists()
+
+
 def test_fuse_refuses_nested_lambda_and_its_code_never_runs(made, model_files, tmp_path):
     """A real subprocess: nothing of the file's code runs, nothing is written."""
     out = tmp_path / "out.keras"

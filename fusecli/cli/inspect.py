@@ -21,11 +21,13 @@ _COLUMNS = ("FILE", "FORMAT", "KERAS", "MODEL", "INPUTS", "OUTPUTS", "PARAMS", "
 @verbose_option
 @click.pass_context
 def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
-    """Describe model files without loading them: format, Keras version, inputs, outputs,
-    parameters, layers, and anything unsafe (code that would run when the file is loaded).
+    """Describe model files and find code in them, without TensorFlow.
 
-    FILES are .keras or .h5 files, or folders (their .keras/.h5/.hdf5 files). Reads the files
-    with zipfile, json and h5py only: TensorFlow is never imported, nothing is executed.
+    Shows each file's format, the Keras version that wrote it, model name, inputs and outputs,
+    parameter count, layers, size, and anything that would run code when the file is loaded
+    (Lambda bytecode, custom classes... at any depth). FILES are .keras or .h5 files, or
+    folders (their .keras/.h5/.hdf5 files). Reads the files with zipfile, json and h5py only:
+    TensorFlow is never imported, nothing in the files is executed.
     Prints a table (or, with --json, a list of objects, one per file) on stdout. A broken file
     gives an `Error: FILE: ...` line on stderr and exit status 1; the others are still shown.
 
