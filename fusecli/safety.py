@@ -108,8 +108,13 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
 
 
 def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
-    root = _layer_name(config) or "model"
-    yield from _walk(config, [root], str(config.get("class_name", "")), key="")
+    inner = config.get("config")
+    name = inner.get("name") if isinstance(inner, dict) else None
+    path = [name if isinstance(name, str) else "model"]
+    owner = _text(config.get("class_name"))
+    yield from _check_object(config, path, owner, key="")
+    for k, value in config.items():
+        yield from _walk(value, path, owner, k if isinstance(k, str) else "")
 
 
 def _walk(node: Any, path: list[str], owner: str, key: str) -> Iterator[Finding]:
@@ -137,14 +142,16 @@ def _enter(node: dict[str, Any], path: list[str], owner: str) -> tuple[list[str]
     class_name = _text(node.get("class_name"))
     if name is None:
         return path, owner
-    if len(path) == 1 and path[0] == name and owner == class_name:  # the root model itself
-        return path, owner
     return [*path, name], class_name
 
 
 def _layer_name(node: dict[str, Any]) -> str | None:
     config = node.get("config")
-    if isinstance(config, dict) and "trainable" in config and isinstance(config.get("name"), str):
+    if (
+        isinstance(config, dict)
+        and isinstance(config.get("name"), str)
+        and ("trainable" in config or "layers" in config)  # Keras 2 Sequential: no trainable
+    ):
         return config["name"]
     if "inbound_nodes" in node and isinstance(node.get("name"), str):
         return node["name"]

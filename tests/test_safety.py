@@ -73,6 +73,22 @@ def test_scan_finds_lambda_inside_nested_model(made, suffix):
     assert findings[0].describe() == f"layer 'outer/inner/lam' {BYTECODE}"
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_scan_finds_lambdas_in_sequentials_and_wrappers(tmp_path, keras, suffix):
+    inner = keras.Sequential(
+        [keras.Input((3, 4)), keras.layers.Lambda(lambda t: t + 1, name="lam")], name="inner_seq"
+    )
+    wrapped = keras.layers.TimeDistributed(
+        keras.layers.Lambda(lambda t: t * 2, name="tlam"), name="td"
+    )
+    outer = keras.Sequential([keras.Input((3, 4)), inner, wrapped], name="outer_seq")
+    outer.save(tmp_path / f"seq{suffix}")
+    assert _paths(scan(tmp_path / f"seq{suffix}")) == [
+        ("outer_seq/inner_seq/lam", "Lambda"),
+        ("outer_seq/td/tlam", "Lambda"),
+    ]
+
+
 def test_plain_models_have_no_findings(model_files, made):
     for path in (model_files["a"], model_files["a_h5"], made["keras_fn_lambda"]):
         assert scan(path) == []
