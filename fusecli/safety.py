@@ -44,9 +44,11 @@ _KERAS2_CALLABLES = {
 _BYTECODE = "__lambda__"
 # Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
 _MODELING_FUNCTIONS = re.compile(
-    r"keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
+    r"(tf_)?keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
     r"layers|random)(\.|$)"
 )
+# Keras 3, and tf-keras (Keras 2), whose .keras files name it as the model's module.
+_KERAS_PACKAGES = {"keras", "tf_keras"}
 # Python built-ins that share a name with a Keras function (keras.ops.abs...): harmless to call.
 _HARMLESS_BUILTINS = {"abs", "all", "any", "divmod", "max", "min", "pow", "round", "sum"}
 _HDF5_WHAT = "HDF5 object"
@@ -186,7 +188,7 @@ def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -
         what = node.get("config") if class_name == "function" else class_name
         where_from = (
             "which is not modeling code"
-            if isinstance(module, str) and module.startswith("keras.")
+            if isinstance(module, str) and module.split(".")[0] in _KERAS_PACKAGES
             else "outside Keras"
         )
         yield Finding(
@@ -213,7 +215,7 @@ def _keras_module(module: Any, class_name: str, registered: Any) -> bool:
         return (module == "builtins" and registered in (None, "function")) or bool(
             _MODELING_FUNCTIONS.match(module)
         )
-    return module == "keras" or module.startswith("keras.")
+    return module.split(".")[0] in _KERAS_PACKAGES
 
 
 def _python_builtin(name: Any) -> bool:

@@ -94,6 +94,10 @@ def test_inspect_sequential_and_keras2_files(tmp_path, tmp_path_factory, keras):
     assert (rnn["params"], rnn["keras_version"]) == (files["counts"]["k2_rnn"], "2.21.0")
     assert rnn["inputs"] == [{"name": "tokens", "shape": [None, 6], "dtype": "int32"}]
     assert rnn["outputs"] == [{"name": "probs", "shape": [None, 5], "dtype": "float32"}]
+    rnn_keras = inspect_file(files["k2_rnn_keras"])
+    assert rnn_keras["params"] == files["counts"]["k2_rnn"]
+    assert (rnn_keras["format"], rnn_keras["unsafe"]) == ("keras", [])
+    assert rnn_keras["outputs"] == rnn["outputs"]
     seq2 = inspect_file(files["k2_seq"])
     assert seq2["params"] == files["counts"]["k2_seq"]
     assert seq2["inputs"][0]["shape"] == [None, 5]

@@ -119,7 +119,7 @@ def test_scan_finds_keras2_lambda_tfoplambda_and_custom_layer(tmp_path_factory):
         ("outer/mine", "MyPkg>MyLayer"),
     ]
     assert scan(files["k2_unsafe"])[0].reason == BYTECODE
-    assert scan(files["k2_rnn"]) == scan(files["k2_seq"]) == []
+    assert scan(files["k2_rnn"]) == scan(files["k2_seq"]) == scan(files["k2_rnn_keras"]) == []
 
 
 def _replace_layer(name: str, **changes):
