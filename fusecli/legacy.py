@@ -105,12 +105,9 @@ def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
     """True for an HDF5 model file written by Keras 2 (keras_version "2.x"); False otherwise,
     also for files that cannot be read (the caller's normal path reports those)."""
     try:
-        if file_format(path) != "h5":
-            return False
-        version = read_model_file(path).keras_version
+        return file_format(path) == "h5" and read_model_file(path).written_by_keras2
     except ModelFileError:
         return False
-    return version is not None and version.startswith("2.")
 
 
 def load_keras2_h5(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:

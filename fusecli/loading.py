@@ -1,47 +1,31 @@
-"""Loading model files into Keras: the single door every command goes through."""
+"""Loading model files into Keras: the single door every command goes through.
+
+Before Keras touches a file, it is read and scanned without Keras (`fusecli.safety`): a broken
+file raises `ModelFileError`, one that holds code `UnsafeModelError`. Keras 2 era `.h5` files go
+through `fusecli.legacy`, which rewrites their config for Keras 3.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusecli import runtime
+from fusecli import legacy, runtime
 from fusecli.errors import ModelFileError
+from fusecli.safety import refuse_unsafe
 
 if TYPE_CHECKING:
     import keras
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-
-
-def check_model_path(path: str | os.PathLike[str]) -> Path:
-    """Fail early, with the file's name, on paths that cannot be a model file."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(path, "no such file")
-    if path.is_dir():
-        raise ModelFileError(path, "is a directory, not a model file")
-    if not os.access(path, os.R_OK):
-        raise ModelFileError(path, "cannot be read (permission denied)")
-    if path.stat().st_size == 0:
-        raise ModelFileError(path, "is empty")
-    if path.suffix.lower() not in MODEL_SUFFIXES:
-        raise ModelFileError(
-            path, f"is not a Keras model file (expected {', '.join(MODEL_SUFFIXES)})"
-        )
-    return path
-
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
-    """Load a `.keras` or `.h5` model file, uncompiled.
+    """Load a `.keras` or `.h5` model file (Keras 3, or Keras 2 era `.h5`), uncompiled.
 
-    `trust=True` allows files that carry code (Lambda layers) to load; only for trusted files.
+    `trust=True` skips the scan for code and loads with safe_mode off; only for trusted files.
     """
-    path = check_model_path(path)
-    from fusecli import legacy  # imported here: legacy -> modelfile -> loading
-
-    if legacy.is_keras2_h5(path):
+    model_file = refuse_unsafe(path, trust=trust)
+    path = model_file.path
+    if model_file.written_by_keras2:
         return legacy.load_keras2_h5(path, trust=trust)
     keras = runtime.keras()
     try:

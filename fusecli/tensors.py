@@ -34,8 +34,14 @@ import h5py
 import numpy as np
 
 from fusecli.errors import ModelFileError
-from fusecli.loading import check_model_path
-from fusecli.modelfile import Format, ModelFile, file_format, open_weights, read_model_file
+from fusecli.modelfile import (
+    Format,
+    ModelFile,
+    check_model_path,
+    file_format,
+    open_weights,
+    read_model_file,
+)
 
 _VARS_FILENAME = "model.weights.h5"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length

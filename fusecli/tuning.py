@@ -24,7 +24,7 @@ import numpy as np
 
 from fusecli import metrics
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.loading import MODEL_SUFFIXES
+from fusecli.modelfile import MODEL_SUFFIXES
 
 DEFAULT_STEP = 0.1
 MAX_GRID_POINTS = 1_000_000

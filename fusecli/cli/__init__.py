@@ -7,6 +7,7 @@ import click
 from fusecli import __version__
 from fusecli.cli.combine import combine_command
 from fusecli.cli.fuse import fuse_command
+from fusecli.cli.inspect import inspect_command
 from fusecli.cli.merge import merge_command
 from fusecli.cli.predict import predict_command
 from fusecli.cli.tune import tune_command
@@ -30,6 +31,7 @@ cli.add_command(merge_command)
 cli.add_command(predict_command)
 cli.add_command(combine_command)
 cli.add_command(tune_command)
+cli.add_command(inspect_command)
 
 
 def main() -> None:

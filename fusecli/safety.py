@@ -1,0 +1,317 @@
+"""Finding code in a model file before Keras reads it: zipfile, json and h5py only.
+
+Loading a model file can run code that came with it: a Lambda layer's Python bytecode
+(CVE-2024-3660), classes imported from any module the config names (CVE-2025-1550), a
+TorchModuleWrapper's pickle. Keras' own `safe_mode` depends on the installed version (it ignored
+`.h5` files until 3.11.3, and tf-keras 2.x has none), and scanners such as modelscan look only at
+the top-level layers, so a Lambda inside a nested model (exactly what a fused model is) passes.
+
+`scan` walks the whole config, at every depth, in both formats, and the HDF5 weights for links
+that would make the reader open other files. `refuse_unsafe` is what every loading command calls
+before Keras sees the file.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import h5py
+from h5py import h5l
+
+from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.modelfile import ModelFile, open_hdf5, read_model_file
+
+# Layers that call code outside the model's config, whatever their arguments.
+_UNSAFE_CLASSES = {
+    "TFOpLambda": "is a TFOpLambda layer, which calls a TensorFlow function named in the file",
+    "SlicingOpLambda": "is a SlicingOpLambda layer, which calls a TensorFlow function named in "
+    "the file",
+    "TFSMLayer": "is a TFSMLayer, which loads and runs a TensorFlow SavedModel from disk",
+    "TorchModuleWrapper": "is a TorchModuleWrapper, whose PyTorch module is a pickle that runs "
+    "code when loaded",
+}
+# Keras 2 Lambda configs say how each callable was stored; "lambda" means bytecode.
+_KERAS2_CALLABLES = {
+    "function": "function_type",
+    "output_shape": "output_shape_type",
+    "mask": "mask_type",
+}
+_BYTECODE = "__lambda__"
+# Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
+_MODELING_FUNCTIONS = re.compile(
+    r"(tf_)?keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
+    r"layers|random)(\.|$)"
+)
+# Keras 3, and tf-keras (Keras 2), whose .keras files name it as the model's module.
+_KERAS_PACKAGES = {"keras", "tf_keras"}
+# Python built-ins that share a name with a Keras function (keras.ops.abs...): harmless to call.
+_HARMLESS_BUILTINS = {"abs", "all", "any", "divmod", "max", "min", "pow", "round", "sum"}
+_HDF5_WHAT = "HDF5 object"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason not to load a file: where (`outer/inner/layer`), what, and why."""
+
+    path: str
+    class_name: str
+    reason: str
+    what: str = "layer"  # "layer", "HDF5 object" or "archive member"
+
+    def describe(self) -> str:
+        return f"{self.what} {self.path!r} {self.reason}"
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
+    """Everything in a model file that could run code or read other files when it is loaded.
+
+    Takes a path or an already read `ModelFile`; raises `ModelFileError` for a broken file.
+    """
+    if not isinstance(model_file, ModelFile):
+        model_file = read_model_file(model_file)
+    try:
+        findings = list(_scan_config(model_file.config))
+    except RecursionError:
+        raise ModelFileError(model_file.path, "its config is nested too deeply") from None
+    findings.extend(_scan_members(model_file.members))
+    findings.extend(_scan_hdf5(model_file))
+    unique: dict[Finding, None] = dict.fromkeys(findings)
+    return list(unique)
+
+
+def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> ModelFile:
+    """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
+
+    Returns the `ModelFile`, so a loader can look at its config without reading it twice.
+    """
+    model_file = read_model_file(path)
+    if trust:
+        return model_file
+    findings = scan(model_file)
+    if findings:
+        more = len(findings) - 1
+        also = f" (and {more} more: see `fusecli inspect {path}`)" if more else ""
+        raise UnsafeModelError(
+            path,
+            f"{findings[0].describe()}{also}; refusing (use --trust to load it anyway)",
+        )
+    return model_file
+
+
+# -- the config ------------------------------------------------------------------------------
+
+
+def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
+    inner = config.get("config")
+    name = inner.get("name") if isinstance(inner, dict) else None
+    path = [name if isinstance(name, str) else "model"]
+    owner = _text(config.get("class_name"))
+    yield from _check_object(config, path, owner, key="")
+    for k, value in config.items():
+        yield from _walk(value, path, owner, k if isinstance(k, str) else "")
+
+
+def _walk(node: Any, path: list[str], owner: str, key: str) -> Iterator[Finding]:
+    """Visit every value; `path` is the layer we are inside, `owner` its class, `key` the field."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, path, owner, key)
+        return
+    if not isinstance(node, dict):
+        return
+    if "class_name" in node:
+        path, owner = _enter(node, path, owner)
+        yield from _check_object(node, path, owner, key)
+        if node.get("class_name") == _BYTECODE:
+            return
+        if node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict):
+            yield from _check_keras2_lambda(node["config"], path)
+    for k, value in node.items():
+        yield from _walk(value, path, owner, k if isinstance(k, str) else key)
+
+
+def _enter(node: dict[str, Any], path: list[str], owner: str) -> tuple[list[str], str]:
+    """A serialized layer opens a new path level; other objects (initializers...) do not."""
+    name = _layer_name(node)
+    class_name = _text(node.get("class_name"))
+    if name is None:
+        return path, owner
+    return [*path, name], class_name
+
+
+def _layer_name(node: dict[str, Any]) -> str | None:
+    config = node.get("config")
+    if (
+        isinstance(config, dict)
+        and isinstance(config.get("name"), str)
+        and ("trainable" in config or "layers" in config)  # Keras 2 Sequential: no trainable
+    ):
+        return config["name"]
+    if "inbound_nodes" in node and isinstance(node.get("name"), str):
+        return node["name"]
+    return None
+
+
+def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -> Iterator[Finding]:
+    where = "/".join(path)
+    class_name = _text(node.get("class_name"))
+    if class_name == _BYTECODE:
+        if owner == "Lambda" and key == "function":
+            reason = "is a Lambda layer with Python bytecode, which would run when loaded"
+        else:
+            reason = (
+                f"holds Python bytecode in {key or 'its config'!r}, which would run when loaded"
+            )
+        yield Finding(where, owner, reason)
+        return
+    if class_name in _UNSAFE_CLASSES:
+        yield Finding(where, class_name, _UNSAFE_CLASSES[class_name])
+    registered = node.get("registered_name")
+    custom = next((n for n in (registered, class_name) if isinstance(n, str) and ">" in n), None)
+    module = node.get("module")
+    if custom is not None:
+        yield Finding(
+            where,
+            class_name,
+            f"uses {custom!r}, a custom object registered outside "
+            "Keras, whose code would be imported and run",
+        )
+    elif "module" in node and not _keras_module(module, class_name, registered):
+        what = node.get("config") if class_name == "function" else class_name
+        where_from = (
+            "which is not modeling code"
+            if isinstance(module, str) and module.split(".")[0] in _KERAS_PACKAGES
+            else "outside Keras"
+        )
+        yield Finding(
+            where,
+            class_name,
+            f"uses {_text(what)!r} from module {module!r}, {where_from}, whose code would be "
+            "imported and run",
+        )
+    elif module == "builtins" and _python_builtin(node.get("config")):
+        yield Finding(
+            where,
+            class_name,
+            f"names Python's built-in function {node['config']!r}, not a Keras function; a "
+            "Keras that falls back to Python's builtins would call it",
+        )
+
+
+def _keras_module(module: Any, class_name: str, registered: Any) -> bool:
+    if not isinstance(module, str):
+        return module is None
+    if class_name == "function":
+        # Keras writes its built-in functions (activations, losses...) as module "builtins" and
+        # looks them up among its own functions; other functions must come from modeling code.
+        return (module == "builtins" and registered in (None, "function")) or bool(
+            _MODELING_FUNCTIONS.match(module)
+        )
+    return module.split(".")[0] in _KERAS_PACKAGES
+
+
+def _python_builtin(name: Any) -> bool:
+    """A "builtins" function name that is Python's own (exec, eval, open...), not Keras'."""
+    return isinstance(name, str) and hasattr(builtins, name) and name not in _HARMLESS_BUILTINS
+
+
+def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Finding]:
+    """tf.keras 2.x stored a Lambda's callables as [base64 bytecode, defaults, closure] with a
+    `function_type` of "lambda"; "function" names a Python function; "raw" is plain data."""
+    where = "/".join(path)
+    for field, kind_key in _KERAS2_CALLABLES.items():
+        value, kind = config.get(field), config.get(kind_key)
+        if value is None or isinstance(value, dict) or kind == "raw":
+            continue  # nothing, a serialized object (checked on its own), or plain data
+        if kind is None and field != "function":
+            continue  # Keras 3 writes output shapes as plain lists
+        if kind == "lambda" or kind is None:
+            reason = "with Python bytecode, which would run when loaded"
+        else:
+            module = config.get("module") if field == "function" else config.get(f"{field}_module")
+            reason = (
+                f"calling the Python function {value!r} from module {module!r}, which "
+                "Keras would look up and run"
+            )
+        if field == "function":
+            yield Finding(where, "Lambda", f"is a Lambda layer {reason}")
+        else:
+            yield Finding(where, "Lambda", f"holds a callable in {field!r} {reason}")
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+# -- the archive and the HDF5 weights --------------------------------------------------------
+
+
+def _scan_members(members: list[str]) -> Iterator[Finding]:
+    for name in members:
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            yield Finding(
+                name,
+                "zip member",
+                "points outside the archive, where extracting it would write",
+                what="archive member",
+            )
+
+
+def _scan_hdf5(model_file: ModelFile) -> Iterator[Finding]:
+    prefix = "model.weights.h5:" if model_file.format == "keras" else ""
+    if model_file.format == "keras" and "model.weights.h5" not in model_file.members:
+        return
+    found: list[tuple[str, Finding]] = []
+    with open_hdf5(model_file.path) as h5:
+        # visititems follows hard links only, so external links are looked for separately
+        # (through the low-level API: h5py's visititems_links costs a lookup per link).
+        names: list[bytes] = []
+        h5.id.links.visit(names.append)
+        for raw in names:
+            if h5.id.links.get_info(raw).type == h5l.TYPE_EXTERNAL:
+                filename, target = (_decode(v) for v in h5.id.links.get_val(raw))
+                name = _decode(raw)
+                reason = f"is a link to {target!r} in another file {filename!r}"
+                found.append(
+                    (name, Finding(f"{prefix}/{name}", "ExternalLink", reason, _HDF5_WHAT))
+                )
+        datasets: list[tuple[str, h5py.Dataset]] = []
+        h5.visititems(
+            lambda name, obj: (
+                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+        for name, dataset in datasets:
+            found.extend((name, f) for f in _check_dataset(dataset, f"{prefix}/{name}"))
+    for _name, finding in sorted(found, key=lambda item: item[0]):
+        yield finding
+
+
+def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
+    if dataset.is_virtual:
+        sources = sorted({m.file_name for m in dataset.virtual_sources()})
+        yield Finding(
+            where,
+            "virtual dataset",
+            f"is a virtual dataset reading from {sources}",
+            what=_HDF5_WHAT,
+        )
+    external = dataset.external
+    if external:
+        files = sorted({_text(e[0]) for e in external})
+        yield Finding(
+            where, "external dataset", f"keeps its data in other files {files}", what=_HDF5_WHAT
+        )
