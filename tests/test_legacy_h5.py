@@ -289,8 +289,11 @@ def test_hard_sigmoid_that_cannot_be_matched_is_refused(keras2_dir, tmp_path):
 
 def test_tf_op_layer_is_refused(keras2_dir):
     path = keras2_dir / "tf_op.h5"
-    with pytest.raises(ModelFileError) as info:
+    with pytest.raises(UnsafeModelError) as info:  # the scan refuses it first
         load_model(path)
+    assert "'with_tf_op/tf.math.multiply' is a TFOpLambda layer" in str(info.value)
+    with pytest.raises(ModelFileError) as info:  # trusted, it still cannot be converted
+        load_model(path, trust=True)
     assert str(info.value) == (
         f"{path}: cannot convert Keras 2 layer 'tf.math.multiply' (TFOpLambda): it wraps a raw "
         "TensorFlow function (tf.* called on a Keras tensor), which Keras 3 cannot rebuild; "
@@ -319,6 +322,13 @@ def test_lambda_bytecode_is_refused_and_never_runs(keras2_dir, tmp_path, monkeyp
     path = keras2_dir / "lambda_code.h5"
     with pytest.raises(UnsafeModelError) as info:
         load_model(path)
+    assert str(info.value) == (  # the scan's words: it refuses the file before any conversion
+        f"{path}: layer 'with_lambda/lambda' is a Lambda layer with Python bytecode, which would "
+        "run when loaded; refusing (use --trust to load it anyway)"
+    )
+    assert not marker.exists()
+    with pytest.raises(UnsafeModelError) as info:  # and the conversion refuses it on its own
+        legacy.load_keras2_h5(path)
     assert str(info.value) == (
         f"{path}: layer 'lambda' (Lambda) holds Python bytecode that would run when the model "
         "is built; refused (use --trust only for files you trust)"
@@ -382,12 +392,14 @@ def test_cli_fuses_gru_and_lstm_streams(keras2_dir, tmp_path, keras):
 def test_cli_reports_an_unconvertible_file_in_one_line(keras2_dir, tmp_path):
     out = tmp_path / "fused.keras"
     bad = keras2_dir / "tf_op.h5"
-    result = CliRunner().invoke(cli, ["fuse", str(bad), str(keras2_dir / "gru.h5"), "-o", str(out)])
+    args = ["fuse", str(bad), str(keras2_dir / "gru.h5"), "-o", str(out), "--trust"]
+    result = CliRunner().invoke(cli, args)  # trusted, so that it gets past the scan
     assert result.exit_code == 1
-    assert result.stderr.startswith(
+    warning, error = result.stderr.splitlines()
+    assert warning == "Warning: --trust: model files may run code while they load."
+    assert error.startswith(
         f"Error: {bad}: cannot convert Keras 2 layer 'tf.math.multiply' (TFOpLambda): "
     )
-    assert result.stderr.count("\n") == 1
     assert not out.exists()
 
 
