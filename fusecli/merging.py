@@ -32,20 +32,19 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.merge_methods import MergePlan, plan_merge
+from fusecli.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.outputfile import atomic_output, check_output_path, model_format
+from fusecli.safety import refuse_unsafe
 from fusecli.tensors import (
     TRAINING_STATE_GROUPS,
     Layout,
     architecture_difference,
-    open_tensors,
     read_layout,
     read_tensor,
 )
 
 Progress = Callable[[int, int], None]
 
-_CONFIG_FILENAME = "config.json"
-_VARS_FILENAME = "model.weights.h5"
 _H5_WEIGHTS_GROUP = "model_weights"
 _H5_TRAINING_ATTRS = ("training_config",)
 
@@ -142,12 +141,10 @@ def merge(
 
 
 def _read_input(path: Path, *, trust: bool) -> Layout:
-    """Config and variable list of one input; reads no tensor."""
-    layout = read_layout(path)
-    # TODO(safety): when fusecli/safety.py lands, refuse files that carry code right here:
-    #     if not trust:
-    #         refuse_unsafe(layout.path)
-    return layout
+    """Config and variable list of one input; reads no tensor. A file that carries code is
+    refused (unless `trust`): the merged file would carry it on."""
+    refuse_unsafe(path, trust=trust)
+    return read_layout(path)
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
@@ -199,9 +196,9 @@ def _write(
     progress: Progress | None,
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
-        groups = [stack.enter_context(open_tensors(layout.path)) for layout in layouts]
+        groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, plan)
-        with open_tensors(template.path) as template_group:
+        with open_weights(template.path) as template_group:
             if fmt == "h5":
                 with h5py.File(tmp, "w") as out:
                     return _write_h5(out, template, template_group, tensors, progress)
@@ -320,13 +317,13 @@ def _zip_keras(tmp: Path, template_path: Path, weights_file: Path) -> None:
         zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as out,
     ):
         for info in source.infolist():
-            if info.filename == _VARS_FILENAME:
-                out.write(weights_file, _VARS_FILENAME)
-            elif info.filename == _CONFIG_FILENAME:
+            if info.filename == WEIGHTS_MEMBER:
+                out.write(weights_file, WEIGHTS_MEMBER)
+            elif info.filename == CONFIG_MEMBER:
                 config = json.loads(source.read(info))
                 if isinstance(config, dict):
                     config.pop("compile_config", None)
-                out.writestr(_CONFIG_FILENAME, json.dumps(config))
+                out.writestr(CONFIG_MEMBER, json.dumps(config))
             else:
                 with source.open(info) as src, out.open(info.filename, "w") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -346,7 +343,7 @@ def _verify(path: Path, template: Layout, digests: list[bytes]) -> None:
         raise VerificationError(
             f"The written file's architecture differs from its inputs': {difference}"
         )
-    with open_tensors(path) as group:
+    with open_weights(path) as group:
         for k, (variable, digest) in enumerate(zip(written.variables, digests, strict=True)):
             if _digest(read_tensor(path, group, variable)) != digest:
                 raise VerificationError(

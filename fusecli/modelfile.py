@@ -28,9 +28,9 @@ from fusecli.errors import ModelFileError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
-_CONFIG_FILENAME = "config.json"
+CONFIG_MEMBER = "config.json"  # inside a .keras archive
 _METADATA_FILENAME = "metadata.json"
-_VARS_FILENAME = "model.weights.h5"
+WEIGHTS_MEMBER = "model.weights.h5"  # inside a .keras archive
 # A zip local file header: signature, version, flags, method, time, date, crc, sizes, then the
 # lengths of the name and the extra field that come before the member's data.
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -148,7 +148,7 @@ def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         if file_format(path) == "keras":
             with (
                 zipfile.ZipFile(path) as archive,
-                _seekable_member(archive, path, _VARS_FILENAME) as member,
+                _seekable_member(archive, path, WEIGHTS_MEMBER) as member,
                 h5py.File(member, "r") as h5,
             ):
                 yield h5
@@ -165,7 +165,7 @@ def _read_keras(path: Path) -> ModelFile:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.namelist()
-            config = _json_member(archive, path, _CONFIG_FILENAME)
+            config = _json_member(archive, path, CONFIG_MEMBER)
             metadata = (
                 _json_member(archive, path, _METADATA_FILENAME)
                 if _METADATA_FILENAME in archive.namelist()
@@ -176,11 +176,11 @@ def _read_keras(path: Path) -> ModelFile:
     except OSError as e:
         raise ModelFileError(path, f"cannot be read ({_short(e)})") from None
     if not isinstance(config, dict) or "class_name" not in config:
-        raise ModelFileError(path, f"{_CONFIG_FILENAME} does not describe a Keras object")
+        raise ModelFileError(path, f"{CONFIG_MEMBER} does not describe a Keras object")
     if not isinstance(metadata, dict):
         raise ModelFileError(path, f"{_METADATA_FILENAME} is not a JSON object")
-    if _VARS_FILENAME not in members and "model.weights.npz" not in members:
-        raise ModelFileError(path, f"is a zip archive without {_VARS_FILENAME}, not a .keras model")
+    if WEIGHTS_MEMBER not in members and "model.weights.npz" not in members:
+        raise ModelFileError(path, f"is a zip archive without {WEIGHTS_MEMBER}, not a .keras model")
     return ModelFile(
         path=path,
         format="keras",

@@ -19,13 +19,8 @@ dtype; layer names may differ) and describes the first difference.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import struct
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +32,10 @@ from fusecli.errors import ModelFileError
 from fusecli.modelfile import (
     Format,
     ModelFile,
-    check_model_path,
-    file_format,
     open_weights,
     read_model_file,
 )
 
-_VARS_FILENAME = "model.weights.h5"
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
 # Top-level groups of a weights file that hold training state, not the model.
 TRAINING_STATE_GROUPS = ("optimizer", "optimizer_weights")
 # Config keys that do not change what a trained layer computes (or that are spelled differently
@@ -102,7 +93,7 @@ class Layout:
 def read_layout(path: str | os.PathLike[str]) -> Layout:
     """List a model file's variables in `model.weights` order; reads metadata, no tensor."""
     info = read_model_file(path)
-    with open_tensors(info.path) as group:
+    with open_weights(info.path) as group:
         try:
             if info.format == "keras":
                 variables, composite = _keras_variables(group, info.config)
@@ -113,26 +104,6 @@ def read_layout(path: str | os.PathLike[str]) -> Layout:
                 info.path, f"its weights do not match its config ({_short(e)})"
             ) from None
     return _layout(info, variables, composite)
-
-
-@contextlib.contextmanager
-def open_tensors(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
-    """`modelfile.open_weights`, fast for .keras files: Keras stores `model.weights.h5`
-    uncompressed, so h5py reads it in place through a window on the archive. (Through
-    `zipfile`, every backward seek re-reads the member from its start: minutes for a ResNet.)"""
-    path = check_model_path(path)
-    window = _stored_member(path)
-    if window is None:
-        with open_weights(path) as group:
-            yield group
-        return
-    try:
-        h5 = h5py.File(window, "r")
-    except (OSError, ValueError) as e:
-        window.close()
-        raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
-    with window, h5:
-        yield h5
 
 
 def architecture_difference(a: Layout, b: Layout) -> str | None:
@@ -183,61 +154,6 @@ def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray
     if values.shape != variable.shape:
         raise ModelFileError(path, f"weight {variable.dataset!r} changed while it was read")
     return values
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of `size` bytes of a file, starting at `offset`."""
-
-    def __init__(self, file: io.BufferedReader, offset: int, size: int) -> None:
-        super().__init__()
-        self._file, self._offset, self._size, self._pos = file, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, start + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = max(0, min(len(view), self._size - self._pos))
-        data = os.pread(self._file.fileno(), n, self._offset + self._pos) if n else b""
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _stored_member(path: Path) -> _Window | None:
-    """A window on the uncompressed `model.weights.h5` of a .keras file; None otherwise."""
-    if file_format(path) != "keras":
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo(_VARS_FILENAME)
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-        file = open(path, "rb")  # noqa: SIM115 - owned by the window
-        header = os.pread(file.fileno(), _LOCAL_HEADER.size, info.header_offset)
-        signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-        if signature != b"PK\x03\x04" or offset + info.file_size > os.fstat(file.fileno()).st_size:
-            file.close()
-            return None
-    except (zipfile.BadZipFile, KeyError, OSError, struct.error):
-        return None  # open_weights gives the precise error
-    return _Window(file, offset, info.file_size)
 
 
 # -- .keras ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, predict
 from test_merge_methods import mergekit_slerp
 
-from fusecli.errors import FusecliError, InvalidRequest, ModelFileError
+from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, UnsafeModelError
 from fusecli.merging import merge
 from fusecli.modelfile import open_weights
 from fusecli.tensors import read_layout, read_tensor
@@ -282,7 +282,10 @@ def test_task_arithmetic(keras, files, kw, tmp_path):
 
 def test_integer_variables_are_copied_from_the_first_model(keras, files, kw, tmp_path):
     out = tmp_path / "int.keras"
-    report = merge([files["int2"], files["int1"]], out)
+    with pytest.raises(UnsafeModelError, match="a custom object registered outside Keras"):
+        merge([files["int2"], files["int1"]], out)  # its layer class is code of ours, not Keras'
+    assert not out.exists()
+    report = merge([files["int2"], files["int1"]], out, trust=True)
     assert (report.merged, report.copied) == (2, 1)
     model = keras.models.load_model(out)
     assert int(model.layers[-1].count.numpy()) == 20

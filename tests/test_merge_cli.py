@@ -174,3 +174,20 @@ def test_progress_bar_only_for_large_models_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with _progress_bar(enabled=True) as update:
         assert update is None
+
+
+def test_merge_refuses_a_file_that_carries_code(tmp_path, keras):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((3,))
+    y = keras.layers.Lambda(lambda t: t * 2.0, name="double")(keras.layers.Dense(2)(x))
+    paths = [tmp_path / "a.keras", tmp_path / "b.keras"]
+    for path in paths:
+        keras.Model(x, y, name="functional").save(path)
+    out = tmp_path / "m.keras"
+    result = CliRunner().invoke(cli, ["merge", *map(str, paths), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {paths[0]}: layer 'functional/double' is a Lambda layer with Python bytecode, "
+        "which would run when loaded; refusing (use --trust to load it anyway)\n"
+    )
+    assert not out.exists()
