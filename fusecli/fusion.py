@@ -22,9 +22,10 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.loading import load_model
+from fusecli.loading import load_checked
 from fusecli.logits import cut_before_softmax
 from fusecli.outputfile import atomic_output, check_output_path, model_format
+from fusecli.safety import refuse_unsafe
 from fusecli.weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -200,8 +201,8 @@ def build_fusion(
         activation=activation,
     )
     activation = activation or ("softmax" if at == "logits" else "none")
+    originals = _load_sources(models, trust=trust)
     keras = runtime.keras()
-    originals = _load_sources(models, trust=trust, keras=keras)
     branches = _branch_names(models, originals)
     for model, name in zip(originals, branches, strict=True):
         if model.name != name:
@@ -386,23 +387,30 @@ def _check_request(
     return resolve_weights(weights, len(models), normalize=normalize)
 
 
-def _load_sources(models: Sequence[ModelSource], *, trust: bool, keras: Any) -> list[keras.Model]:
+def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.Model]:
+    # Every file is read and scanned before the first (slow) Keras load, so a bad file among
+    # several is reported at once.
+    checked = {
+        i: refuse_unsafe(item, trust=trust)
+        for i, item in enumerate(models)
+        if isinstance(item, str | os.PathLike)
+    }
+    keras = runtime.keras()
     sources: list[keras.Model] = []
-    for item in models:
-        if isinstance(item, keras.Model):
-            if any(item is s for s in sources):  # the same object twice: give it its own copy
-                clone = keras.models.clone_model(item)
-                clone.set_weights(item.get_weights())
-                item = clone
-            sources.append(item)
-        elif isinstance(item, str | os.PathLike):
-            model = load_model(item, trust=trust)
+    for i, item in enumerate(models):
+        if i in checked:
+            model = load_checked(checked[i], trust=trust)
             _check_finite(model, item)
-            sources.append(model)
+        elif isinstance(item, keras.Model):
+            model = item
+            if any(model is s for s in sources):  # the same object twice: give it its own copy
+                model = keras.models.clone_model(item)
+                model.set_weights(item.get_weights())
         else:
             raise InvalidRequest(
                 f"Expected model file paths or keras.Model objects. Received: {type(item)}"
             )
+        sources.append(model)
     return sources
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from fusecli import legacy, runtime
 from fusecli.errors import ModelFileError
+from fusecli.modelfile import ModelFile
 from fusecli.safety import refuse_unsafe
 
 if TYPE_CHECKING:
@@ -23,7 +24,12 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Mo
 
     `trust=True` skips the scan for code and loads with safe_mode off; only for trusted files.
     """
-    model_file = refuse_unsafe(path, trust=trust)
+    return load_checked(refuse_unsafe(path, trust=trust), trust=trust)
+
+
+def load_checked(model_file: ModelFile, *, trust: bool = False) -> keras.Model:
+    """Load a file that `safety.refuse_unsafe` has read and passed (so that several files can
+    all be checked before the first, slow, Keras load)."""
     path = model_file.path
     if model_file.written_by_keras2:
         return legacy.load_keras2_h5(path, trust=trust)
