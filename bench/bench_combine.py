@@ -21,10 +21,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from measure import measure, report
+from measure import measure, table
 
 CLASSES = 1000
-REPO = Path(__file__).resolve().parents[1]
 
 BY_HAND = textwrap.dedent(
     """
@@ -78,7 +77,6 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="size of each input array")
     gib = parser.parse_args().gib
     rows = int(gib * 2**30) // (4 * CLASSES)
-    env = {"PYTHONPATH": str(REPO)}
     fusecli = [sys.executable, "-m", "fusecli"]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -96,7 +94,6 @@ def main() -> None:
         ours = measure(
             "fusecli combine (files)",
             [*fusecli, "combine", str(a), str(b), "--w", "0.6", "0.4", "-o", str(d / "fc.npy")],
-            env=env,
         )
         q = shlex.quote
         pipeline = (
@@ -104,15 +101,10 @@ def main() -> None:
             f"--w 0.6 0.4 -o - | cat > {q(str(d / 'pipe.npy'))}"
         )
         piped = measure(
-            "fusecli combine (stdin -> stdout)", ["bash", "-o", "pipefail", "-c", pipeline], env=env
+            "fusecli combine (stdin -> stdout)", ["bash", "-o", "pipefail", "-c", pipeline]
         )
         worst = same([d / "np.npy", d / "fc.npy", d / "pipe.npy"])
-        print(report(ours, numpy_run))
-        print(report(piped, numpy_run).splitlines()[0])
-        print(
-            f"{'ratio (pipe / by hand)':<40} {piped.seconds / numpy_run.seconds:7.2f} x "
-            f"{piped.peak_mb / numpy_run.peak_mb:8.2f} x"
-        )
+        print(table({m.label: m for m in (numpy_run, ours, piped)}, numpy_run.label))
         print(f"peak memory of combine / size of one input: {ours.peak_mb / size_mb:.3f}")
         print(f"largest difference between the outputs: {worst:.3g}")
 

@@ -1,6 +1,6 @@
 """`fusecli fuse` against the same fusion written by hand in Keras 3, on two ResNet50 files.
 
-    python bench/bench_fuse.py
+    python bench/bench_fuse.py [--repeat 3]
 
 Makes two ResNet50 .keras files (keras.applications, weights=None, ~100 MB each) in a temporary
 folder, then runs each variant in its own process and prints wall time, peak memory and the
@@ -10,13 +10,14 @@ output) and with --no-verify, which does what the hand-written script does.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-from measure import measure, report
+from measure import best_of, table
 
 MAKE = textwrap.dedent(
     """
@@ -45,16 +46,24 @@ BY_HAND = textwrap.dedent(
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    repeat = parser.parse_args().repeat
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         a, b = d / "a.keras", d / "b.keras"
         subprocess.run([sys.executable, "-c", MAKE, a, b], check=True, capture_output=True)
-        fusecli = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2"]
-        by_hand = measure("by hand in Keras", [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"])
-        verified = measure("fusecli fuse (verifies the file)", [*fusecli, "-o", d / "f1.keras"])
-        plain = measure("fusecli fuse --no-verify", [*fusecli, "-o", d / "f2.keras", "--no-verify"])
-        print(report(verified, by_hand))
-        print(report(plain, by_hand))
+        fusecli = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2", "--force"]
+        results = best_of(
+            {
+                "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
+                "fusecli fuse --no-verify": [*fusecli, "-o", d / "f2.keras", "--no-verify"],
+                "fusecli fuse (verifies the file)": [*fusecli, "-o", d / "f1.keras"],
+            },
+            repeat=repeat,
+        )
+    print(f"two ResNet50 .keras files; best wall time of {repeat}, largest peak RSS")
+    print(table(results, "by hand in Keras"))
 
 
 if __name__ == "__main__":

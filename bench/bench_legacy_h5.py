@@ -12,16 +12,12 @@ Keras 3 output and Keras 2's.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
+from measure import Measurement, measure, table
 
 MAKE = """
 import sys, numpy as np, tf_keras as k
@@ -57,27 +53,8 @@ keras.saving.load_model(sys.argv[1], compile=False)
 """
 
 
-def run(label: str, code: str, *args: str) -> tuple[float, float, str]:
-    """Run `code` in a fresh Python; (seconds, peak RSS in MB of that process, stderr)."""
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 and label != "plain":
-        sys.exit(f"{label} failed ({proc.returncode}):\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, stderr if proc.returncode else ""
+def run(label: str, code: str, *args: object, check: bool = True) -> Measurement:
+    return measure(label, [sys.executable, "-c", code, *args], check=check)
 
 
 def main() -> None:
@@ -92,19 +69,17 @@ def main() -> None:
         run("make", MAKE, args.model, str(h5), str(ref))
     print(f"{args.model}: {h5.stat().st_size / 1e6:.0f} MB Keras 2 .h5 written by tf-keras")
 
-    k2 = run("tf-keras", TF_KERAS, str(h5), str(ref), str(work / "k2.npy"))
-    ours = run("fusecli", FUSECLI, str(h5), str(ref), str(work / "k3.npy"))
-    plain = run("plain", PLAIN_KERAS3, str(h5))
+    k2 = run("tf-keras load_model + predict (Keras 2)", TF_KERAS, h5, ref, work / "k2.npy")
+    ours = run("fusecli load_model + predict (Keras 3)", FUSECLI, h5, ref, work / "k3.npy")
+    plain = run("plain", PLAIN_KERAS3, h5, check=False)
     expected = np.load(ref)["y"]
     diff = float(np.max(np.abs(np.load(work / "k3.npy") - expected)))
     same_k2 = float(np.max(np.abs(np.load(work / "k2.npy") - expected)))
 
-    print(f"{'tf-keras load_model + predict (Keras 2)':<44} {k2[0]:7.2f} s {k2[1]:8.0f} MB")
-    print(f"{'fusecli load_model + predict (Keras 3)':<44} {ours[0]:7.2f} s {ours[1]:8.0f} MB")
-    print(f"{'ratio (fusecli / tf-keras)':<44} {ours[0] / k2[0]:7.2f} x {ours[1] / k2[1]:8.2f} x")
+    print(table({k2.label: k2, ours.label: ours}, k2.label))
     print(f"largest |Keras 3 - Keras 2| output difference: {diff:.3g}", end=" ")
     print(f"(tf-keras reloading its own file: {same_k2:.3g})")
-    last = plain[2].strip().splitlines()[-1] if plain[2] else "loaded"
+    last = plain.stderr.strip().splitlines()[-1] if plain.returncode else "loaded"
     print(f"plain keras.saving.load_model: {last[:160]}")
 
 

@@ -1,4 +1,8 @@
-"""Run a command as a child process and measure its wall time and peak memory (RSS)."""
+"""Run commands as child processes and compare their wall time and peak memory (RSS).
+
+Each variant runs in its own process, `repeat` times, interleaved with the others so that a busy
+machine hurts every variant alike; the best wall time counts, and the largest peak RSS.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -15,30 +22,62 @@ class Measurement:
     label: str
     seconds: float
     peak_mb: float
+    returncode: int = 0
+    stderr: str = ""
 
 
-def measure(label: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Measurement:
-    """Run `argv` to completion; peak RSS is that child's own (os.wait4), not the sum of all."""
+def measure(
+    label: str,
+    argv: Sequence[object],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> Measurement:
+    """Run `argv` once to completion; peak RSS is that child's own (os.wait4), not a sum.
+
+    The child runs this checkout's fusecli (PYTHONPATH), with TensorFlow's C++ logs off. Keep
+    the calling process small: a child's peak RSS starts from its parent's at fork time.
+    """
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.Popen(
-        list(argv),
+        [str(a) for a in argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": pythonpath, **(env or {})},
     )
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{label} failed ({proc.returncode}):\n{stderr}")
-    return Measurement(label, seconds, usage.ru_maxrss / 1024)
+    returncode = os.waitstatus_to_exitcode(status)
+    if check and returncode != 0:
+        sys.exit(f"{label} failed ({returncode}):\n{stderr[-2000:]}")
+    return Measurement(label, seconds, usage.ru_maxrss / 1024, returncode, stderr)
 
 
-def report(ours: Measurement, theirs: Measurement) -> str:
-    return (
-        f"{ours.label:<40} {ours.seconds:7.2f} s {ours.peak_mb:8.0f} MB\n"
-        f"{theirs.label:<40} {theirs.seconds:7.2f} s {theirs.peak_mb:8.0f} MB\n"
-        f"{'ratio (ours / by hand)':<40} {ours.seconds / theirs.seconds:7.2f} x "
-        f"{ours.peak_mb / theirs.peak_mb:8.2f} x"
-    )
+def best_of(
+    variants: dict[str, Sequence[object]], *, repeat: int = 3, env: dict[str, str] | None = None
+) -> dict[str, Measurement]:
+    """Each variant `repeat` times, interleaved: its best wall time and its largest peak RSS."""
+    best: dict[str, Measurement] = {}
+    for _ in range(repeat):
+        for label, argv in variants.items():
+            m = measure(label, argv, env=env)
+            if label in best:
+                m.seconds = min(m.seconds, best[label].seconds)
+                m.peak_mb = max(m.peak_mb, best[label].peak_mb)
+            best[label] = m
+    return best
+
+
+def table(results: dict[str, Measurement], baseline: str) -> str:
+    """One line per variant, with its time and memory as ratios to `baseline`'s."""
+    base = results[baseline]
+    width = max(len(label) for label in results) + 2
+    lines = [f"{'variant':<{width}} {'wall s':>8} {'peak MB':>8} {'time x':>7} {'mem x':>7}"]
+    for label, m in results.items():
+        lines.append(
+            f"{label:<{width}} {m.seconds:8.2f} {m.peak_mb:8.0f} "
+            f"{m.seconds / base.seconds:7.2f} {m.peak_mb / base.peak_mb:7.2f}"
+        )
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import run_cli
 
 from fusecli.cli import cli
-from fusecli.cli.merge import _progress_bar
+from fusecli.cli.common import progress_bar
 
 
 @pytest.fixture
@@ -162,17 +162,17 @@ class _Terminal(io.StringIO):
 def test_progress_bar_only_for_large_models_on_a_terminal(monkeypatch):
     stream = _Terminal()
     monkeypatch.setattr(sys, "stderr", stream)
-    with _progress_bar(enabled=True) as update:
+    with progress_bar("Merging", min_total=2**25) as update:
         update(2**10, 2**20)  # 1 MB of weights: over before a bar is worth drawing
     assert stream.getvalue() == ""
-    with _progress_bar(enabled=True) as update:
+    with progress_bar("Merging", min_total=2**25) as update:
         update(2**25, 2**26)
         update(2**26, 2**26)
     assert "Merging" in stream.getvalue() and "100%" in stream.getvalue()
-    with _progress_bar(enabled=False) as update:
+    with progress_bar("Merging", enabled=False) as update:
         assert update is None
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    with _progress_bar(enabled=True) as update:
+    with progress_bar("Merging", min_total=2**25) as update:
         assert update is None
 
 

@@ -7,9 +7,11 @@ error (exit 2); any other `FusecliError` -> one line `Error: ...` (exit 1); anyt
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -155,3 +157,40 @@ def print_json(document: Any) -> None:
 def say(message: str) -> None:
     """A message for the human: stderr, never stdout."""
     click.echo(message, err=True)
+
+
+Progress = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def progress_bar(
+    label: str, *, enabled: bool = True, min_total: int = 0
+) -> Iterator[Progress | None]:
+    """A callback (done, total) that draws a bar on stderr, or None when there is nowhere to draw
+    it (disabled, or stderr is not a terminal). No bar for jobs whose total is under `min_total`."""
+    if not enabled or not is_tty(sys.stderr):
+        yield None
+        return
+    bar: Any = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            if total < min_total:
+                return
+            bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+def is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -14,6 +11,7 @@ from fusecli.cli.common import (
     force_option,
     json_option,
     print_json,
+    progress_bar,
     say,
     trust_option,
     verbose_option,
@@ -107,7 +105,7 @@ def merge_command(
     """
     from fusecli.merging import merge
 
-    with _progress_bar(enabled=not quiet) as progress:
+    with progress_bar("Merging", enabled=not quiet, min_total=_BAR_MIN_BYTES) as progress:
         report = merge(
             list(models),
             output,
@@ -140,34 +138,3 @@ def _describe(report: Any) -> str:
         f"{how}; {report.merged} tensors merged{copied}; {report.parameters:,} parameters; "
         f"{checked}"
     )
-
-
-@contextlib.contextmanager
-def _progress_bar(*, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A bar on stderr for large models, drawn only when stderr is a terminal."""
-    if not enabled or not _is_tty(sys.stderr):
-        yield None
-        return
-    bar: Any = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            if total < _BAR_MIN_BYTES:
-                return
-            bar = click.progressbar(length=total, label="Merging", file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - bar.pos)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
-
-
-def _is_tty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False

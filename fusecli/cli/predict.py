@@ -9,6 +9,7 @@ from fusecli.cli.common import (
     force_option,
     json_option,
     print_json,
+    progress_bar,
     say,
     trust_option,
     verbose_option,
@@ -16,7 +17,6 @@ from fusecli.cli.common import (
 from fusecli.cli.streams import (
     broken_pipe_is_quiet,
     check_terminals,
-    progress_bar,
     stdout_binary,
 )
 from fusecli.errors import InvalidRequest

@@ -11,11 +11,11 @@ from fusecli.cli.common import (
     force_option,
     json_option,
     print_json,
+    progress_bar,
     say,
     trust_option,
     verbose_option,
 )
-from fusecli.cli.streams import progress_bar
 from fusecli.metrics import METRICS
 from fusecli.prediction import AT_CHOICES
 from fusecli.tuning import DEFAULT_STEP, TuneResult
@@ -126,7 +126,8 @@ def tune_command(
     with progress_bar("predict") as bar:
 
         def progress(index: int, count: int, done: int, total: int) -> None:
-            bar(index * total + done, count * total)
+            if bar is not None:
+                bar(index * total + done, count * total)
 
         result = tune(
             list(inputs),
