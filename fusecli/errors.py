@@ -25,6 +25,9 @@ class ModelFileError(FusecliError):
         self.reason = message
         super().__init__(f"{self.path}: {message}")
 
+    def __reduce__(self) -> tuple:  # survives a trip between processes (fusecli.isolation)
+        return type(self), (self.path, self.reason)
+
 
 class UnsafeModelError(ModelFileError):
     """A model file holds code that would run when it is loaded (see `--trust`)."""

@@ -8,7 +8,6 @@ shapes of the stored weights (h5py, without reading their values), so it takes m
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import h5py
 
 from fusecli.errors import ModelFileError
+from fusecli.isolation import call_isolated
 from fusecli.modelfile import MODEL_SUFFIXES, ModelFile, open_hdf5, read_model_file
 from fusecli.safety import scan
 
@@ -78,7 +78,10 @@ def inspect_paths(
             continue
         for path in files:
             try:
-                yield str(path), _inspect_isolated(path) if isolate else inspect_file(path)
+                yield (
+                    str(path),
+                    call_isolated(inspect_file, path) if isolate else inspect_file(path),
+                )
             except ModelFileError as e:
                 yield str(path), e
 
@@ -97,44 +100,6 @@ def expand_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
         else:
             out.append(item)
     return out
-
-
-def _inspect_isolated(path: Path) -> dict[str, Any]:
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return inspect_file(path)
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_inspect_child, args=(path, sender), daemon=True)
-    child.start()
-    sender.close()
-    try:
-        kind, value = receiver.recv()
-    except EOFError:
-        child.join()
-        raise ModelFileError(
-            path,
-            f"crashed the HDF5 library while being read (exit code {child.exitcode}); the file "
-            "is corrupt or hostile",
-        ) from None
-    finally:
-        receiver.close()
-    child.join()
-    if kind == "error":
-        raise ModelFileError(path, value)
-    if kind == "bug":
-        raise RuntimeError(value)
-    return value
-
-
-def _inspect_child(path: Path, sender: Any) -> None:
-    try:
-        sender.send(("ok", inspect_file(path)))
-    except ModelFileError as e:
-        sender.send(("error", e.reason))
-    except Exception as e:  # a bug: report it in the parent, which has the user's stderr
-        sender.send(("bug", f"{type(e).__name__}: {e}"))
-    finally:
-        sender.close()
 
 
 def count_params(model_file: ModelFile) -> int:

@@ -18,12 +18,14 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import h5py
 from h5py import h5l
 
 from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.isolation import call_isolated
 from fusecli.modelfile import ModelFile, open_hdf5, read_model_file
 
 # Layers that call code outside the model's config, whatever their arguments.
@@ -90,12 +92,12 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
 def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> ModelFile:
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
-    Returns the `ModelFile`, so a loader can look at its config without reading it twice.
+    Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
+    file is read in a child process where that is safe (`fusecli.isolation`).
     """
-    model_file = read_model_file(path)
     if trust:
-        return model_file
-    findings = scan(model_file)
+        return call_isolated(read_model_file, Path(path))
+    model_file, findings = call_isolated(_read_and_scan, Path(path))
     if findings:
         more = len(findings) - 1
         also = f" (and {more} more: see `fusecli inspect {path}`)" if more else ""
@@ -104,6 +106,11 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
             f"{findings[0].describe()}{also}; refusing (use --trust to load it anyway)",
         )
     return model_file
+
+
+def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
+    model_file = read_model_file(path)
+    return model_file, scan(model_file)
 
 
 # -- the config ------------------------------------------------------------------------------

@@ -127,3 +127,19 @@ def test_a_file_that_crashes_hdf5_costs_one_error_line(model_files, tmp_path):
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith(f"Error: {crash}: ")
+
+
+def test_a_file_that_crashes_hdf5_does_not_crash_fuse(model_files, tmp_path):
+    """The same file given to fuse: it is read and scanned in a child process before TensorFlow
+    is imported, so the crash is reported, not suffered (it used to end in a segfault, 139)."""
+    crash = tmp_path / "crash.h5"
+    crash.write_bytes((Path(__file__).parent / "data" / "hdf5_crash.h5").read_bytes())
+    out = tmp_path / "fused.keras"
+    result = run_cli("fuse", crash, model_files["a"], "-o", out)
+    assert result.returncode in (0, 1), result.stderr  # never killed by a signal
+    if result.returncode == 1:
+        assert result.stderr == (
+            f"Error: {crash}: crashed the HDF5 library while being read (exit code -11); the "
+            "file is corrupt or hostile\n"
+        )
+        assert not out.exists()
