@@ -25,7 +25,6 @@ from fusecli.errors import InvalidRequest
 @click.command(
     "combine",
     cls=WeightsCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @weights_option("One weight per input, in order: --w 1 1.5 or --w 1,1.5. [default: 1/N each]")

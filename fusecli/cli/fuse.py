@@ -20,7 +20,6 @@ from fusecli.fusion import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 @click.command(
     "fuse",
     cls=WeightsCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @weights_option("One weight per model, in order: --w 0.8 0.2 or --w 0.8,0.2. [default: 1/N each]")

@@ -14,7 +14,6 @@ _COLUMNS = ("FILE", "FORMAT", "KERAS", "MODEL", "INPUTS", "OUTPUTS", "PARAMS", "
 @click.command(
     "inspect",
     cls=FusecliCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @json_option

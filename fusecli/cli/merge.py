@@ -26,7 +26,6 @@ _BAR_MIN_BYTES = 32 * 2**20
 @click.command(
     "merge",
     cls=WeightsCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option(

@@ -26,7 +26,6 @@ from fusecli.prediction import AT_CHOICES
 @click.command(
     "predict",
     cls=FusecliCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("data", type=click.Path(dir_okay=False))

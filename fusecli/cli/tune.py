@@ -24,7 +24,6 @@ from fusecli.tuning import DEFAULT_STEP, TuneResult
 @click.command(
     "tune",
     cls=FusecliCommand,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @click.option(
