@@ -113,12 +113,12 @@ def architecture_difference(a: Layout, b: Layout) -> str | None:
         na, nb = str(a.path), str(b.path)
     ca, cb = a.config.get("class_name"), b.config.get("class_name")
     if ca != cb:
-        return f"{na} is a {ca} model, {nb} a {cb} model"
+        return f"{na} is {_a(ca)} model, {nb} {_a(cb)} model"
     layers_a, layers_b = _flat_layers(a.config), _flat_layers(b.config)
     for i, (la, lb) in enumerate(zip(layers_a, layers_b, strict=False)):
         where = f"layer {i} ({la.path!r} in {na}, {lb.path!r} in {nb})"
         if la.class_name != lb.class_name:
-            return f"{where} is a {la.class_name} in {na}, a {lb.class_name} in {nb}"
+            return f"{where} is {_a(la.class_name)} in {na}, {_a(lb.class_name)} in {nb}"
         if la.edges != lb.edges:
             return (
                 f"{where} takes its inputs from layers {_fmt_edges(la.edges, layers_a)} in {na}, "
@@ -127,7 +127,7 @@ def architecture_difference(a: Layout, b: Layout) -> str | None:
         for key in sorted(la.settings.keys() & lb.settings.keys()):
             if la.settings[key] != lb.settings[key]:
                 return (
-                    f"{where}, a {la.class_name}: {key} is {_fmt(la.settings[key])} in {na}, "
+                    f"{where}, {_a(la.class_name)}: {key} is {_fmt(la.settings[key])} in {na}, "
                     f"{_fmt(lb.settings[key])} in {nb}"
                 )
     if len(layers_a) != len(layers_b):
@@ -445,6 +445,11 @@ def _strings(values: Any) -> list[str]:
 
 def _decode(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _a(noun: Any) -> str:
+    """'a Dense', 'an InputLayer'."""
+    return f"{'an' if str(noun)[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
