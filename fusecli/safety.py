@@ -49,6 +49,11 @@ _MODELING_FUNCTIONS = re.compile(
     r"(tf_)?keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
     r"layers|random)(\.|$)"
 )
+# Keras namespaces that hold no modeling code: nothing a model file needs comes from them.
+_NON_MODELING = re.compile(
+    r"(tf_)?keras(\.src)?\.(utils|saving|callbacks|datasets|applications|export|distribution|"
+    r"visualization)(\.|$)"
+)
 # Keras 3, and tf-keras (Keras 2), whose .keras files name it as the model's module.
 _KERAS_PACKAGES = {"keras", "tf_keras"}
 # Python built-ins that share a name with a Keras function (keras.ops.abs...): harmless to call.
@@ -216,13 +221,19 @@ def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -
 def _keras_module(module: Any, class_name: str, registered: Any) -> bool:
     if not isinstance(module, str):
         return module is None
-    if class_name == "function":
+    if class_name == "function" or _names_a_function(class_name):
         # Keras writes its built-in functions (activations, losses...) as module "builtins" and
         # looks them up among its own functions; other functions must come from modeling code.
+        # Keras resolves any name in the module, so `{"class_name": "get_file"}` is a function.
         return (module == "builtins" and registered in (None, "function")) or bool(
             _MODELING_FUNCTIONS.match(module)
         )
-    return module.split(".")[0] in _KERAS_PACKAGES
+    return module.split(".")[0] in _KERAS_PACKAGES and not _NON_MODELING.match(module)
+
+
+def _names_a_function(class_name: str) -> bool:
+    """Classes are CamelCase; a lower-case name (not a `__marker__`) is a function's."""
+    return class_name[:1].islower() and not class_name.startswith("__")
 
 
 def _python_builtin(name: Any) -> bool:

