@@ -237,8 +237,9 @@ def _merged_tensors(
             return values
 
         base = read(layouts[-1], groups[-1]) if plan.needs_base else None
-        result = plan.combine((read(layout, group) for layout, group in models), base)
-        values = result.astype(variable.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            result = plan.combine((read(layout, group) for layout, group in models), base)
+            values = result.astype(variable.dtype)
         if not np.isfinite(values).all():
             raise FusecliError(
                 f"The merged weight {k} (layer {variable.layer!r}) is not finite in "

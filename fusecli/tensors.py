@@ -369,11 +369,11 @@ def _normalized(value: Any, key: str = "") -> Any:
     if key == "dtype" and isinstance(value, dict):
         inner = value.get("config")
         return inner.get("name") if isinstance(inner, dict) else value.get("class_name")
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # also the configs of layers inside wrappers (Bidirectional...)
         return {
             k: _normalized(v, k)
             for k, v in value.items()
-            if k not in ("module", "registered_name", "shared_object_id")
+            if k not in _IGNORED_KEYS and not k.endswith(_IGNORED_SUFFIXES)
         }
     if isinstance(value, list | tuple):
         return [_normalized(v) for v in value]

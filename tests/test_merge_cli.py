@@ -191,3 +191,31 @@ def test_merge_refuses_a_file_that_carries_code(tmp_path, keras):
         "which would run when loaded; refusing (use --trust to load it anyway)\n"
     )
     assert not out.exists()
+
+
+def test_wrapped_layers_whose_inner_names_differ_merge(runner, tmp_path, keras):
+    # Built in one process, the two models' inner layers are named lstm/lstm_1 and so on.
+    paths = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5, 3))
+        h = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))(x)
+        y = keras.layers.TimeDistributed(keras.layers.Dense(2))(h)
+        paths.append(tmp_path / f"w{seed}.keras")
+        keras.Model(x, y).save(paths[-1])
+    out = tmp_path / "w.keras"
+    result = _merge(runner, *paths, "-o", out)
+    assert result.exit_code == 0, result.output
+    merged = keras.models.load_model(out).get_weights()
+    for m, a, b in zip(merged, _weights(keras, paths[0]), _weights(keras, paths[1]), strict=True):
+        np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_overflow_is_one_error_line(tmp_path, model_files):
+    out = tmp_path / "o.keras"
+    args = ["merge", model_files["a"], model_files["b"], "--w", "1e308", "1e308"]
+    result = run_cli(*args, "--no-normalize", "-o", out)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: The merged weight 0 (layer ")
+    assert result.stderr.count("\n") == 1  # no numpy RuntimeWarning above it
+    assert not out.exists()
