@@ -49,6 +49,8 @@ _FREE_DIM = 32
 _GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
 # Beyond this (relative to the outputs' magnitude) a difference is more than float32 round-off.
 _RELATIVE_TOLERANCE = 1e-5
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ROUNDING_ULPS = 4  # for half-precision outputs, where 1e-5 is below one unit in the last place
 
 
 @dataclass
@@ -273,14 +275,16 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
         raise VerificationError(f"The written model does not load back: {e}") from e
     batch = random_batch(fusion.model.inputs)
     got = [np.asarray(o) for o in keras.tree.flatten(loaded(batch, training=False))]
-    expected, magnitude = None, 0.0
+    expected, magnitude, rounding = None, 0.0, _rounding(got)
     for i, (model, w, slot) in enumerate(
         zip(fusion.sources, fusion.weights, fusion.input_slots, strict=True)
     ):
         args = [batch[k] for k in slot]
-        outs = [np.asarray(o, dtype=np.float64) for o in _call(model, args, keras)]
+        raw = _call(model, args, keras)
+        rounding = max(rounding, _rounding(raw))
+        outs = [np.asarray(o, dtype=np.float64) for o in raw]
         if fusion.at == "logits":
-            _check_cut(fusion, i, args, outs, keras)
+            _check_cut(fusion, i, args, outs, rounding, keras)
         magnitude = max([magnitude, *(_finite_max_abs(o) * abs(w) for o in outs)])
         terms = [w * o for o in outs]
         expected = (
@@ -289,7 +293,7 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
     if fusion.activation == "softmax":
         expected = [_softmax(e, axis) for e, axis in zip(expected, fusion.axes, strict=True)]
         magnitude = 1.0
-    tolerance = _RELATIVE_TOLERANCE * max(1.0, magnitude) * len(fusion.sources)
+    tolerance = rounding * max(1.0, magnitude) * len(fusion.sources)
     worst = _largest_difference(got, expected)
     if worst > tolerance:
         raise VerificationError(
@@ -299,16 +303,32 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
     return worst
 
 
-def _check_cut(fusion: Fusion, i: int, args: list, logits: list[np.ndarray], keras: Any) -> None:
+def _check_cut(
+    fusion: Fusion, i: int, args: list, logits: list[np.ndarray], rounding: float, keras: Any
+) -> None:
     """softmax(logits) must give back the original model's output: the cut is right."""
     original = [np.asarray(o, dtype=np.float64) for o in _call(fusion.originals[i], args, keras)]
     recomputed = [_softmax(z, axis) for z, axis in zip(logits, fusion.axes, strict=True)]
     worst = _largest_difference(recomputed, original)
-    if worst > _RELATIVE_TOLERANCE * len(fusion.sources):
+    if worst > rounding * len(fusion.sources):
         raise VerificationError(
             f"softmax of the logits of {fusion.branches[i]!r} differs from its output by "
             f"{worst:.3g}; cannot fuse it at the logits"
         )
+
+
+def _rounding(outputs: Sequence[Any]) -> float:
+    """The relative difference that is still round-off for these outputs: _RELATIVE_TOLERANCE
+    for float32 and wider; a few units in the last place for float16 and bfloat16 outputs
+    (mixed precision)."""
+    return max([_RELATIVE_TOLERANCE, *(_ROUNDING_ULPS * _eps(o) for o in outputs)])
+
+
+def _eps(values: Any) -> float:
+    dtype = np.asarray(values).dtype
+    if dtype.name == "bfloat16":  # ml_dtypes' type, which np.finfo does not know
+        return 2.0**-7
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
 
 
 def _largest_difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
@@ -384,7 +404,13 @@ def _check_request(
         raise InvalidRequest(f"Expected scale to be one of {SCALE_MODES}. Received: {scale!r}")
     if inputs not in INPUT_MODES:
         raise InvalidRequest(f"Expected inputs to be one of {INPUT_MODES}. Received: {inputs!r}")
-    return resolve_weights(weights, len(models), normalize=normalize)
+    resolved = resolve_weights(weights, len(models), normalize=normalize)
+    if any(abs(w) > _FLOAT32_MAX for w in resolved):
+        raise InvalidRequest(
+            "Weights must fit in float32, the type the fused model scales by. "
+            f"Received: weights={resolved}"
+        )
+    return resolved
 
 
 def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.Model]:

@@ -31,6 +31,12 @@ def load_checked(model_file: ModelFile, *, trust: bool = False) -> keras.Model:
     """Load a file that `safety.refuse_unsafe` has read and passed (so that several files can
     all be checked before the first, slow, Keras load)."""
     path = model_file.path
+    if path.suffix != path.suffix.lower():
+        raise ModelFileError(
+            path,
+            f"Keras loads only files whose name ends in lower case; rename it to "
+            f"{path.stem}{path.suffix.lower()}",
+        )
     if model_file.written_by_keras2:
         return legacy.load_keras2_h5(path, trust=trust)
     keras = runtime.keras()

@@ -26,7 +26,8 @@ import h5py
 
 from fusecli.errors import ModelFileError
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+MODEL_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+MODEL_SUFFIXES = tuple(MODEL_FORMATS)
 
 CONFIG_MEMBER = "config.json"  # inside a .keras archive
 _METADATA_FILENAME = "metadata.json"
@@ -96,7 +97,14 @@ def check_model_path(path: str | os.PathLike[str]) -> Path:
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     """Read a model file's config and metadata; `ModelFileError` for anything broken."""
     path = check_model_path(path)
-    reader = _read_keras if file_format(path) == "keras" else _read_h5
+    fmt = file_format(path)
+    if fmt != MODEL_FORMATS[path.suffix.lower()]:
+        # Keras picks the format by the name: what it would read is not what we read here.
+        what = "a .keras (zip) archive" if fmt == "keras" else "an HDF5 file"
+        raise ModelFileError(
+            path, f"is {what} named {path.suffix}; rename it to match what it holds"
+        )
+    reader = _read_keras if fmt == "keras" else _read_h5
     try:
         model_file = reader(path)
     except ModelFileError:

@@ -9,8 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fusecli.errors import FusecliError, InvalidRequest
-
-MODEL_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+from fusecli.modelfile import MODEL_FORMATS
 
 
 def model_format(path: str | os.PathLike[str]) -> str:
@@ -51,7 +50,9 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path
     appeared in the meantime.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    # Keras picks a format by a lower-case extension only (OUT.KERAS is "not supported").
+    suffix = path.suffix.lower()
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

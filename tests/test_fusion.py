@@ -268,3 +268,56 @@ def test_one_model_is_not_a_fusion(tmp_path, model_files):
 def test_output_extension_picks_format(tmp_path, model_files):
     with pytest.raises(InvalidRequest, match=r"must end in \.keras, \.h5 or \.hdf5"):
         fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.onnx")
+
+
+def test_weights_beyond_float32_are_a_bad_request(tmp_path, model_files):
+    with pytest.raises(InvalidRequest, match="Weights must fit in float32"):
+        fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.keras", [1e39, 1.0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_upper_case_output_extension(tmp_path, keras, model_files, x4):
+    out = tmp_path / "OUT.KERAS"
+    report = fuse_to_file([model_files["a"], model_files["b"]], out, [0.8, 0.2])
+    assert report.format == "keras" and sorted(p.name for p in tmp_path.iterdir()) == ["OUT.KERAS"]
+    a, b = _load(keras, model_files["a"]), _load(keras, model_files["b"])
+    expected = 0.8 * predict(a, x4)[0] + 0.2 * predict(b, x4)[0]
+    (tmp_path / "OUT.KERAS").rename(tmp_path / "out.keras")  # Keras itself wants lower case
+    np.testing.assert_allclose(
+        predict(_load(keras, tmp_path / "out.keras"), x4)[0], expected, rtol=1e-6, atol=1e-7
+    )
+
+
+def test_upper_case_input_is_a_clean_error(tmp_path, model_files):
+    upper = tmp_path / "A.KERAS"
+    upper.write_bytes(model_files["a"].read_bytes())
+    with pytest.raises(ModelFileError) as e:
+        fuse_to_file([upper, model_files["b"]], tmp_path / "f.keras")
+    assert str(e.value) == (
+        f"{upper}: Keras loads only files whose name ends in lower case; rename it to A.keras"
+    )
+
+
+@pytest.mark.parametrize(("source", "name"), [("a_h5", "h5_inside.keras"), ("a", "zip.h5")])
+def test_a_file_whose_name_lies_about_its_format_is_refused(tmp_path, model_files, source, name):
+    # Keras picks the format by the name, the scan by the content: they must agree, or the scan
+    # would look at one model and Keras load another (an HDF5 file with a zip appended, say).
+    liar = tmp_path / name
+    liar.write_bytes(model_files[source].read_bytes())
+    with pytest.raises(ModelFileError, match="rename it to match what it holds"):
+        fuse_to_file([liar, model_files["b"]], tmp_path / "f.keras")
+
+
+def test_mixed_precision_models_fuse_at_the_logits(tmp_path, keras):
+    paths = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((4,))
+        h = keras.layers.Dense(16, activation="relu", dtype="mixed_float16")(x)
+        y = keras.layers.Dense(5, activation="softmax", dtype="mixed_float16")(h)
+        paths.append(tmp_path / f"mp{seed}.keras")
+        keras.Model(x, y).save(paths[-1])
+    out = tmp_path / "f.keras"
+    report = fuse_to_file(paths, out, [0.5, 0.5], at="logits")
+    assert report.max_abs_diff < 4e-3  # float16 round-off, which the check allows for
+    assert keras.models.load_model(out).output.dtype == "float32"

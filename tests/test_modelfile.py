@@ -30,7 +30,12 @@ def test_format_is_read_from_content_not_name(model_files, tmp_path):
     disguised = tmp_path / "really_h5.keras"
     disguised.write_bytes(model_files["a_h5"].read_bytes())
     assert file_format(disguised) == "h5"
-    assert read_model_file(disguised).format == "h5"
+    # ... and a name that lies is refused: Keras would pick the format by the name.
+    with pytest.raises(ModelFileError) as e:
+        read_model_file(disguised)
+    assert str(e.value) == (
+        f"{disguised}: is an HDF5 file named .keras; rename it to match what it holds"
+    )
 
 
 @pytest.mark.parametrize("key", ["a", "a_h5"])
