@@ -11,22 +11,12 @@ output) and with --no-verify, which does what the hand-written script does.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-from measure import best_of, table
-
-MAKE = textwrap.dedent(
-    """
-    import sys, keras
-    for seed, path in enumerate(sys.argv[1:]):
-        keras.utils.set_random_seed(seed)
-        keras.applications.ResNet50(weights=None).save(path)
-    """
-)
+from measure import best_of, make_resnet50s, table
 
 # The fusion by hand, as a careful user writes it today: load both, rename (both are "resnet50"),
 # scale with Rescaling, join with Add, save.
@@ -52,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         a, b = d / "a.keras", d / "b.keras"
-        subprocess.run([sys.executable, "-c", MAKE, a, b], check=True, capture_output=True)
+        make_resnet50s(a, b)
         fusecli = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2", "--force"]
         results = best_of(
             {

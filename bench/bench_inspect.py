@@ -8,19 +8,11 @@ Each variant runs in its own fresh process (as a user would run it), see measure
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from measure import best_of, table
-
-MAKE_MODEL = """
-import os, sys
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import keras
-keras.applications.ResNet50(weights=None).save(sys.argv[1])
-"""
+from measure import best_of, make_resnet50s, table
 
 KERAS_LOAD = """
 import os, sys
@@ -38,7 +30,7 @@ def main() -> None:
     repeat = parser.parse_args().repeat
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "resnet50.keras"
-        subprocess.run([sys.executable, "-c", MAKE_MODEL, str(path)], check=True)
+        make_resnet50s(path)
         size_mb = path.stat().st_size / 1e6
         inspect = [sys.executable, "-m", "fusecli", "inspect", path]
         results = best_of(

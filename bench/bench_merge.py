@@ -18,16 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from measure import best_of, table
-
-MAKE = textwrap.dedent(
-    """
-    import sys, keras
-    for seed, path in enumerate(sys.argv[1:]):
-        keras.utils.set_random_seed(seed)
-        keras.applications.ResNet50(weights=None).save(path)
-    """
-)
+from measure import best_of, make_resnet50s, table
 
 # The merge by hand, as a user writes it today: load both, average, set_weights, save.
 BY_HAND = textwrap.dedent(
@@ -58,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         a, b = d / "a.keras", d / "b.keras"
-        subprocess.run([sys.executable, "-c", MAKE, a, b], check=True, capture_output=True)
+        make_resnet50s(a, b)
         fusecli = [sys.executable, "-m", "fusecli", "merge", a, b, "--force"]
         results = best_of(
             {

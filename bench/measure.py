@@ -16,6 +16,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+_MAKE_RESNET50 = """
+import sys, keras
+for seed, path in enumerate(sys.argv[1:]):
+    keras.utils.set_random_seed(seed)
+    keras.applications.ResNet50(weights=None).save(path)
+"""
+
 
 @dataclass
 class Measurement:
@@ -81,3 +88,14 @@ def table(results: dict[str, Measurement], baseline: str) -> str:
             f"{m.seconds / base.seconds:7.2f} {m.peak_mb / base.peak_mb:7.2f}"
         )
     return "\n".join(lines)
+
+
+def make_resnet50s(*paths: Path) -> None:
+    """Save a ResNet50 (random weights, one seed each) at each path, in a child process so that
+    this one stays small (see `measure`)."""
+    subprocess.run(
+        [sys.executable, "-c", _MAKE_RESNET50, *map(str, paths)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
