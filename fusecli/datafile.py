@@ -142,10 +142,21 @@ def model_input_arrays(
     )
 
 
-def read_labels(path: str | os.PathLike[str], *, key: str | None = None) -> np.ndarray:
-    """Labels in memory: a whole .npy file, or the array `key` (default `y`) of a .npz/.h5."""
+def read_labels(
+    path: str | os.PathLike[str], *, key: str | None = None, in_data: bool = False
+) -> np.ndarray:
+    """Labels in memory: a whole .npy file, or the array `key` (default `y`) of a .npz/.h5.
+
+    `in_data`: `path` is the --data file, whose labels are an array beside the inputs; a .npy
+    holds only the inputs, which must not be taken for labels.
+    """
     with open_data(path) as data:
         if data.format == "npy":
+            if in_data:
+                raise InvalidRequest(
+                    f"--data {data.path} is a .npy file: it holds the inputs, not labels; "
+                    "pass the labels with --labels"
+                )
             return np.asarray(data.array(None))
         return np.asarray(data.array(key or DEFAULT_LABELS_KEY)[()])
 

@@ -260,7 +260,7 @@ def tune(
     if labels is not None:
         raw_labels = read_labels(labels, key=labels_key)
     else:
-        raw_labels = read_labels(data, key=labels_key)
+        raw_labels = read_labels(data, key=labels_key, in_data=True)
     if kind == "models":
         from fusecli.prediction import predict_array
 

@@ -167,6 +167,12 @@ def test_cli_json_and_table(tmp_path):
             "Received: 10 labels",
         ),
         (["{s0}", "{s1}", "--labels", "{y}", "--step", "0.3"], 2, "The step must divide 1"),
+        (
+            ["{s0}", "{s1}", "--data", "{y}"],
+            2,
+            "Error: --data {y} is a .npy file: it holds the inputs, not labels; "
+            "pass the labels with --labels",
+        ),
     ],
 )
 def test_cli_errors(tmp_path, args, code, message):
