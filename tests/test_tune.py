@@ -243,3 +243,15 @@ def test_tune_at_logits(tmp_path, model_files, keras):
     np.testing.assert_allclose(fused, expected / expected.sum(1, keepdims=True), atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"--at logits runs models up to their logits"):
         tune([tmp_path / "a.npy", tmp_path / "b.npy"], labels=tmp_path / "y.npy", at="logits")
+
+
+def test_cli_refuses_stdin_on_a_terminal(tmp_path, monkeypatch):
+    import sys
+
+    import fusecli.cli.streams as streams
+
+    paths, y = _write_scores(tmp_path)
+    monkeypatch.setattr(streams, "is_tty", lambda stream: stream is sys.stdin)
+    result = CliRunner().invoke(cli, ["tune", "-", str(paths[1]), "--labels", str(y)])
+    assert result.exit_code == 2
+    assert "stdin ('-') is a terminal; pipe or redirect a .npy array into it" in result.stderr

@@ -16,6 +16,7 @@ from fusecli.cli.common import (
     trust_option,
     verbose_option,
 )
+from fusecli.cli.streams import check_terminals
 from fusecli.metrics import METRICS
 from fusecli.prediction import AT_CHOICES
 from fusecli.tuning import DEFAULT_STEP, TuneResult
@@ -120,6 +121,7 @@ def tune_command(
     """
     from fusecli.tuning import tune
 
+    check_terminals(reads_stdin="-" in inputs, writes_stdout=False)
     if trust:
         say("Warning: --trust: model files may run code while they load.")
     with progress_bar("predict") as bar:
