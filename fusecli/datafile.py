@@ -13,7 +13,9 @@ slice by slice, so only one batch at a time needs to be in memory; .npz members 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -83,18 +85,22 @@ class DataFile:
 def open_data(path: str | os.PathLike[str]) -> Iterator[DataFile]:
     """Open a .npy, .npz or .h5 data file for reading; errors name the file."""
     path = _check_path(path)
-    fmt = _data_format(path)
+    # A named pipe or process substitution can be read once, from the start: read it whole.
+    source: Path | io.BytesIO = path if _is_regular(path) else _read_whole(path)
+    fmt = _data_format(path, source)
     with contextlib.ExitStack() as stack:
         try:
-            if fmt == "npy":
+            if fmt == "npy" and isinstance(source, io.BytesIO):
+                handle = np.load(source, allow_pickle=False)
+            elif fmt == "npy":
                 try:
                     handle = np.load(path, mmap_mode="r", allow_pickle=False)
                 except ValueError:  # empty arrays cannot be mapped; object arrays fail again
                     handle = np.load(path, allow_pickle=False)
             elif fmt == "npz":
-                handle = stack.enter_context(np.load(path, allow_pickle=False))
+                handle = stack.enter_context(np.load(source, allow_pickle=False))
             else:
-                handle = stack.enter_context(h5py.File(path, "r"))
+                handle = stack.enter_context(h5py.File(source, "r"))
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise FusecliError(f"{path}: cannot be read as {fmt} data ({_short(e)})") from None
         yield DataFile(path, fmt, handle)
@@ -172,22 +178,40 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
         raise FusecliError(f"{path}: no such file")
     if path.is_dir():
         raise FusecliError(f"{path}: is a directory, not a data file")
-    if path.stat().st_size == 0:
+    if _is_regular(path) and path.stat().st_size == 0:
         raise FusecliError(f"{path}: is empty")
     return path
 
 
-def _data_format(path: Path) -> DataFormat:
+def _is_regular(path: Path) -> bool:
+    return stat.S_ISREG(path.stat().st_mode)
+
+
+def _read_whole(path: Path) -> io.BytesIO:
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            content = f.read()
     except OSError as e:
         raise FusecliError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not content:
+        raise FusecliError(f"{path}: is empty")
+    return io.BytesIO(content)
+
+
+def _data_format(path: Path, source: Path | io.BytesIO) -> DataFormat:
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:8]
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise FusecliError(f"{path}: cannot be read ({e.strerror or e})") from None
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head.startswith(b"PK"):
         return "npz"
-    if head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(path):
+    if head == b"\x89HDF\r\n\x1a\n" or (isinstance(source, Path) and h5py.is_hdf5(path)):
         return "h5"
     raise FusecliError(f"{path}: is not a .npy, .npz or .h5 data file")
 

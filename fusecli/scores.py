@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,15 @@ def open_scores(
     with f:
         shape, fortran, dtype = _read_header(f, name)
         shape = _check_shape(shape, name)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            # a named pipe or process substitution: no size to check, no seeking, no map
+            if fortran and len(shape) > 1:
+                raise FusecliError(
+                    f"{name}: a Fortran-ordered .npy cannot be read from a pipe in rows; "
+                    "save it as C-ordered (np.ascontiguousarray) or pass it as a regular file"
+                )
+            yield ScoreReader(name, shape, dtype, stream=f)
+            return
         expected = dtype.itemsize * math.prod(shape)
         found = os.fstat(f.fileno()).st_size - f.tell()
         if found < expected:

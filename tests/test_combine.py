@@ -291,3 +291,43 @@ def test_cli_errors(tmp_path, arrays, monkeypatch, args, code, message):
     assert message in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "x.npy").exists()
+
+
+def _fifo(tmp_path, name, content: bytes):
+    """A named pipe that a thread fills with `content` once a reader opens it."""
+    import os
+    import threading
+
+    path = tmp_path / name
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as f:
+            f.write(content)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return path
+
+
+def test_named_pipes_as_inputs_and_labels(tmp_path, arrays):
+    a, b, y = arrays
+    pipe_a = _fifo(tmp_path, "a.pipe", npy_bytes(a))
+    pipe_y = _fifo(tmp_path, "y.pipe", npy_bytes(y))
+    out = tmp_path / "x.npy"
+    report = combine_scores([pipe_a, tmp_path / "b.npy"], out, labels=pipe_y)
+    np.testing.assert_allclose(np.load(out), np.float32(0.5) * a + np.float32(0.5) * b, rtol=1e-6)
+    assert report.accuracy["fused"]["top1"] == pytest.approx(
+        np.mean(np.argmax(0.5 * a + 0.5 * b, axis=1) == y)
+    )
+
+
+def test_fortran_order_from_a_named_pipe_is_refused(tmp_path, arrays):
+    pipe = _fifo(tmp_path, "f.pipe", npy_bytes(np.asfortranarray(arrays[0])))
+    with pytest.raises(FusecliError) as e:
+        combine_scores([pipe, tmp_path / "b.npy"], tmp_path / "x.npy")
+    assert str(e.value) == (
+        f"{pipe}: a Fortran-ordered .npy cannot be read from a pipe in rows; "
+        "save it as C-ordered (np.ascontiguousarray) or pass it as a regular file"
+    )
+    assert not (tmp_path / "x.npy").exists()
