@@ -303,8 +303,11 @@ def combine_scores(
                         correct[i] += metrics.topk_correct(
                             chunk, classes[start : start + len(chunk)], ks
                         )
-                    term = chunk.astype(dtype, copy=False) * dtype.type(w)
-                    fused = term if fused is None else np.add(fused, term, out=fused)
+                    # Overflow is caught below, row by row, rather than warned about.
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        term = chunk.astype(dtype, copy=False) * np.float64(w).astype(dtype)
+                        fused = term if fused is None else np.add(fused, term, out=fused)
+                _check_fused(fused, dtype, first_row=start)
                 if classes is not None:
                     correct[-1] += metrics.topk_correct(
                         fused, classes[start : start + len(fused)], ks
@@ -395,6 +398,18 @@ def _common_shape(readers: Sequence[ScoreReader]) -> tuple[int, ...]:
                 f"Received: {first.name} has shape {first.shape}, {r.name} has shape {r.shape}"
             )
     return first.shape
+
+
+def _check_fused(fused: np.ndarray, dtype: np.dtype, *, first_row: int) -> None:
+    """Finite inputs can still sum to infinity (big weights, scores near the dtype's limit)."""
+    finite = np.isfinite(fused)
+    if finite.all():
+        return
+    row = first_row + int(np.argmax(~finite.reshape(len(fused), -1).all(axis=1)))
+    raise FusecliError(
+        f"The fused scores overflow {dtype} in row {row} (the weighted sum is beyond "
+        f"{np.finfo(dtype).max:.4g}); use smaller weights or float64 scores"
+    )
 
 
 def _label_name(labels: Any) -> str:

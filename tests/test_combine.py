@@ -331,3 +331,38 @@ def test_fortran_order_from_a_named_pipe_is_refused(tmp_path, arrays):
         "save it as C-ordered (np.ascontiguousarray) or pass it as a regular file"
     )
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "weights", "row"),
+    [
+        (np.ones((4, 3), np.float32), np.ones((4, 3), np.float32), [1e39, 1], 0),
+        (
+            np.array([[1, 2], [3e38, 3e38], [1, 1]], np.float32),
+            np.array([[1, 2], [3e38, 1], [1, 1]], np.float32),
+            [1, 1],
+            1,
+        ),
+    ],
+)
+def test_overflow_to_infinity_is_refused_without_warnings(tmp_path, a, b, weights, row):
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "combine",
+            str(tmp_path / "a.npy"),
+            str(tmp_path / "b.npy"),
+            "--w",
+            *map(str, weights),
+            "-o",
+            str(tmp_path / "x.npy"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: The fused scores overflow float32 in row {row} (the weighted sum is beyond "
+        "3.403e+38); use smaller weights or float64 scores\n"
+    )
+    assert not (tmp_path / "x.npy").exists()
