@@ -42,7 +42,8 @@ class ScoreReader:
     shape: tuple[int, ...]
     dtype: np.dtype
     stream: BinaryIO | None = None
-    fortran: np.ndarray | None = None  # a Fortran-ordered file, memory-mapped instead
+    fortran: bool = False  # a Fortran-ordered file (seekable), read column block by block
+    _data_start: int = 0
     _rows_read: int = 0
 
     @property
@@ -58,8 +59,8 @@ class ScoreReader:
         start = self._rows_read
         count = max(0, min(count, self.rows - start))
         self._rows_read += count
-        if self.fortran is not None:
-            return np.array(self.fortran[start : start + count])
+        if self.fortran:
+            return self._read_fortran_rows(start, count)
         out = np.empty((count, *self.shape[1:]), dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
         got = 0
@@ -75,6 +76,26 @@ class ScoreReader:
 
     def read_all(self) -> np.ndarray:
         return self.read_rows(self.rows - self._rows_read)
+
+    def _read_fortran_rows(self, start: int, count: int) -> np.ndarray:
+        """Rows of a Fortran-ordered file: each of its columns holds `count` contiguous values.
+
+        Plain reads of one run per column keep memory to the chunk (a map would stay resident).
+        """
+        columns = math.prod(self.shape[1:])
+        block = np.empty((columns, count), dtype=self.dtype)
+        size = self.dtype.itemsize
+        for j in range(columns if count else 0):
+            self.stream.seek(self._data_start + (j * self.rows + start) * size)
+            view = memoryview(block[j].view(np.uint8))
+            got = 0
+            while got < len(view):
+                n = self.stream.readinto(view[got:])
+                if not n:
+                    raise FusecliError(f"{self.name}: the .npy data ends early")
+                got += n
+        rows = np.reshape(block.T, (count, *self.shape[1:]), order="F")
+        return np.ascontiguousarray(rows)
 
 
 @contextlib.contextmanager
@@ -122,8 +143,7 @@ def open_scores(
                 f"for shape {shape}, the file holds {found})"
             )
         if fortran and len(shape) > 1:
-            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-            yield ScoreReader(name, shape, dtype, fortran=mapped)
+            yield ScoreReader(name, shape, dtype, stream=f, fortran=True, _data_start=f.tell())
             return
         yield ScoreReader(name, shape, dtype, stream=f)
 

@@ -114,6 +114,22 @@ def test_fortran_ordered_file(tmp_path):
     np.testing.assert_array_equal(read_scores(tmp_path / "a.npy"), a)
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (23, 3, 4)])
+def test_fortran_ordered_files_are_read_in_row_chunks_without_a_map(tmp_path, shape):
+    rng = np.random.default_rng(2)
+    a = np.asfortranarray(rng.random(shape))
+    b = rng.random(shape)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    combine_scores([tmp_path / "a.npy", tmp_path / "b.npy"], tmp_path / "o.npy", chunk_bytes=100)
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), 0.5 * a + 0.5 * b)
+    with open_scores(tmp_path / "a.npy") as reader:
+        assert not any(isinstance(v, np.memmap) for v in vars(reader).values())
+        parts = [reader.read_rows(4) for _ in range(0, shape[0], 4)]
+    np.testing.assert_array_equal(np.concatenate(parts), a)
+    assert {len(p) for p in parts[:-1]} == {4}
+
+
 def test_stdin_and_stdout_streams_in_bounded_reads(tmp_path, arrays):
     a, b, _ = arrays
     stdin = CountingStream(npy_bytes(a))
