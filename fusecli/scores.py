@@ -297,6 +297,11 @@ def combine_scores(
         shape = _common_shape(readers)
         classes = None
         if labels is not None:
+            if shape[0] == 0:
+                raise FusecliError(
+                    "Accuracy needs at least one row of scores. "
+                    f"Received: {readers[0].name} has shape {shape}"
+                )
             from fusecli.datafile import read_labels
 
             raw = labels if isinstance(labels, np.ndarray) else read_labels(labels, key=labels_key)

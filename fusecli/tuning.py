@@ -150,6 +150,11 @@ def tune_scores(
                 f"Received: {names[0]} has shape {scores[0].shape}, {name} has shape {s.shape}"
             )
     shape = scores[0].shape
+    if len(shape) == 0 or shape[0] == 0:
+        raise FusecliError(
+            f"Expected scores with at least one row to tune on. Received: {names[0]} has shape "
+            f"{tuple(shape)}"
+        )
     if not isinstance(labels, metrics.Labels):
         labels = metrics.parse_labels(labels, shape, source="labels")
     metric = metric or labels.default_metric

@@ -382,3 +382,18 @@ def test_overflow_to_infinity_is_refused_without_warnings(tmp_path, a, b, weight
         "3.403e+38); use smaller weights or float64 scores\n"
     )
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_zero_rows_with_labels_are_refused(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(0, dtype=int))
+    inputs = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    with pytest.raises(FusecliError) as e:
+        combine_scores(inputs, tmp_path / "x.npy", labels=tmp_path / "y.npy")
+    assert str(e.value) == (
+        f"Accuracy needs at least one row of scores. Received: {inputs[0]} has shape (0, 3)"
+    )
+    assert not (tmp_path / "x.npy").exists()
+    combine_scores(inputs, tmp_path / "x.npy")  # without labels, 0 rows are fine
+    assert np.load(tmp_path / "x.npy").shape == (0, 3)

@@ -255,3 +255,16 @@ def test_cli_refuses_stdin_on_a_terminal(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["tune", "-", str(paths[1]), "--labels", str(y)])
     assert result.exit_code == 2
     assert "stdin ('-') is a terminal; pipe or redirect a .npy array into it" in result.stderr
+
+
+def test_zero_rows_are_refused(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(0, dtype=int))
+    args = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--labels", str(tmp_path / "y.npy")]
+    result = CliRunner().invoke(cli, ["tune", *args])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: Expected scores with at least one row to tune on. "
+        f"Received: {tmp_path / 'a.npy'} has shape (0, 3)\n"
+    )
