@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import stat
 import zipfile
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
+import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
 
@@ -90,6 +92,8 @@ def open_data(path: str | os.PathLike[str]) -> Iterator[DataFile]:
     fmt = _data_format(path, source)
     with contextlib.ExitStack() as stack:
         try:
+            if fmt == "npy":
+                _check_npy_size(path, source)
             if fmt == "npy" and isinstance(source, io.BytesIO):
                 handle = np.load(source, allow_pickle=False)
             elif fmt == "npy":
@@ -181,6 +185,35 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     if _is_regular(path) and path.stat().st_size == 0:
         raise FusecliError(f"{path}: is empty")
     return path
+
+
+def _check_npy_size(path: Path, source: Path | io.BytesIO) -> None:
+    """A header may promise more data than the file holds (or a negative size): say so before
+    numpy tries to allocate it."""
+    with open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source) as f:
+        version = npy_format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return  # np.load gives the error
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = npy_format.read_array_header_2_0(f)
+        if any(int(d) < 0 for d in shape):
+            raise FusecliError(f"{path}: has a broken .npy header (negative size in shape {shape})")
+        expected = np.dtype(dtype).itemsize * math.prod(shape)
+        found = _remaining(f)
+        f.seek(0)
+    if found < expected:
+        raise FusecliError(
+            f"{path}: is truncated (its header promises {expected} bytes of data "
+            f"for shape {tuple(shape)}, the file holds {found})"
+        )
+
+
+def _remaining(f: Any) -> int:
+    here = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    return end - here
 
 
 def _is_regular(path: Path) -> bool:

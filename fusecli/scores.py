@@ -400,6 +400,8 @@ def _read_header(stream: BinaryIO, name: str) -> tuple[tuple[int, ...], bool, np
             raise FusecliError(f"{name}: .npy format version {version} is not supported")
     except ValueError as e:
         raise FusecliError(f"{name}: has a broken .npy header ({e})") from None
+    if any(int(d) < 0 for d in shape):
+        raise FusecliError(f"{name}: has a broken .npy header (negative size in shape {shape})")
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise FusecliError(f"{name}: holds Python objects, not numbers")

@@ -183,6 +183,19 @@ def _bad_files(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "short_y.npy", np.zeros(50, dtype=int))
     np.save(tmp_path / "big_y.npy", np.full(103, 9))
+    _write_header_only(tmp_path / "neg.npy", "<f4", (-1, 7), b"\0" * 64)
+    _write_header_only(tmp_path / "neg_y.npy", "<i8", (-1,), b"\0" * 64)
+    _write_header_only(tmp_path / "huge_y.npy", "<i8", (10**15,), b"\0" * 64)
+
+
+def _write_header_only(path, descr, shape, data: bytes) -> None:
+    """A .npy whose header says `shape` whatever `data` follows it."""
+    import numpy.lib.format as npy_format
+
+    with open(path, "wb") as f:
+        header = {"descr": descr, "fortran_order": False, "shape": shape}
+        npy_format.write_array_header_1_0(f, header)
+        f.write(data)
 
 
 @pytest.mark.parametrize(
@@ -209,6 +222,18 @@ def _bad_files(tmp_path):
             "(103, 7), the file holds 372)",
         ),
         (["junk.npy"], {}, "{d}/junk.npy: is not a .npy array"),
+        (["neg.npy"], {}, "{d}/neg.npy: has a broken .npy header (negative size in shape (-1, 7))"),
+        (
+            ["a.npy"],
+            {"labels": "neg_y.npy"},
+            "{d}/neg_y.npy: has a broken .npy header (negative size in shape (-1,))",
+        ),
+        (
+            ["a.npy"],
+            {"labels": "huge_y.npy"},
+            "{d}/huge_y.npy: is truncated (its header promises 8000000000000000 bytes of data "
+            "for shape (1000000000000000,), the file holds 64)",
+        ),
         (["empty.npy"], {}, "{d}/empty.npy: is empty"),
         (["missing.npy"], {}, "{d}/missing.npy: no such file"),
         (
