@@ -268,3 +268,15 @@ def test_zero_rows_are_refused(tmp_path):
         "Error: Expected scores with at least one row to tune on. "
         f"Received: {tmp_path / 'a.npy'} has shape (0, 3)\n"
     )
+
+
+@pytest.mark.parametrize(("step", "shown"), [(0.125, "0.375"), (0.0625, "0.3125"), (0.25, "0.25")])
+def test_table_shows_weights_finer_than_hundredths(tmp_path, step, shown):
+    paths, y = _write_scores(tmp_path)
+    args = ["tune", *map(str, paths), "--labels", str(y), "--step", str(step), "--top", "100"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    weights = [line.split()[1] for line in result.stdout.splitlines()[1:]]
+    assert shown in weights
+    k = round(1 / step)
+    assert sorted(set(weights)) == sorted({f"{j / k:.{len(shown) - 2}f}" for j in range(k + 1)})
