@@ -95,6 +95,10 @@ def divisions(step: float) -> int:
     """1/step, which must be a whole number so that the grid reaches every vertex exactly."""
     if not (0 < step <= 1):
         raise InvalidRequest(f"Expected a step between 0 and 1. Received: step={step}")
+    if not math.isfinite(1 / step):
+        raise InvalidRequest(
+            f"The step is too small to divide 1 into a grid of weights. Received: step={step}"
+        )
     k = round(1 / step)
     if abs(k * step - 1) > 1e-9:
         raise InvalidRequest(

@@ -168,6 +168,12 @@ def test_cli_json_and_table(tmp_path):
         ),
         (["{s0}", "{s1}", "--labels", "{y}", "--step", "0.3"], 2, "The step must divide 1"),
         (
+            ["{s0}", "{s1}", "--labels", "{y}", "--step", "5e-324"],
+            2,
+            "Error: The step is too small to divide 1 into a grid of weights. "
+            "Received: step=5e-324",
+        ),
+        (
             ["{s0}", "{s1}", "--data", "{y}"],
             2,
             "Error: --data {y} is a .npy file: it holds the inputs, not labels; "
