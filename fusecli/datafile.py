@@ -75,6 +75,11 @@ class DataFile:
                     f"{self.path}: array {key!r} cannot be read ({_short(e)})"
                 ) from None
         label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
+        if not hasattr(values, "dtype") or not hasattr(values, "shape"):
+            # np.load returns the raw bytes of a .npz member that is not a .npy
+            raise FusecliError(f"{label} is not a .npy array (got {type(values).__name__})")
+        if values.shape is None:  # an h5py.Empty dataset
+            raise FusecliError(f"{label} is an empty dataset with no shape")
         dtype = np.dtype(values.dtype)
         if dtype.hasobject or dtype.kind not in NUMERIC_KINDS:
             raise FusecliError(f"{label} holds values of dtype {dtype}, not numbers")

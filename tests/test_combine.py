@@ -422,3 +422,23 @@ def test_zero_rows_with_labels_are_refused(tmp_path):
     assert not (tmp_path / "x.npy").exists()
     combine_scores(inputs, tmp_path / "x.npy")  # without labels, 0 rows are fine
     assert np.load(tmp_path / "x.npy").shape == (0, 3)
+
+
+def test_labels_that_are_not_arrays(tmp_path, arrays):
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as z:
+        z.writestr("y.npy", b"raw bytes, not a .npy")
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f.create_dataset("y", data=h5py.Empty("f4"))
+    expected = {
+        "raw.npz": "array 'y' is not a .npy array (got bytes)",
+        "empty.h5": "array 'y' is an empty dataset with no shape",
+    }
+    for name, message in expected.items():
+        with pytest.raises(FusecliError) as e:
+            combine_scores([tmp_path / "a.npy"], tmp_path / "x.npy", labels=tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name}: {message}"
+        assert not (tmp_path / "x.npy").exists()
