@@ -25,6 +25,7 @@ import numpy as np
 from fusecli import metrics
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.modelfile import MODEL_SUFFIXES
+from fusecli.scores import check_finite
 
 DEFAULT_STEP = 0.1
 MAX_GRID_POINTS = 1_000_000
@@ -153,6 +154,8 @@ def tune_scores(
                 "Scores must have the same shape to be fused. "
                 f"Received: {names[0]} has shape {scores[0].shape}, {name} has shape {s.shape}"
             )
+    for name, s in zip(names, scores, strict=True):
+        check_finite(np.asarray(s), name)
     shape = scores[0].shape
     if len(shape) == 0 or shape[0] == 0:
         raise FusecliError(
@@ -177,8 +180,16 @@ def tune_scores(
         notes.append("logloss: the scores are not all probabilities, so softmax(fused) is scored")
 
     options = dict(probabilities=probabilities, softmax=activation == "softmax")
-    values = _evaluate_grid(stack, grid / k, labels, metric, **options)
-    singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
+    # Overflow shows as non-finite metric values, refused below rather than warned about.
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = _evaluate_grid(stack, grid / k, labels, metric, **options)
+        singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
+    if not (np.isfinite(values).all() and np.isfinite(singles).all()):
+        biggest = float(np.max(np.abs(stack)))
+        raise FusecliError(
+            f"The {metric} of the fused scores overflows to a non-finite value; the scores are "
+            f"too large (up to {biggest:.4g} in absolute value): rescale them"
+        )
     order = rank_grid(grid, values, k, higher_is_better=metrics.HIGHER_IS_BETTER[metric])
     ranking = [Candidate(_weights(grid[i], k), float(values[i])) for i in order[:keep]]
     best = order[0]

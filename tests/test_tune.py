@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fusecli.cli import cli
-from fusecli.errors import InvalidRequest
+from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.tuning import MAX_GRID_POINTS, simplex_grid, tune, tune_scores
 
 
@@ -286,3 +286,23 @@ def test_table_shows_weights_finer_than_hundredths(tmp_path, step, shown):
     assert shown in weights
     k = round(1 / step)
     assert sorted(set(weights)) == sorted({f"{j / k:.{len(shown) - 2}f}" for j in range(k + 1)})
+
+
+def test_non_finite_metric_values_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.random((6, 3)) * 1e200)
+    np.save(tmp_path / "y.npy", np.arange(6) % 3)
+    args = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--labels", str(tmp_path / "y.npy")]
+    result = CliRunner().invoke(cli, ["tune", *args, "--metric", "mse", "--json"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: The mse of the fused scores overflows to a non-finite value; the scores are "
+        "too large (up to "
+    )
+    assert result.stderr.endswith(" in absolute value): rescale them\n")
+    assert result.stdout == ""
+    with pytest.raises(FusecliError, match=r"b: holds NaN or infinite values \(first in row 2\)"):
+        bad = np.zeros((4, 3))
+        bad[2, 1] = np.inf
+        tune_scores([np.zeros((4, 3)), bad], np.zeros(4, dtype=int), names=["a", "b"])
