@@ -5,8 +5,10 @@ single models) included. Every point is scored, in chunks of weightings at once:
 
     fused[g] = sum_i W[g, i] * scores_i        metric(fused[g], labels)
 
-The best point wins; ties go to the weights closest to uniform (smallest squared distance), then
-to the most weight on the earlier models (lexical order), so the answer is deterministic.
+The best point wins (compared to 12 significant digits, so that ties in exact arithmetic are
+not settled by float rounding); ties go to the weights closest to uniform (smallest squared
+distance), then to the most weight on the earlier models (lexical order), so the answer is
+deterministic.
 There are C(1/step + n - 1, n - 1) points: 66 for 3 models at 0.1, 10^6 is the limit.
 """
 
@@ -216,7 +218,7 @@ def rank_grid(
     """Indices of grid points, best first, with the tie-breaks of the module doc."""
     n = grid.shape[1]
     spread = np.sum(np.square(n * grid - k), axis=1)  # n^2 * squared distance to uniform
-    primary = -values if higher_is_better else values
+    primary = _quantize(-values if higher_is_better else values)
     keys = [-grid[:, i] for i in reversed(range(n))] + [spread, primary]
     return np.lexsort(keys)
 
@@ -369,6 +371,17 @@ def _evaluate_grid(
             metric, fused, labels, probabilities=probabilities
         )
     return out
+
+
+def _quantize(values: np.ndarray, digits: int = 12) -> np.ndarray:
+    """`values` to `digits` significant digits of the largest, so that ties in exact arithmetic
+    are not settled by float rounding (identical inputs: 0.7 a + 0.3 a is not quite a)."""
+    values = np.asarray(values, dtype=np.float64)
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    if top == 0 or not math.isfinite(top):
+        return values
+    unit = 10.0 ** (math.floor(math.log10(top)) - digits + 1)
+    return np.round(values / unit)
 
 
 def _weights(row: np.ndarray, k: int) -> list[float]:

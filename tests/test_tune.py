@@ -306,3 +306,15 @@ def test_non_finite_metric_values_are_refused(tmp_path):
         bad = np.zeros((4, 3))
         bad[2, 1] = np.inf
         tune_scores([np.zeros((4, 3)), bad], np.zeros(4, dtype=int), names=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("seed", "shape", "metric"),
+    [(1, (103, 7), "mse"), (4, (60, 4), "mse"), (1, (60, 4), "logloss"), (3, (103, 7), "logloss")],
+)
+def test_identical_inputs_tie_exactly_and_uniform_wins(seed, shape, metric):
+    rng = np.random.default_rng(seed)
+    a = rng.random(shape).astype(np.float32)
+    classes = rng.integers(0, shape[1], size=shape[0])
+    result = tune_scores([a, a], classes, metric=metric)
+    assert result.weights == [0.5, 0.5]
