@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,7 +339,12 @@ def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
             f"Received: {tuple(str(s) for s in sources)}"
         )
     for s in sources:
-        if "scores" in kinds and str(s) != "-" and Path(s).suffix.lower() != ".npy":
+        if (
+            "scores" in kinds
+            and str(s) != "-"
+            and Path(s).suffix.lower() != ".npy"
+            and not _is_pipe(s)
+        ):
             raise InvalidRequest(
                 f"Expected model files (.keras, .h5) or score arrays (.npy). Received: {str(s)!r}"
             )
@@ -382,6 +388,14 @@ def _quantize(values: np.ndarray, digits: int = 12) -> np.ndarray:
         return values
     unit = 10.0 ** (math.floor(math.log10(top)) - digits + 1)
     return np.round(values / unit)
+
+
+def _is_pipe(path: str | os.PathLike[str]) -> bool:
+    """A named pipe or process substitution (/dev/fd/63) carries a .npy stream without a suffix."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _weights(row: np.ndarray, k: int) -> list[float]:

@@ -318,3 +318,30 @@ def test_identical_inputs_tie_exactly_and_uniform_wins(seed, shape, metric):
     classes = rng.integers(0, shape[1], size=shape[0])
     result = tune_scores([a, a], classes, metric=metric)
     assert result.weights == [0.5, 0.5]
+
+
+def test_scores_and_labels_from_named_pipes(tmp_path):
+    import io
+    import os
+    import threading
+
+    paths, y = _write_scores(tmp_path)
+
+    def fifo(name, array):
+        path = tmp_path / name
+        os.mkfifo(path)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+
+        def feed() -> None:
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue())
+
+        threading.Thread(target=feed, daemon=True).start()
+        return path
+
+    expected = tune_scores([np.load(p) for p in paths], np.load(y), names=["a", "b"])
+    pipes = [fifo("s0", np.load(paths[0])), paths[1], "--labels", fifo("y", np.load(y))]
+    result = CliRunner().invoke(cli, ["tune", *map(str, pipes), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["weights"] == expected.weights
