@@ -13,7 +13,10 @@ slice by slice, so only one batch at a time needs to be in memory; .npz members 
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -23,6 +26,7 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
+import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
 
@@ -71,6 +75,11 @@ class DataFile:
                     f"{self.path}: array {key!r} cannot be read ({_short(e)})"
                 ) from None
         label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
+        if not hasattr(values, "dtype") or not hasattr(values, "shape"):
+            # np.load returns the raw bytes of a .npz member that is not a .npy
+            raise FusecliError(f"{label} is not a .npy array (got {type(values).__name__})")
+        if values.shape is None:  # an h5py.Empty dataset
+            raise FusecliError(f"{label} is an empty dataset with no shape")
         dtype = np.dtype(values.dtype)
         if dtype.hasobject or dtype.kind not in NUMERIC_KINDS:
             raise FusecliError(f"{label} holds values of dtype {dtype}, not numbers")
@@ -83,18 +92,24 @@ class DataFile:
 def open_data(path: str | os.PathLike[str]) -> Iterator[DataFile]:
     """Open a .npy, .npz or .h5 data file for reading; errors name the file."""
     path = _check_path(path)
-    fmt = _data_format(path)
+    # A named pipe or process substitution can be read once, from the start: read it whole.
+    source: Path | io.BytesIO = path if _is_regular(path) else _read_whole(path)
+    fmt = _data_format(path, source)
     with contextlib.ExitStack() as stack:
         try:
             if fmt == "npy":
+                _check_npy_size(path, source)
+            if fmt == "npy" and isinstance(source, io.BytesIO):
+                handle = np.load(source, allow_pickle=False)
+            elif fmt == "npy":
                 try:
                     handle = np.load(path, mmap_mode="r", allow_pickle=False)
                 except ValueError:  # empty arrays cannot be mapped; object arrays fail again
                     handle = np.load(path, allow_pickle=False)
             elif fmt == "npz":
-                handle = stack.enter_context(np.load(path, allow_pickle=False))
+                handle = stack.enter_context(np.load(source, allow_pickle=False))
             else:
-                handle = stack.enter_context(h5py.File(path, "r"))
+                handle = stack.enter_context(h5py.File(source, "r"))
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise FusecliError(f"{path}: cannot be read as {fmt} data ({_short(e)})") from None
         yield DataFile(path, fmt, handle)
@@ -142,10 +157,21 @@ def model_input_arrays(
     )
 
 
-def read_labels(path: str | os.PathLike[str], *, key: str | None = None) -> np.ndarray:
-    """Labels in memory: a whole .npy file, or the array `key` (default `y`) of a .npz/.h5."""
+def read_labels(
+    path: str | os.PathLike[str], *, key: str | None = None, in_data: bool = False
+) -> np.ndarray:
+    """Labels in memory: a whole .npy file, or the array `key` (default `y`) of a .npz/.h5.
+
+    `in_data`: `path` is the --data file, whose labels are an array beside the inputs; a .npy
+    holds only the inputs, which must not be taken for labels.
+    """
     with open_data(path) as data:
         if data.format == "npy":
+            if in_data:
+                raise InvalidRequest(
+                    f"--data {data.path} is a .npy file: it holds the inputs, not labels; "
+                    "pass the labels with --labels"
+                )
             return np.asarray(data.array(None))
         return np.asarray(data.array(key or DEFAULT_LABELS_KEY)[()])
 
@@ -161,22 +187,69 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
         raise FusecliError(f"{path}: no such file")
     if path.is_dir():
         raise FusecliError(f"{path}: is a directory, not a data file")
-    if path.stat().st_size == 0:
+    if _is_regular(path) and path.stat().st_size == 0:
         raise FusecliError(f"{path}: is empty")
     return path
 
 
-def _data_format(path: Path) -> DataFormat:
+def _check_npy_size(path: Path, source: Path | io.BytesIO) -> None:
+    """A header may promise more data than the file holds (or a negative size): say so before
+    numpy tries to allocate it."""
+    with open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source) as f:
+        version = npy_format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return  # np.load gives the error
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = npy_format.read_array_header_2_0(f)
+        if any(int(d) < 0 for d in shape):
+            raise FusecliError(f"{path}: has a broken .npy header (negative size in shape {shape})")
+        expected = np.dtype(dtype).itemsize * math.prod(shape)
+        found = _remaining(f)
+        f.seek(0)
+    if found < expected:
+        raise FusecliError(
+            f"{path}: is truncated (its header promises {expected} bytes of data "
+            f"for shape {tuple(shape)}, the file holds {found})"
+        )
+
+
+def _remaining(f: Any) -> int:
+    here = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    return end - here
+
+
+def _is_regular(path: Path) -> bool:
+    return stat.S_ISREG(path.stat().st_mode)
+
+
+def _read_whole(path: Path) -> io.BytesIO:
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            content = f.read()
     except OSError as e:
         raise FusecliError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not content:
+        raise FusecliError(f"{path}: is empty")
+    return io.BytesIO(content)
+
+
+def _data_format(path: Path, source: Path | io.BytesIO) -> DataFormat:
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:8]
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise FusecliError(f"{path}: cannot be read ({e.strerror or e})") from None
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head.startswith(b"PK"):
         return "npz"
-    if head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(path):
+    if head == b"\x89HDF\r\n\x1a\n" or (isinstance(source, Path) and h5py.is_hdf5(path)):
         return "h5"
     raise FusecliError(f"{path}: is not a .npy, .npz or .h5 data file")
 

@@ -62,6 +62,13 @@ def parse_labels(raw: np.ndarray, scores_shape: Sequence[int], *, source: str) -
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise FusecliError(f"{source}: labels hold NaN or infinite values")
     if raw.ndim == 1 and raw.dtype.kind in "iu":
+        if raw.dtype.kind == "u" and raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+            # astype(int64) would wrap these around to negative classes
+            _check_classes(np.zeros(0, np.int64), scores_shape, source)
+            raise FusecliError(
+                f"{source}: holds class {int(raw.max())}, but the scores have {scores_shape[1]} "
+                f"classes (0 to {scores_shape[1] - 1})"
+            )
         return Labels(classes=_check_classes(raw.astype(np.int64), scores_shape, source))
     if raw.ndim == 2 and _is_one_hot(raw):
         if tuple(raw.shape) != tuple(scores_shape):

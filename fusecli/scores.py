@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ class ScoreReader:
     shape: tuple[int, ...]
     dtype: np.dtype
     stream: BinaryIO | None = None
-    fortran: np.ndarray | None = None  # a Fortran-ordered file, memory-mapped instead
+    fortran: bool = False  # a Fortran-ordered file (seekable), read column block by block
+    _data_start: int = 0
     _rows_read: int = 0
 
     @property
@@ -57,8 +59,8 @@ class ScoreReader:
         start = self._rows_read
         count = max(0, min(count, self.rows - start))
         self._rows_read += count
-        if self.fortran is not None:
-            return np.array(self.fortran[start : start + count])
+        if self.fortran:
+            return self._read_fortran_rows(start, count)
         out = np.empty((count, *self.shape[1:]), dtype=self.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
         got = 0
@@ -74,6 +76,26 @@ class ScoreReader:
 
     def read_all(self) -> np.ndarray:
         return self.read_rows(self.rows - self._rows_read)
+
+    def _read_fortran_rows(self, start: int, count: int) -> np.ndarray:
+        """Rows of a Fortran-ordered file: each of its columns holds `count` contiguous values.
+
+        Plain reads of one run per column keep memory to the chunk (a map would stay resident).
+        """
+        columns = math.prod(self.shape[1:])
+        block = np.empty((columns, count), dtype=self.dtype)
+        size = self.dtype.itemsize
+        for j in range(columns if count else 0):
+            self.stream.seek(self._data_start + (j * self.rows + start) * size)
+            view = memoryview(block[j].view(np.uint8))
+            got = 0
+            while got < len(view):
+                n = self.stream.readinto(view[got:])
+                if not n:
+                    raise FusecliError(f"{self.name}: the .npy data ends early")
+                got += n
+        rows = np.reshape(block.T, (count, *self.shape[1:]), order="F")
+        return np.ascontiguousarray(rows)
 
 
 @contextlib.contextmanager
@@ -104,6 +126,15 @@ def open_scores(
     with f:
         shape, fortran, dtype = _read_header(f, name)
         shape = _check_shape(shape, name)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            # a named pipe or process substitution: no size to check, no seeking, no map
+            if fortran and len(shape) > 1:
+                raise FusecliError(
+                    f"{name}: a Fortran-ordered .npy cannot be read from a pipe in rows; "
+                    "save it as C-ordered (np.ascontiguousarray) or pass it as a regular file"
+                )
+            yield ScoreReader(name, shape, dtype, stream=f)
+            return
         expected = dtype.itemsize * math.prod(shape)
         found = os.fstat(f.fileno()).st_size - f.tell()
         if found < expected:
@@ -112,8 +143,7 @@ def open_scores(
                 f"for shape {shape}, the file holds {found})"
             )
         if fortran and len(shape) > 1:
-            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-            yield ScoreReader(name, shape, dtype, fortran=mapped)
+            yield ScoreReader(name, shape, dtype, stream=f, fortran=True, _data_start=f.tell())
             return
         yield ScoreReader(name, shape, dtype, stream=f)
 
@@ -267,6 +297,11 @@ def combine_scores(
         shape = _common_shape(readers)
         classes = None
         if labels is not None:
+            if shape[0] == 0:
+                raise FusecliError(
+                    "Accuracy needs at least one row of scores. "
+                    f"Received: {readers[0].name} has shape {shape}"
+                )
             from fusecli.datafile import read_labels
 
             raw = labels if isinstance(labels, np.ndarray) else read_labels(labels, key=labels_key)
@@ -293,8 +328,11 @@ def combine_scores(
                         correct[i] += metrics.topk_correct(
                             chunk, classes[start : start + len(chunk)], ks
                         )
-                    term = chunk.astype(dtype, copy=False) * dtype.type(w)
-                    fused = term if fused is None else np.add(fused, term, out=fused)
+                    # Overflow is caught below, row by row, rather than warned about.
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        term = chunk.astype(dtype, copy=False) * np.float64(w).astype(dtype)
+                        fused = term if fused is None else np.add(fused, term, out=fused)
+                _check_fused(fused, dtype, first_row=start)
                 if classes is not None:
                     correct[-1] += metrics.topk_correct(
                         fused, classes[start : start + len(fused)], ks
@@ -362,6 +400,8 @@ def _read_header(stream: BinaryIO, name: str) -> tuple[tuple[int, ...], bool, np
             raise FusecliError(f"{name}: .npy format version {version} is not supported")
     except ValueError as e:
         raise FusecliError(f"{name}: has a broken .npy header ({e})") from None
+    if any(int(d) < 0 for d in shape):
+        raise FusecliError(f"{name}: has a broken .npy header (negative size in shape {shape})")
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise FusecliError(f"{name}: holds Python objects, not numbers")
@@ -385,6 +425,18 @@ def _common_shape(readers: Sequence[ScoreReader]) -> tuple[int, ...]:
                 f"Received: {first.name} has shape {first.shape}, {r.name} has shape {r.shape}"
             )
     return first.shape
+
+
+def _check_fused(fused: np.ndarray, dtype: np.dtype, *, first_row: int) -> None:
+    """Finite inputs can still sum to infinity (big weights, scores near the dtype's limit)."""
+    finite = np.isfinite(fused)
+    if finite.all():
+        return
+    row = first_row + int(np.argmax(~finite.reshape(len(fused), -1).all(axis=1)))
+    raise FusecliError(
+        f"The fused scores overflow {dtype} in row {row} (the weighted sum is beyond "
+        f"{np.finfo(dtype).max:.4g}); use smaller weights or float64 scores"
+    )
 
 
 def _label_name(labels: Any) -> str:

@@ -5,8 +5,10 @@ single models) included. Every point is scored, in chunks of weightings at once:
 
     fused[g] = sum_i W[g, i] * scores_i        metric(fused[g], labels)
 
-The best point wins; ties go to the weights closest to uniform (smallest squared distance), then
-to the most weight on the earlier models (lexical order), so the answer is deterministic.
+The best point wins (compared to 12 significant digits, so that ties in exact arithmetic are
+not settled by float rounding); ties go to the weights closest to uniform (smallest squared
+distance), then to the most weight on the earlier models (lexical order), so the answer is
+deterministic.
 There are C(1/step + n - 1, n - 1) points: 66 for 3 models at 0.1, 10^6 is the limit.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ import numpy as np
 from fusecli import metrics
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.modelfile import MODEL_SUFFIXES
+from fusecli.scores import check_finite
 
 DEFAULT_STEP = 0.1
 MAX_GRID_POINTS = 1_000_000
@@ -95,6 +99,10 @@ def divisions(step: float) -> int:
     """1/step, which must be a whole number so that the grid reaches every vertex exactly."""
     if not (0 < step <= 1):
         raise InvalidRequest(f"Expected a step between 0 and 1. Received: step={step}")
+    if not math.isfinite(1 / step):
+        raise InvalidRequest(
+            f"The step is too small to divide 1 into a grid of weights. Received: step={step}"
+        )
     k = round(1 / step)
     if abs(k * step - 1) > 1e-9:
         raise InvalidRequest(
@@ -149,7 +157,14 @@ def tune_scores(
                 "Scores must have the same shape to be fused. "
                 f"Received: {names[0]} has shape {scores[0].shape}, {name} has shape {s.shape}"
             )
+    for name, s in zip(names, scores, strict=True):
+        check_finite(np.asarray(s), name)
     shape = scores[0].shape
+    if len(shape) == 0 or shape[0] == 0:
+        raise FusecliError(
+            f"Expected scores with at least one row to tune on. Received: {names[0]} has shape "
+            f"{tuple(shape)}"
+        )
     if not isinstance(labels, metrics.Labels):
         labels = metrics.parse_labels(labels, shape, source="labels")
     metric = metric or labels.default_metric
@@ -168,8 +183,16 @@ def tune_scores(
         notes.append("logloss: the scores are not all probabilities, so softmax(fused) is scored")
 
     options = dict(probabilities=probabilities, softmax=activation == "softmax")
-    values = _evaluate_grid(stack, grid / k, labels, metric, **options)
-    singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
+    # Overflow shows as non-finite metric values, refused below rather than warned about.
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = _evaluate_grid(stack, grid / k, labels, metric, **options)
+        singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
+    if not (np.isfinite(values).all() and np.isfinite(singles).all()):
+        biggest = float(np.max(np.abs(stack)))
+        raise FusecliError(
+            f"The {metric} of the fused scores overflows to a non-finite value; the scores are "
+            f"too large (up to {biggest:.4g} in absolute value): rescale them"
+        )
     order = rank_grid(grid, values, k, higher_is_better=metrics.HIGHER_IS_BETTER[metric])
     ranking = [Candidate(_weights(grid[i], k), float(values[i])) for i in order[:keep]]
     best = order[0]
@@ -196,7 +219,7 @@ def rank_grid(
     """Indices of grid points, best first, with the tie-breaks of the module doc."""
     n = grid.shape[1]
     spread = np.sum(np.square(n * grid - k), axis=1)  # n^2 * squared distance to uniform
-    primary = -values if higher_is_better else values
+    primary = _quantize(-values if higher_is_better else values)
     keys = [-grid[:, i] for i in reversed(range(n))] + [spread, primary]
     return np.lexsort(keys)
 
@@ -260,7 +283,7 @@ def tune(
     if labels is not None:
         raw_labels = read_labels(labels, key=labels_key)
     else:
-        raw_labels = read_labels(data, key=labels_key)
+        raw_labels = read_labels(data, key=labels_key, in_data=True)
     if kind == "models":
         from fusecli.prediction import predict_array
 
@@ -316,7 +339,12 @@ def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
             f"Received: {tuple(str(s) for s in sources)}"
         )
     for s in sources:
-        if "scores" in kinds and str(s) != "-" and Path(s).suffix.lower() != ".npy":
+        if (
+            "scores" in kinds
+            and str(s) != "-"
+            and Path(s).suffix.lower() != ".npy"
+            and not _is_pipe(s)
+        ):
             raise InvalidRequest(
                 f"Expected model files (.keras, .h5) or score arrays (.npy). Received: {str(s)!r}"
             )
@@ -349,6 +377,25 @@ def _evaluate_grid(
             metric, fused, labels, probabilities=probabilities
         )
     return out
+
+
+def _quantize(values: np.ndarray, digits: int = 12) -> np.ndarray:
+    """`values` to `digits` significant digits of the largest, so that ties in exact arithmetic
+    are not settled by float rounding (identical inputs: 0.7 a + 0.3 a is not quite a)."""
+    values = np.asarray(values, dtype=np.float64)
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    if top == 0 or not math.isfinite(top):
+        return values
+    unit = 10.0 ** (math.floor(math.log10(top)) - digits + 1)
+    return np.round(values / unit)
+
+
+def _is_pipe(path: str | os.PathLike[str]) -> bool:
+    """A named pipe or process substitution (/dev/fd/63) carries a .npy stream without a suffix."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _weights(row: np.ndarray, k: int) -> list[float]:

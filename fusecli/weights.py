@@ -36,7 +36,14 @@ def resolve_weights(
     if not all(math.isfinite(w) for w in weights):
         raise InvalidRequest(f"Weights must be finite numbers. Received: weights={weights}")
     if normalize:
-        total = math.fsum(weights)
+        try:
+            total = math.fsum(weights)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total):
+            raise InvalidRequest(
+                f"Cannot normalize weights whose sum overflows. Received: weights={weights}"
+            )
         if total == 0:
             raise InvalidRequest(
                 f"Cannot normalize weights that sum to 0. Received: weights={weights}"

@@ -114,6 +114,22 @@ def test_fortran_ordered_file(tmp_path):
     np.testing.assert_array_equal(read_scores(tmp_path / "a.npy"), a)
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (23, 3, 4)])
+def test_fortran_ordered_files_are_read_in_row_chunks_without_a_map(tmp_path, shape):
+    rng = np.random.default_rng(2)
+    a = np.asfortranarray(rng.random(shape))
+    b = rng.random(shape)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    combine_scores([tmp_path / "a.npy", tmp_path / "b.npy"], tmp_path / "o.npy", chunk_bytes=100)
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), 0.5 * a + 0.5 * b)
+    with open_scores(tmp_path / "a.npy") as reader:
+        assert not any(isinstance(v, np.memmap) for v in vars(reader).values())
+        parts = [reader.read_rows(4) for _ in range(0, shape[0], 4)]
+    np.testing.assert_array_equal(np.concatenate(parts), a)
+    assert {len(p) for p in parts[:-1]} == {4}
+
+
 def test_stdin_and_stdout_streams_in_bounded_reads(tmp_path, arrays):
     a, b, _ = arrays
     stdin = CountingStream(npy_bytes(a))
@@ -167,6 +183,19 @@ def _bad_files(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "short_y.npy", np.zeros(50, dtype=int))
     np.save(tmp_path / "big_y.npy", np.full(103, 9))
+    _write_header_only(tmp_path / "neg.npy", "<f4", (-1, 7), b"\0" * 64)
+    _write_header_only(tmp_path / "neg_y.npy", "<i8", (-1,), b"\0" * 64)
+    _write_header_only(tmp_path / "huge_y.npy", "<i8", (10**15,), b"\0" * 64)
+
+
+def _write_header_only(path, descr, shape, data: bytes) -> None:
+    """A .npy whose header says `shape` whatever `data` follows it."""
+    import numpy.lib.format as npy_format
+
+    with open(path, "wb") as f:
+        header = {"descr": descr, "fortran_order": False, "shape": shape}
+        npy_format.write_array_header_1_0(f, header)
+        f.write(data)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +222,18 @@ def _bad_files(tmp_path):
             "(103, 7), the file holds 372)",
         ),
         (["junk.npy"], {}, "{d}/junk.npy: is not a .npy array"),
+        (["neg.npy"], {}, "{d}/neg.npy: has a broken .npy header (negative size in shape (-1, 7))"),
+        (
+            ["a.npy"],
+            {"labels": "neg_y.npy"},
+            "{d}/neg_y.npy: has a broken .npy header (negative size in shape (-1,))",
+        ),
+        (
+            ["a.npy"],
+            {"labels": "huge_y.npy"},
+            "{d}/huge_y.npy: is truncated (its header promises 8000000000000000 bytes of data "
+            "for shape (1000000000000000,), the file holds 64)",
+        ),
         (["empty.npy"], {}, "{d}/empty.npy: is empty"),
         (["missing.npy"], {}, "{d}/missing.npy: no such file"),
         (
@@ -291,3 +332,113 @@ def test_cli_errors(tmp_path, arrays, monkeypatch, args, code, message):
     assert message in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "x.npy").exists()
+
+
+def _fifo(tmp_path, name, content: bytes):
+    """A named pipe that a thread fills with `content` once a reader opens it."""
+    import os
+    import threading
+
+    path = tmp_path / name
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as f:
+            f.write(content)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return path
+
+
+def test_named_pipes_as_inputs_and_labels(tmp_path, arrays):
+    a, b, y = arrays
+    pipe_a = _fifo(tmp_path, "a.pipe", npy_bytes(a))
+    pipe_y = _fifo(tmp_path, "y.pipe", npy_bytes(y))
+    out = tmp_path / "x.npy"
+    report = combine_scores([pipe_a, tmp_path / "b.npy"], out, labels=pipe_y)
+    np.testing.assert_allclose(np.load(out), np.float32(0.5) * a + np.float32(0.5) * b, rtol=1e-6)
+    assert report.accuracy["fused"]["top1"] == pytest.approx(
+        np.mean(np.argmax(0.5 * a + 0.5 * b, axis=1) == y)
+    )
+
+
+def test_fortran_order_from_a_named_pipe_is_refused(tmp_path, arrays):
+    pipe = _fifo(tmp_path, "f.pipe", npy_bytes(np.asfortranarray(arrays[0])))
+    with pytest.raises(FusecliError) as e:
+        combine_scores([pipe, tmp_path / "b.npy"], tmp_path / "x.npy")
+    assert str(e.value) == (
+        f"{pipe}: a Fortran-ordered .npy cannot be read from a pipe in rows; "
+        "save it as C-ordered (np.ascontiguousarray) or pass it as a regular file"
+    )
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "weights", "row"),
+    [
+        (np.ones((4, 3), np.float32), np.ones((4, 3), np.float32), [1e39, 1], 0),
+        (
+            np.array([[1, 2], [3e38, 3e38], [1, 1]], np.float32),
+            np.array([[1, 2], [3e38, 1], [1, 1]], np.float32),
+            [1, 1],
+            1,
+        ),
+    ],
+)
+def test_overflow_to_infinity_is_refused_without_warnings(tmp_path, a, b, weights, row):
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "combine",
+            str(tmp_path / "a.npy"),
+            str(tmp_path / "b.npy"),
+            "--w",
+            *map(str, weights),
+            "-o",
+            str(tmp_path / "x.npy"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: The fused scores overflow float32 in row {row} (the weighted sum is beyond "
+        "3.403e+38); use smaller weights or float64 scores\n"
+    )
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_zero_rows_with_labels_are_refused(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(0, dtype=int))
+    inputs = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    with pytest.raises(FusecliError) as e:
+        combine_scores(inputs, tmp_path / "x.npy", labels=tmp_path / "y.npy")
+    assert str(e.value) == (
+        f"Accuracy needs at least one row of scores. Received: {inputs[0]} has shape (0, 3)"
+    )
+    assert not (tmp_path / "x.npy").exists()
+    combine_scores(inputs, tmp_path / "x.npy")  # without labels, 0 rows are fine
+    assert np.load(tmp_path / "x.npy").shape == (0, 3)
+
+
+def test_labels_that_are_not_arrays(tmp_path, arrays):
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as z:
+        z.writestr("y.npy", b"raw bytes, not a .npy")
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f.create_dataset("y", data=h5py.Empty("f4"))
+    expected = {
+        "raw.npz": "array 'y' is not a .npy array (got bytes)",
+        "empty.h5": "array 'y' is an empty dataset with no shape",
+    }
+    for name, message in expected.items():
+        with pytest.raises(FusecliError) as e:
+            combine_scores([tmp_path / "a.npy"], tmp_path / "x.npy", labels=tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name}: {message}"
+        assert not (tmp_path / "x.npy").exists()

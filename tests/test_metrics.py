@@ -118,3 +118,13 @@ def test_accuracy_on_targets_is_a_usage_error():
             metrics.Labels(targets=np.zeros((2, 1))),
             probabilities=False,
         )
+
+
+def test_uint64_labels_beyond_int64_name_the_class():
+    raw = np.array([0, 1, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(FusecliError) as e:
+        metrics.parse_labels(raw, (3, 4), source="y.npy")
+    assert (
+        str(e.value)
+        == "y.npy: holds class 9223372036854775813, but the scores have 4 classes (0 to 3)"
+    )

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fusecli.cli import cli
-from fusecli.errors import InvalidRequest
+from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.tuning import MAX_GRID_POINTS, simplex_grid, tune, tune_scores
 
 
@@ -167,6 +167,18 @@ def test_cli_json_and_table(tmp_path):
             "Received: 10 labels",
         ),
         (["{s0}", "{s1}", "--labels", "{y}", "--step", "0.3"], 2, "The step must divide 1"),
+        (
+            ["{s0}", "{s1}", "--labels", "{y}", "--step", "5e-324"],
+            2,
+            "Error: The step is too small to divide 1 into a grid of weights. "
+            "Received: step=5e-324",
+        ),
+        (
+            ["{s0}", "{s1}", "--data", "{y}"],
+            2,
+            "Error: --data {y} is a .npy file: it holds the inputs, not labels; "
+            "pass the labels with --labels",
+        ),
     ],
 )
 def test_cli_errors(tmp_path, args, code, message):
@@ -237,3 +249,99 @@ def test_tune_at_logits(tmp_path, model_files, keras):
     np.testing.assert_allclose(fused, expected / expected.sum(1, keepdims=True), atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"--at logits runs models up to their logits"):
         tune([tmp_path / "a.npy", tmp_path / "b.npy"], labels=tmp_path / "y.npy", at="logits")
+
+
+def test_cli_refuses_stdin_on_a_terminal(tmp_path, monkeypatch):
+    import sys
+
+    import fusecli.cli.streams as streams
+
+    paths, y = _write_scores(tmp_path)
+    monkeypatch.setattr(streams, "is_tty", lambda stream: stream is sys.stdin)
+    result = CliRunner().invoke(cli, ["tune", "-", str(paths[1]), "--labels", str(y)])
+    assert result.exit_code == 2
+    assert "stdin ('-') is a terminal; pipe or redirect a .npy array into it" in result.stderr
+
+
+def test_zero_rows_are_refused(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(0, dtype=int))
+    args = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--labels", str(tmp_path / "y.npy")]
+    result = CliRunner().invoke(cli, ["tune", *args])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: Expected scores with at least one row to tune on. "
+        f"Received: {tmp_path / 'a.npy'} has shape (0, 3)\n"
+    )
+
+
+@pytest.mark.parametrize(("step", "shown"), [(0.125, "0.375"), (0.0625, "0.3125"), (0.25, "0.25")])
+def test_table_shows_weights_finer_than_hundredths(tmp_path, step, shown):
+    paths, y = _write_scores(tmp_path)
+    args = ["tune", *map(str, paths), "--labels", str(y), "--step", str(step), "--top", "100"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.stderr
+    weights = [line.split()[1] for line in result.stdout.splitlines()[1:]]
+    assert shown in weights
+    k = round(1 / step)
+    assert sorted(set(weights)) == sorted({f"{j / k:.{len(shown) - 2}f}" for j in range(k + 1)})
+
+
+def test_non_finite_metric_values_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.random((6, 3)) * 1e200)
+    np.save(tmp_path / "y.npy", np.arange(6) % 3)
+    args = [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--labels", str(tmp_path / "y.npy")]
+    result = CliRunner().invoke(cli, ["tune", *args, "--metric", "mse", "--json"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: The mse of the fused scores overflows to a non-finite value; the scores are "
+        "too large (up to "
+    )
+    assert result.stderr.endswith(" in absolute value): rescale them\n")
+    assert result.stdout == ""
+    with pytest.raises(FusecliError, match=r"b: holds NaN or infinite values \(first in row 2\)"):
+        bad = np.zeros((4, 3))
+        bad[2, 1] = np.inf
+        tune_scores([np.zeros((4, 3)), bad], np.zeros(4, dtype=int), names=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("seed", "shape", "metric"),
+    [(1, (103, 7), "mse"), (4, (60, 4), "mse"), (1, (60, 4), "logloss"), (3, (103, 7), "logloss")],
+)
+def test_identical_inputs_tie_exactly_and_uniform_wins(seed, shape, metric):
+    rng = np.random.default_rng(seed)
+    a = rng.random(shape).astype(np.float32)
+    classes = rng.integers(0, shape[1], size=shape[0])
+    result = tune_scores([a, a], classes, metric=metric)
+    assert result.weights == [0.5, 0.5]
+
+
+def test_scores_and_labels_from_named_pipes(tmp_path):
+    import io
+    import os
+    import threading
+
+    paths, y = _write_scores(tmp_path)
+
+    def fifo(name, array):
+        path = tmp_path / name
+        os.mkfifo(path)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+
+        def feed() -> None:
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue())
+
+        threading.Thread(target=feed, daemon=True).start()
+        return path
+
+    expected = tune_scores([np.load(p) for p in paths], np.load(y), names=["a", "b"])
+    pipes = [fifo("s0", np.load(paths[0])), paths[1], "--labels", fifo("y", np.load(y))]
+    result = CliRunner().invoke(cli, ["tune", *map(str, pipes), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["weights"] == expected.weights

@@ -69,3 +69,26 @@ def test_normalizing_zero_sum_refused():
 )
 def test_join_weight_values(argv, expected):
     assert join_weight_values(argv) == expected
+
+
+def test_normalizing_an_overflowing_sum_refused():
+    with pytest.raises(InvalidRequest) as e:
+        resolve_weights([1e308, 1e308], 2, normalize=True)
+    assert str(e.value) == (
+        "Cannot normalize weights whose sum overflows. Received: weights=(1e+308, 1e+308)"
+    )
+
+
+def test_cli_normalizing_an_overflowing_sum_is_a_usage_error(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from fusecli.cli import cli
+
+    np.save(tmp_path / "a.npy", np.ones((2, 2)))
+    a = str(tmp_path / "a.npy")
+    args = ["combine", a, a, "--w", "1e308", "1e308", "--normalize", "-o", str(tmp_path / "x.npy")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "Cannot normalize weights whose sum overflows" in result.stderr
+    assert "Traceback" not in result.output

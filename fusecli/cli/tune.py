@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -16,6 +17,7 @@ from fusecli.cli.common import (
     trust_option,
     verbose_option,
 )
+from fusecli.cli.streams import check_terminals
 from fusecli.metrics import METRICS
 from fusecli.prediction import AT_CHOICES
 from fusecli.tuning import DEFAULT_STEP, TuneResult
@@ -120,6 +122,7 @@ def tune_command(
     """
     from fusecli.tuning import tune
 
+    check_terminals(reads_stdin="-" in inputs, writes_stdout=False)
     if trust:
         say("Warning: --trust: model files may run code while they load.")
     with progress_bar("predict") as bar:
@@ -169,12 +172,23 @@ def format_table(result: TuneResult) -> str:
     names = result.names
     widths = [max(6, len(n)) for n in names]
     header = ["rank", *names, result.metric]
+    d = weight_decimals(result.step)
     rows = [
-        [str(i), *(f"{w:.2f}" for w in c.weights), f"{c.score:.6f}"]
+        [str(i), *(f"{w:.{d}f}" for w in c.weights), f"{c.score:.6f}"]
         for i, c in enumerate(result.ranking, start=1)
     ]
-    rows += [["alone", *(f"{w:.2f}" for w in c.weights), f"{c.score:.6f}"] for c in result.singles]
+    rows += [
+        ["alone", *(f"{w:.{d}f}" for w in c.weights), f"{c.score:.6f}"] for c in result.singles
+    ]
     cols = [5, *widths, max(8, len(result.metric))]
     lines = ["  ".join(f"{h:>{w}}" for h, w in zip(header, cols, strict=True))]
     lines += ["  ".join(f"{v:>{w}}" for v, w in zip(r, cols, strict=True)) for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def weight_decimals(step: float) -> int:
+    """Decimals that show grid weights exactly: 2 for 0.1, 3 for 0.125; 1/3 has none, so 2."""
+    for d in range(2, 13):
+        if abs(round(step, d) - step) <= 1e-12:
+            return d
+    return max(2, math.ceil(-math.log10(step)) + 1)
