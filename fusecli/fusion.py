@@ -151,12 +151,21 @@ def fuse_to_file(
     Unless `verify` is False, the written file is loaded back as a user would and its output on a
     random batch compared with what it should compute; a file that differs is deleted.
     """
-    options = dict(normalize=normalize, scale=scale, inputs=inputs, at=at, activation=activation)
     fmt = model_format(output)
-    _check_request(models, weights, **options)
+    checked = _check_request(
+        models,
+        weights,
+        normalize=normalize,
+        scale=scale,
+        inputs=inputs,
+        at=at,
+        activation=activation,
+    )
     paths = [m for m in models if isinstance(m, str | os.PathLike)]
     output = check_output_path(output, inputs=paths, force=force)
-    fusion = build_fusion(models, weights, trust=trust, **options)
+    fusion = _build(
+        models, checked, scale=scale, inputs=inputs, at=at, activation=activation, trust=trust
+    )
     max_diff = None
     with atomic_output(output, force=force) as tmp:
         fusion.model.save(tmp)
@@ -193,7 +202,7 @@ def build_fusion(
     trust: bool = False,
 ) -> Fusion:
     """Load what needs loading and build the fused model; see `fuse`."""
-    weights = _check_request(
+    checked = _check_request(
         models,
         weights,
         normalize=normalize,
@@ -202,6 +211,22 @@ def build_fusion(
         at=at,
         activation=activation,
     )
+    return _build(
+        models, checked, scale=scale, inputs=inputs, at=at, activation=activation, trust=trust
+    )
+
+
+def _build(
+    models: Sequence[ModelSource],
+    weights: tuple[float, ...],
+    *,
+    scale: ScaleMode,
+    inputs: InputsMode,
+    at: FuseAt,
+    activation: Activation | None,
+    trust: bool,
+) -> Fusion:
+    """`build_fusion` for a request `_check_request` has passed (weights resolved)."""
     activation = activation or ("softmax" if at == "logits" else "none")
     originals = _load_sources(models, trust=trust)
     keras = runtime.keras()
