@@ -113,6 +113,16 @@ def weights_option(help: str) -> Callable:
     return click.option("--w", "--weights", "weights", type=WeightsType(), default=None, help=help)
 
 
+def batch_size_option(f: Callable) -> Callable:
+    return click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=256,
+        show_default=True,
+        help="Rows run through a model at once.",
+    )(f)
+
+
 def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     ctx.meta["fusecli.verbose"] = ctx.meta.get("fusecli.verbose", False) or value
     runtime.set_verbose(ctx.meta["fusecli.verbose"])

@@ -6,6 +6,7 @@ import click
 
 from fusecli.cli.common import (
     FusecliCommand,
+    batch_size_option,
     force_option,
     json_option,
     print_json,
@@ -41,13 +42,7 @@ from fusecli.prediction import AT_CHOICES
     default=None,
     help="The array of a .npz/.h5 DATA file to feed a one-input model. [default: x]",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Rows run through the model at once.",
-)
+@batch_size_option
 @click.option(
     "--at",
     type=click.Choice(AT_CHOICES),

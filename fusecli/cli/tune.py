@@ -9,6 +9,7 @@ import click
 
 from fusecli.cli.common import (
     FusecliCommand,
+    batch_size_option,
     force_option,
     json_option,
     print_json,
@@ -71,13 +72,7 @@ from fusecli.tuning import DEFAULT_STEP, TuneResult
     show_default=True,
     help="How many of the best weightings to list.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Rows run through a model at once.",
-)
+@batch_size_option
 @click.option(
     "-o",
     "--output",
