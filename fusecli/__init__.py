@@ -21,15 +21,15 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _LAZY = {
-    "fuse": "fusecli.fusion",
-    "fuse_to_file": "fusecli.fusion",
-    "load_model": "fusecli.loading",
-    "merge": "fusecli.merging",
-    "combine_scores": "fusecli.scores",
-    "predict_to_file": "fusecli.prediction",
-    "predict_array": "fusecli.prediction",
-    "tune": "fusecli.tuning",
-    "tune_scores": "fusecli.tuning",
+    "fuse": "fusecli.fusion.build",
+    "fuse_to_file": "fusecli.fusion.build",
+    "load_model": "fusecli.files.loading",
+    "merge": "fusecli.merging.merge",
+    "combine_scores": "fusecli.scores.arrays",
+    "predict_to_file": "fusecli.scores.prediction",
+    "predict_array": "fusecli.scores.prediction",
+    "tune": "fusecli.scores.tuning",
+    "tune_scores": "fusecli.scores.tuning",
 }
 
 __all__ = [

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.scores import combine_scores, open_scores, read_scores
+from fusecli.scores.arrays import combine_scores, open_scores, read_scores
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

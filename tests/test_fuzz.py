@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusecli.errors import ModelFileError
-from fusecli.inspection import inspect_file
-from fusecli.modelfile import read_model_file
-from fusecli.safety import scan
+from fusecli.files.inspection import inspect_file
+from fusecli.files.modelfile import read_model_file
+from fusecli.files.safety import scan
 
 SETTINGS = settings(
     max_examples=30,

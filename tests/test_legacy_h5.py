@@ -23,10 +23,10 @@ from conftest import predict, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusecli import legacy
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.loading import load_model
+from fusecli.files import legacy
+from fusecli.files.loading import load_model
 
 GENERATOR = Path(__file__).parent / "legacy_fixtures" / "make_keras2_h5.py"
 MARKER = "FUSECLI_TEST_MARKER"

@@ -16,9 +16,9 @@ from conftest import REPO, predict
 from test_merge_methods import mergekit_slerp
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, UnsafeModelError
-from fusecli.merging import merge
-from fusecli.modelfile import open_weights
-from fusecli.tensors import read_layout, read_tensor
+from fusecli.files.modelfile import open_weights
+from fusecli.files.tensors import read_layout, read_tensor
+from fusecli.merging.merge import merge
 
 
 def conv_net(keras, seed: int, *, units: int = 3, activation: str = "softmax", head="head"):
@@ -450,7 +450,7 @@ def test_merging_never_imports_tensorflow(files, tmp_path):
     out = tmp_path / "tf.h5"
     code = (
         "import sys\n"
-        "from fusecli.merging import merge\n"
+        "from fusecli.merging.merge import merge\n"
         f"merge([{str(files['k1'])!r}, {str(files['h2'])!r}], {str(out)!r})\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported'\n"
     )

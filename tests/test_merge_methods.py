@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from fusecli.errors import InvalidRequest
-from fusecli.merge_methods import METHODS, plan_merge
-from fusecli.merge_methods.linear import linear
-from fusecli.merge_methods.slerp import slerp
-from fusecli.merge_methods.task_arithmetic import task_arithmetic
+from fusecli.merging.methods import METHODS, plan_merge
+from fusecli.merging.methods.linear import linear
+from fusecli.merging.methods.slerp import slerp
+from fusecli.merging.methods.task_arithmetic import task_arithmetic
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusecli import metrics
 from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.scores import metrics
 
 
 def _topk_by_sort(scores: np.ndarray, classes: np.ndarray, k: int) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fusecli.errors import ModelFileError
-from fusecli.modelfile import file_format, open_hdf5, open_weights, read_model_file
+from fusecli.files.modelfile import file_format, open_hdf5, open_weights, read_model_file
 
 
 def test_read_keras_file(model_files, keras):

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.prediction import predict_array, predict_to_file
+from fusecli.scores.prediction import predict_array, predict_to_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_shell_pipe_predict_into_combine(tmp_path, model_files, x_data, keras):
 
 
 def test_at_logits_writes_the_scores_before_the_softmax(tmp_path, model_files, keras, x_data):
-    pytest.importorskip("fusecli.logits")  # `fuse --at logits` provides the cut
+    pytest.importorskip("fusecli.fusion.logits")  # `fuse --at logits` provides the cut
     model = keras.saving.load_model(model_files["a"])
     last = model.layers[-1]
     logits = x_data

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.tuning import MAX_GRID_POINTS, simplex_grid, tune, tune_scores
+from fusecli.scores.tuning import MAX_GRID_POINTS, simplex_grid, tune, tune_scores
 
 
 def exhaustive_best(scores, classes, k, metric):
@@ -223,8 +223,8 @@ def test_tune_models_runs_them_and_writes_the_fused_model(tmp_path, model_files,
 def test_tune_at_logits(tmp_path, model_files, keras):
     import inspect
 
-    from fusecli.fusion import fuse_to_file
-    from fusecli.prediction import predict_array
+    from fusecli.fusion.build import fuse_to_file
+    from fusecli.scores.prediction import predict_array
 
     if "at" not in inspect.signature(fuse_to_file).parameters:
         pytest.skip("needs `fuse --at logits` (fusion.fuse_to_file(..., at=...))")

@@ -73,7 +73,7 @@ def combine_command(
       fusecli combine rgb.npy flow.npy --w 1 1.5 -o fused.npy
       fusecli predict rgb.keras val.npz -o - | fusecli combine - flow.npy --labels y.npy -o -
     """
-    from fusecli.scores import combine_scores
+    from fusecli.scores.arrays import combine_scores
 
     if output is None and labels is None:
         raise InvalidRequest("Nothing to do: give -o OUTPUT (- for stdout), --labels, or both")

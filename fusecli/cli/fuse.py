@@ -14,7 +14,7 @@ from fusecli.cli.common import (
     verbose_option,
     weights_option,
 )
-from fusecli.fusion import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
+from fusecli.fusion.build import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 
 
 @click.command(
@@ -98,7 +98,7 @@ def fuse_command(
       fusecli fuse a.keras b.keras c.keras -o three.h5 --json
       fusecli fuse rgb.keras flow.keras --w 1 1.5 --at logits    # softmax(z_rgb + 1.5 z_flow)
     """
-    from fusecli.fusion import fuse_to_file
+    from fusecli.fusion.build import fuse_to_file
 
     if trust:
         say("Warning: --trust: model files may run code while they load.")

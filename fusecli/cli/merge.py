@@ -102,7 +102,7 @@ def merge_command(
       fusecli merge a.keras b.keras --method slerp --t 0.5 -o slerp.keras
       fusecli merge ft1.h5 ft2.h5 --method task-arithmetic --base pre.h5 --w 0.5 0.5 -o ta.h5
     """
-    from fusecli.merging import merge
+    from fusecli.merging.merge import merge
 
     with progress_bar("Merging", enabled=not quiet, min_total=_BAR_MIN_BYTES) as progress:
         report = merge(

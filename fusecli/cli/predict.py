@@ -21,7 +21,7 @@ from fusecli.cli.streams import (
     stdout_binary,
 )
 from fusecli.errors import InvalidRequest
-from fusecli.prediction import AT_CHOICES
+from fusecli.scores.prediction import AT_CHOICES
 
 
 @click.command(
@@ -77,7 +77,7 @@ def predict_command(
       fusecli predict rgb.keras val.npz -o rgb_scores.npy
       fusecli predict rgb.keras val.npz -o - | fusecli combine - pose.npy -o fused.npy
     """
-    from fusecli.prediction import predict_to_file
+    from fusecli.scores.prediction import predict_to_file
 
     if output == "-" and as_json:
         raise InvalidRequest("--json and -o - would both write to stdout; choose one")

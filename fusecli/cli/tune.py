@@ -19,9 +19,9 @@ from fusecli.cli.common import (
     verbose_option,
 )
 from fusecli.cli.streams import check_terminals
-from fusecli.metrics import METRICS
-from fusecli.prediction import AT_CHOICES
-from fusecli.tuning import DEFAULT_STEP, TuneResult
+from fusecli.scores.metrics import METRICS
+from fusecli.scores.prediction import AT_CHOICES
+from fusecli.scores.tuning import DEFAULT_STEP, TuneResult
 
 
 @click.command(
@@ -115,7 +115,7 @@ def tune_command(
       fusecli tune mlp.npy cnn.npy --labels y_val.npy --metric logloss --json
       fusecli tune mlp.keras cnn.keras --data val.npz -o fused.keras
     """
-    from fusecli.tuning import tune
+    from fusecli.scores.tuning import tune
 
     check_terminals(reads_stdin="-" in inputs, writes_stdout=False)
     if trust:

@@ -29,7 +29,7 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.modelfile import file_format, read_model_file
+from fusecli.files.modelfile import file_format, read_model_file
 
 if TYPE_CHECKING:
     import keras

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from fusecli.errors import ModelFileError
-from fusecli.modelfile import (
+from fusecli.files.modelfile import (
     Format,
     ModelFile,
     open_weights,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from fusecli import runtime
-from fusecli.datafile import DataFile, model_input_arrays, open_data
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.loading import load_model
-from fusecli.scores import check_score_output, score_output
+from fusecli.files.loading import load_model
+from fusecli.scores.arrays import check_score_output, score_output
+from fusecli.scores.datafile import DataFile, model_input_arrays, open_data
 
 if TYPE_CHECKING:
     import keras
@@ -160,7 +160,7 @@ def _as_model(
     net = load_model(model, trust=trust) if isinstance(model, str | os.PathLike) else model
     keras = runtime.keras()
     if at == "logits":
-        from fusecli.logits import cut_before_softmax
+        from fusecli.fusion.logits import cut_before_softmax
 
         name = Path(model).stem if isinstance(model, str | os.PathLike) else net.name
         net, axes = cut_before_softmax(net, name)

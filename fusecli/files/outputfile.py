@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.modelfile import MODEL_FORMATS
+from fusecli.files.modelfile import MODEL_FORMATS
 
 
 def model_format(path: str | os.PathLike[str]) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fusecli.errors import InvalidRequest
-from fusecli.merge_methods.base import MergePlan
+from fusecli.merging.methods.base import MergePlan
 
 NAME = "slerp"
 DOT_THRESHOLD = 0.9995

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fusecli.errors import InvalidRequest
-from fusecli.merge_methods.base import MergePlan
+from fusecli.merging.methods.base import MergePlan
 from fusecli.weights import resolve_weights
 
 NAME = "task-arithmetic"

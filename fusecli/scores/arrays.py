@@ -25,7 +25,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.outputfile import atomic_output, check_output_path
+from fusecli.files.outputfile import atomic_output, check_output_path
 from fusecli.weights import resolve_weights
 
 STDIO = "-"
@@ -278,7 +278,7 @@ def combine_scores(
     a .npy file, the `labels_key` (default `y`) array of a .npz/.h5, or an array. `output` may be
     None when only the accuracies are wanted.
     """
-    from fusecli import metrics
+    from fusecli.scores import metrics
 
     if not inputs:
         raise InvalidRequest("Expected at least one score array. Received: none")
@@ -302,7 +302,7 @@ def combine_scores(
                     "Accuracy needs at least one row of scores. "
                     f"Received: {readers[0].name} has shape {shape}"
                 )
-            from fusecli.datafile import read_labels
+            from fusecli.scores.datafile import read_labels
 
             raw = labels if isinstance(labels, np.ndarray) else read_labels(labels, key=labels_key)
             classes = metrics.class_labels(raw, shape, source=_label_name(labels))

@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 
 from fusecli.errors import ModelFileError
-from fusecli.isolation import call_isolated
-from fusecli.modelfile import MODEL_SUFFIXES, ModelFile, open_hdf5, read_model_file
-from fusecli.safety import scan
+from fusecli.files.isolation import call_isolated
+from fusecli.files.modelfile import MODEL_SUFFIXES, ModelFile, open_hdf5, read_model_file
+from fusecli.files.safety import scan
 
 Shape = list[int | None]
 

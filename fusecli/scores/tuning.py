@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from fusecli import metrics
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.modelfile import MODEL_SUFFIXES
-from fusecli.scores import check_finite
+from fusecli.files.modelfile import MODEL_SUFFIXES
+from fusecli.scores import metrics
+from fusecli.scores.arrays import check_finite
 
 DEFAULT_STEP = 0.1
 MAX_GRID_POINTS = 1_000_000
@@ -248,7 +248,7 @@ def tune(
     through `fusion.fuse_to_file`. `at="logits"` (models only) tunes softmax(sum w_i z_i) over the
     models' logits z_i, and writes the model fused at its logits.
     """
-    from fusecli.datafile import read_labels
+    from fusecli.scores.datafile import read_labels
 
     kind = source_kind(sources)
     if len(sources) < 2:
@@ -274,7 +274,7 @@ def tune(
             raise InvalidRequest(
                 "-o writes a fused model, so it needs model files, not score arrays"
             )
-        from fusecli.outputfile import check_output_path, model_format
+        from fusecli.files.outputfile import check_output_path, model_format
 
         model_format(output)
         extra = [p for p in (data, labels) if p is not None]
@@ -285,7 +285,7 @@ def tune(
     else:
         raw_labels = read_labels(data, key=labels_key, in_data=True)
     if kind == "models":
-        from fusecli.prediction import predict_array
+        from fusecli.scores.prediction import predict_array
 
         scores = []
         for i, source in enumerate(sources):
@@ -302,7 +302,7 @@ def tune(
                 )
             )
     else:
-        from fusecli.scores import read_scores
+        from fusecli.scores.arrays import read_scores
 
         if sum(str(s) == "-" for s in sources) > 1:
             raise InvalidRequest("Only one input can be read from stdin ('-')")
@@ -320,7 +320,7 @@ def tune(
     )
     result.at = at
     if output is not None:
-        from fusecli.fusion import fuse_to_file
+        from fusecli.fusion.build import fuse_to_file
 
         extra = {"at": "logits"} if at == "logits" else {}
         report = fuse_to_file(

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from fusecli.errors import InvalidRequest
-from fusecli.merge_methods import linear, slerp, task_arithmetic
-from fusecli.merge_methods.base import MergePlan
+from fusecli.merging.methods import linear, slerp, task_arithmetic
+from fusecli.merging.methods.base import MergePlan
 
 METHODS: dict[str, Callable[..., MergePlan]] = {
     linear.NAME: linear.plan,

@@ -25,8 +25,8 @@ import h5py
 from h5py import h5l
 
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.isolation import call_isolated
-from fusecli.modelfile import ModelFile, open_hdf5, read_model_file
+from fusecli.files.isolation import call_isolated
+from fusecli.files.modelfile import ModelFile, open_hdf5, read_model_file
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -98,7 +98,7 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
     Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
-    file is read in a child process where that is safe (`fusecli.isolation`).
+    file is read in a child process where that is safe (`fusecli.files.isolation`).
     """
     if trust:
         return call_isolated(read_model_file, Path(path))

@@ -31,17 +31,17 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.merge_methods import MergePlan, plan_merge
-from fusecli.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
-from fusecli.outputfile import atomic_output, check_output_path, model_format
-from fusecli.safety import refuse_unsafe
-from fusecli.tensors import (
+from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
+from fusecli.files.outputfile import atomic_output, check_output_path, model_format
+from fusecli.files.safety import refuse_unsafe
+from fusecli.files.tensors import (
     TRAINING_STATE_GROUPS,
     Layout,
     architecture_difference,
     read_layout,
     read_tensor,
 )
+from fusecli.merging.methods import MergePlan, plan_merge
 
 Progress = Callable[[int, int], None]
 

@@ -1,8 +1,8 @@
 """Loading model files into Keras: the single door every command goes through.
 
-Before Keras touches a file, it is read and scanned without Keras (`fusecli.safety`): a broken
+Before Keras touches a file, it is read and scanned without Keras (`fusecli.files.safety`): a broken
 file raises `ModelFileError`, one that holds code `UnsafeModelError`. Keras 2 era `.h5` files go
-through `fusecli.legacy`, which rewrites their config for Keras 3.
+through `fusecli.files.legacy`, which rewrites their config for Keras 3.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from fusecli import legacy, runtime
+from fusecli import runtime
 from fusecli.errors import ModelFileError
-from fusecli.modelfile import ModelFile
-from fusecli.safety import refuse_unsafe
+from fusecli.files import legacy
+from fusecli.files.modelfile import ModelFile
+from fusecli.files.safety import refuse_unsafe
 
 if TYPE_CHECKING:
     import keras

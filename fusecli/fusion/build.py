@@ -22,10 +22,10 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.loading import load_checked
-from fusecli.logits import cut_before_softmax
-from fusecli.outputfile import atomic_output, check_output_path, model_format
-from fusecli.safety import refuse_unsafe
+from fusecli.files.loading import load_checked
+from fusecli.files.outputfile import atomic_output, check_output_path, model_format
+from fusecli.files.safety import refuse_unsafe
+from fusecli.fusion.logits import cut_before_softmax
 from fusecli.weights import resolve_weights
 
 if TYPE_CHECKING:

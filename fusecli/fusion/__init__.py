@@ -1,0 +1,1 @@
+"""Output-level fusion: one model whose output is the weighted sum of the models' outputs."""

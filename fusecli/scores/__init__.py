@@ -1,0 +1,1 @@
+"""Score-level fusion: predictions as arrays on disk, their weighted sum, metrics, weight search."""
