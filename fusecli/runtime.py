@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import sys
 import warnings
@@ -43,6 +42,8 @@ def keras() -> ModuleType:
 
 
 def _hush_python_loggers() -> None:
+    import logging
+
     for name in ("tensorflow", "absl", "keras", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(ImportError):

@@ -18,6 +18,7 @@ import click
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.scores.options import DEFAULT_BATCH_SIZE
 from fusecli.weights import parse_weights
 
 WEIGHT_FLAGS = ("--w", "--weights")
@@ -117,7 +118,7 @@ def batch_size_option(f: Callable) -> Callable:
     return click.option(
         "--batch-size",
         type=click.IntRange(min=1),
-        default=256,
+        default=DEFAULT_BATCH_SIZE,
         show_default=True,
         help="Rows run through a model at once.",
     )(f)

@@ -14,7 +14,7 @@ from fusecli.cli.common import (
     verbose_option,
     weights_option,
 )
-from fusecli.fusion.build import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
+from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 
 
 @click.command(

@@ -21,7 +21,7 @@ from fusecli.cli.streams import (
     stdout_binary,
 )
 from fusecli.errors import InvalidRequest
-from fusecli.scores.prediction import AT_CHOICES
+from fusecli.scores.options import AT_CHOICES
 
 
 @click.command(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,9 +20,10 @@ from fusecli.cli.common import (
     verbose_option,
 )
 from fusecli.cli.streams import check_terminals
-from fusecli.scores.metrics import METRICS
-from fusecli.scores.prediction import AT_CHOICES
-from fusecli.scores.tuning import DEFAULT_STEP, TuneResult
+from fusecli.scores.options import AT_CHOICES, DEFAULT_STEP, METRICS
+
+if TYPE_CHECKING:
+    from fusecli.scores.tuning import TuneResult
 
 
 @click.command(

@@ -26,6 +26,7 @@ from fusecli.files.loading import load_checked
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
 from fusecli.files.safety import refuse_unsafe
 from fusecli.fusion.logits import cut_before_softmax
+from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ ScaleMode = Literal["rescaling", "lambda"]
 FuseAt = Literal["output", "logits"]
 Activation = Literal["softmax", "none"]
 
-SCALE_MODES = ("rescaling", "lambda")
-INPUT_MODES = ("auto", "shared", "separate")
-FUSE_AT = ("output", "logits")
-ACTIVATIONS = ("softmax", "none")
 
 # Size of the random batch used to check a written file, and the length given to free dimensions.
 _VERIFY_BATCH = 2

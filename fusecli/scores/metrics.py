@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.scores.options import METRICS
 
-METRICS = ("accuracy", "top5", "logloss", "mse")
 HIGHER_IS_BETTER = {"accuracy": True, "top5": True, "logloss": False, "mse": False}
 # Rows whose sum is this close to 1 (and non-negative) are read as probabilities by `logloss`.
 PROBABILITY_TOLERANCE = 1e-3

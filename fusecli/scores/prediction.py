@@ -21,15 +21,13 @@ from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.files.loading import load_model
 from fusecli.scores.arrays import check_score_output, score_output
 from fusecli.scores.datafile import DataFile, model_input_arrays, open_data
+from fusecli.scores.options import AT_CHOICES, DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     import keras
 
 # Called after each batch with (rows done, rows in all).
 ProgressCallback = Callable[[int, int], None]
-DEFAULT_BATCH_SIZE = 256
-# Where scores are taken: the model's output, or its logits (before its final softmax).
-AT_CHOICES = ("output", "logits")
 
 
 @dataclass

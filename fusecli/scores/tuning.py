@@ -29,8 +29,8 @@ from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.files.modelfile import MODEL_SUFFIXES
 from fusecli.scores import metrics
 from fusecli.scores.arrays import check_finite
+from fusecli.scores.options import DEFAULT_STEP
 
-DEFAULT_STEP = 0.1
 MAX_GRID_POINTS = 1_000_000
 # Memory for the fused scores of one chunk of grid points.
 _CHUNK_BYTES = 64 * 1024 * 1024
