@@ -13,6 +13,7 @@ before Keras sees the file.
 
 from __future__ import annotations
 
+import binascii
 import builtins
 import os
 import re
@@ -44,6 +45,12 @@ _KERAS2_CALLABLES = {
     "mask": "mask_type",
 }
 _BYTECODE = "__lambda__"
+# Base64 text of a marshalled code object: even `lambda: 0` takes 132 characters; names,
+# which also start lists (Keras 2 `inbound_nodes`), are far shorter.
+_MIN_CODE_TEXT = 64
+_CODE_PROBE = 256  # characters read to find the first bytes (junk between them is skipped)
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_LAMBDA_CONFIG, _LAMBDA_FIELD = 1, 2  # parts of a Lambda's config that it checks itself
 # Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
 _MODELING_FUNCTIONS = re.compile(
     r"(tf_)?keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
@@ -122,41 +129,64 @@ def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
 
 
 def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
+    """Every value of the config, visited with an explicit stack (a file cannot make it recurse),
+    in document order; each value knows the layer it sits in (`path`), that layer's class, and
+    the field it came from."""
     inner = config.get("config")
     name = inner.get("name") if isinstance(inner, dict) else None
-    path = [name if isinstance(name, str) else "model"]
-    owner = _text(config.get("class_name"))
-    yield from _check_object(config, path, owner, key="")
-    for k, value in config.items():
-        yield from _walk(value, path, owner, k if isinstance(k, str) else "")
+    root = _Place((name if isinstance(name, str) else "model",), _text(config.get("class_name")))
+    yield from _check_object(config, root, key="")
+    # `part` marks a Lambda's config (_LAMBDA_CONFIG) and the values of its fields
+    # (_LAMBDA_FIELD), which `_check_keras2_lambda` reads, so they are not reported twice.
+    stack: list[tuple[Any, _Place, str, int]] = [
+        (value, root, k if isinstance(k, str) else "", 0) for k, value in reversed(config.items())
+    ]
+    while stack:
+        node, place, key, part = stack.pop()
+        if isinstance(node, list):
+            if part != _LAMBDA_FIELD and _is_marshalled_code(node):
+                yield Finding(place.where, place.owner, _bytecode_in(key))
+                continue
+            stack.extend((item, place, key, part) for item in reversed(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        is_lambda = False
+        if "class_name" in node:
+            place = _enter(node, place)
+            yield from _check_object(node, place, key)
+            if node.get("class_name") == _BYTECODE:
+                continue
+            is_lambda = node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict)
+            if is_lambda:
+                yield from _check_keras2_lambda(node["config"], place)
+        if part != _LAMBDA_CONFIG:
+            yield from _check_stored_callables(node, place)
+        for k, value in reversed(node.items()):
+            inner = _LAMBDA_CONFIG if is_lambda and k == "config" else 0
+            if part == _LAMBDA_CONFIG:
+                inner = _LAMBDA_FIELD
+            stack.append((value, place, k if isinstance(k, str) else key, inner))
 
 
-def _walk(node: Any, path: list[str], owner: str, key: str) -> Iterator[Finding]:
-    """Visit every value; `path` is the layer we are inside, `owner` its class, `key` the field."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _walk(item, path, owner, key)
-        return
-    if not isinstance(node, dict):
-        return
-    if "class_name" in node:
-        path, owner = _enter(node, path, owner)
-        yield from _check_object(node, path, owner, key)
-        if node.get("class_name") == _BYTECODE:
-            return
-        if node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict):
-            yield from _check_keras2_lambda(node["config"], path)
-    for k, value in node.items():
-        yield from _walk(value, path, owner, k if isinstance(k, str) else key)
+@dataclass(frozen=True)
+class _Place:
+    """Where a config value sits: the path of layer names, and the innermost layer's class."""
+
+    path: tuple[str, ...]
+    owner: str
+
+    @property
+    def where(self) -> str:
+        return "/".join(self.path)
 
 
-def _enter(node: dict[str, Any], path: list[str], owner: str) -> tuple[list[str], str]:
+def _enter(node: dict[str, Any], place: _Place) -> _Place:
     """A serialized layer opens a new path level; other objects (initializers...) do not."""
     name = _layer_name(node)
-    class_name = _text(node.get("class_name"))
     if name is None:
-        return path, owner
-    return [*path, name], class_name
+        return place
+    return _Place((*place.path, name), _text(node.get("class_name")))
 
 
 def _layer_name(node: dict[str, Any]) -> str | None:
@@ -172,16 +202,14 @@ def _layer_name(node: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -> Iterator[Finding]:
-    where = "/".join(path)
+def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Finding]:
+    where, owner = place.where, place.owner
     class_name = _text(node.get("class_name"))
     if class_name == _BYTECODE:
         if owner == "Lambda" and key == "function":
             reason = "is a Lambda layer with Python bytecode, which would run when loaded"
         else:
-            reason = (
-                f"holds Python bytecode in {key or 'its config'!r}, which would run when loaded"
-            )
+            reason = _bytecode_in(key)
         yield Finding(where, owner, reason)
         return
     if class_name in _UNSAFE_CLASSES:
@@ -241,17 +269,21 @@ def _python_builtin(name: Any) -> bool:
     return isinstance(name, str) and hasattr(builtins, name) and name not in _HARMLESS_BUILTINS
 
 
-def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Finding]:
+def _check_keras2_lambda(config: dict[str, Any], place: _Place) -> Iterator[Finding]:
     """tf.keras 2.x stored a Lambda's callables as [base64 bytecode, defaults, closure] with a
-    `function_type` of "lambda"; "function" names a Python function; "raw" is plain data."""
-    where = "/".join(path)
+    `function_type` of "lambda"; "function" names a Python function; "raw" is plain data.
+
+    Keras 3's legacy `.h5` loader ignores `function_type` and runs any list-valued `function` as
+    bytecode, so a list there is bytecode whatever its label says.
+    """
     for field, kind_key in _KERAS2_CALLABLES.items():
         value, kind = config.get(field), config.get(kind_key)
-        if value is None or isinstance(value, dict) or kind == "raw":
-            continue  # nothing, a serialized object (checked on its own), or plain data
-        if kind is None and field != "function":
-            continue  # Keras 3 writes output shapes as plain lists
-        if kind == "lambda" or kind is None:
+        if value is None or isinstance(value, dict):
+            continue  # nothing, or a serialized object (checked on its own)
+        code = (field == "function" and isinstance(value, list)) or _is_marshalled_code(value)
+        if not code and (kind == "raw" or (kind is None and field != "function")):
+            continue  # plain data; Keras 3 writes output shapes as plain lists
+        if code or kind in ("lambda", None):
             reason = "with Python bytecode, which would run when loaded"
         else:
             module = config.get("module") if field == "function" else config.get(f"{field}_module")
@@ -260,9 +292,55 @@ def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Fi
                 "Keras would look up and run"
             )
         if field == "function":
-            yield Finding(where, "Lambda", f"is a Lambda layer {reason}")
+            yield Finding(place.where, "Lambda", f"is a Lambda layer {reason}")
         else:
-            yield Finding(where, "Lambda", f"holds a callable in {field!r} {reason}")
+            yield Finding(place.where, "Lambda", f"holds a callable in {field!r} {reason}")
+
+
+def _check_stored_callables(node: dict[str, Any], place: _Place) -> Iterator[Finding]:
+    """tf-keras stores the functions of other objects as a Lambda does: `<field>` beside
+    `<field>_type` ("lambda": bytecode; "function": a Python function looked up by name), e.g.
+    ResidualWrapper's `residual_fn` and DropoutWrapper's `dropout_fn`."""
+    for kind_key, kind in node.items():
+        if not (isinstance(kind_key, str) and kind_key.endswith("_type")):
+            continue
+        field = kind_key[: -len("_type")]
+        value = node.get(field)
+        if value is None or isinstance(value, dict) or kind not in ("lambda", "function"):
+            continue
+        if kind == "lambda" or _is_marshalled_code(value):
+            yield Finding(place.where, place.owner, _bytecode_in(field))
+        else:
+            module = node.get(f"{field}_module")
+            yield Finding(
+                place.where,
+                place.owner,
+                f"holds a callable in {field!r} calling the Python function {_text(value)!r} "
+                f"from module {module!r}, which Keras would look up and run",
+            )
+
+
+def _is_marshalled_code(value: Any) -> bool:
+    """A list (or string) that starts with base64 text of a marshalled code object: what
+    tf-keras' and Keras' `func_load` turn into a function, whatever label it carries.
+
+    Their base64 decoding skips characters outside the alphabet (tf-keras first escapes
+    non-Latin-1 characters), so the test does too; a marshalled code object starts with the
+    byte `c` (0x63), or 0xE3 with marshal's reference flag, and is far longer than a name.
+    """
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str) or len(value) < _MIN_CODE_TEXT:
+        return False
+    text = _NOT_BASE64.sub(b"", value[:_CODE_PROBE].encode("raw_unicode_escape"))
+    if len(text) < 8:
+        return False
+    head = binascii.a2b_base64(text[:8])
+    return head[:1] in (b"c", b"\xe3")
+
+
+def _bytecode_in(key: str) -> str:
+    return f"holds Python bytecode in {key or 'its config'!r}, which would run when loaded"
 
 
 def _decode(value: bytes | str) -> str:
