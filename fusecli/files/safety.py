@@ -325,18 +325,20 @@ def _is_marshalled_code(value: Any) -> bool:
     tf-keras' and Keras' `func_load` turn into a function, whatever label it carries.
 
     Their base64 decoding skips characters outside the alphabet (tf-keras first escapes
-    non-Latin-1 characters), so the test does too; a marshalled code object starts with the
-    byte `c` (0x63), or 0xE3 with marshal's reference flag, and is far longer than a name.
+    non-Latin-1 characters), so the test does too. A marshalled code object starts with the
+    byte `c` (0x63, or 0xE3 with marshal's reference flag), then three small 32-bit counts
+    (arguments...), and is far longer than a name.
     """
     if isinstance(value, list):
         value = value[0] if value else None
     if not isinstance(value, str) or len(value) < _MIN_CODE_TEXT:
         return False
     text = _NOT_BASE64.sub(b"", value[:_CODE_PROBE].encode("raw_unicode_escape"))
-    if len(text) < 8:
+    if len(text) < 20:
         return False
-    head = binascii.a2b_base64(text[:8])
-    return head[:1] in (b"c", b"\xe3")
+    head = binascii.a2b_base64(text[:20])
+    small_counts = all(head[i : i + 2] == b"\0\0" for i in (3, 7, 11))
+    return head[:1] in (b"c", b"\xe3") and small_counts
 
 
 def _bytecode_in(key: str) -> str:
