@@ -15,19 +15,30 @@ from __future__ import annotations
 
 import binascii
 import builtins
+import math
 import os
+import pickletools
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
-from h5py import h5l
 
-from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.errors import ModelFileError, UnsafeModelError, VerificationError
 from fusecli.files.isolation import call_isolated
-from fusecli.files.modelfile import ModelFile, open_hdf5, read_model_file
+from fusecli.files.modelfile import (
+    NPZ_WEIGHTS_MEMBER,
+    WEIGHTS_MEMBER,
+    ModelFile,
+    check_dataset_size,
+    open_hdf5,
+    read_model_file,
+    read_npz_members,
+    walk_hdf5,
+)
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -91,12 +102,14 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
     """
     if not isinstance(model_file, ModelFile):
         model_file = read_model_file(model_file)
-    try:
-        findings = list(_scan_config(model_file.config))
-    except RecursionError:
-        raise ModelFileError(model_file.path, "its config is nested too deeply") from None
+    findings = list(_scan_config(model_file.config))
     findings.extend(_scan_members(model_file.members))
-    findings.extend(_scan_hdf5(model_file))
+    if model_file.weights_member == NPZ_WEIGHTS_MEMBER:
+        findings.extend(_scan_npz(model_file))
+    else:
+        weight_findings, values = _scan_hdf5(model_file)
+        findings.extend(weight_findings)
+        _check_declared_sizes(model_file, values)
     unique: dict[Finding, None] = dict.fromkeys(findings)
     return list(unique)
 
@@ -105,12 +118,11 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
     Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
-    file is read in a child process where that is safe (`fusecli.files.isolation`).
+    file is read in a child process where that is safe (`fusecli.files.isolation`). A file
+    beyond the readers' limits (`ModelFileError`) is refused even with `trust`.
     """
-    if trust:
-        return call_isolated(read_model_file, Path(path))
     model_file, findings = call_isolated(_read_and_scan, Path(path))
-    if findings:
+    if findings and not trust:
         more = len(findings) - 1
         also = f" (and {more} more: see `fusecli inspect {path}`)" if more else ""
         raise UnsafeModelError(
@@ -118,6 +130,22 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
             f"{findings[0].describe()}{also}; refusing (use --trust to load it anyway)",
         )
     return model_file
+
+
+def check_written(path: str | os.PathLike[str], *, trust: bool = False) -> None:
+    """Scan a file a command has just written, before it is renamed into place.
+
+    Its inputs were scanned, so a finding here means the writer carried something the input
+    scan did not see; the caller deletes the file. With `trust`, inputs may carry code on.
+    """
+    if trust:
+        return
+    _model_file, findings = call_isolated(_read_and_scan, Path(path))
+    if findings:
+        raise VerificationError(
+            f"The written file would run code when loaded: {findings[0].describe()}; it was "
+            "not kept"
+        )
 
 
 def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
@@ -368,34 +396,24 @@ def _scan_members(members: list[str]) -> Iterator[Finding]:
             )
 
 
-def _scan_hdf5(model_file: ModelFile) -> Iterator[Finding]:
-    prefix = "model.weights.h5:" if model_file.format == "keras" else ""
-    if model_file.format == "keras" and "model.weights.h5" not in model_file.members:
-        return
+def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
+    """Links to other files, and the number of values the datasets declare (each checked
+    against what it stores)."""
+    prefix = f"{WEIGHTS_MEMBER}:" if model_file.format == "keras" else ""
     found: list[tuple[str, Finding]] = []
+    values = 0
     with open_hdf5(model_file.path) as h5:
-        # visititems follows hard links only, so external links are looked for separately
-        # (through the low-level API: h5py's visititems_links costs a lookup per link).
-        names: list[bytes] = []
-        h5.id.links.visit(names.append)
-        for raw in names:
-            if h5.id.links.get_info(raw).type == h5l.TYPE_EXTERNAL:
-                filename, target = (_decode(v) for v in h5.id.links.get_val(raw))
-                name = _decode(raw)
+        for entry in walk_hdf5(h5, model_file.path):
+            where = f"{prefix}/{entry.name}"
+            if entry.kind == "external":
+                filename, target = entry.target or ("?", "?")
                 reason = f"is a link to {target!r} in another file {filename!r}"
-                found.append(
-                    (name, Finding(f"{prefix}/{name}", "ExternalLink", reason, _HDF5_WHAT))
-                )
-        datasets: list[tuple[str, h5py.Dataset]] = []
-        h5.visititems(
-            lambda name, obj: (
-                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-        for name, dataset in datasets:
-            found.extend((name, f) for f in _check_dataset(dataset, f"{prefix}/{name}"))
-    for _name, finding in sorted(found, key=lambda item: item[0]):
-        yield finding
+                found.append((entry.name, Finding(where, "ExternalLink", reason, _HDF5_WHAT)))
+            elif entry.kind == "dataset":
+                dataset = entry.node
+                values += check_dataset_size(model_file.path, dataset, where)
+                found.extend((entry.name, f) for f in _check_dataset(dataset, where))
+    return [finding for _name, finding in sorted(found, key=lambda item: item[0])], values
 
 
 def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
@@ -413,3 +431,97 @@ def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
         yield Finding(
             where, "external dataset", f"keeps its data in other files {files}", what=_HDF5_WHAT
         )
+
+
+def _scan_npz(model_file: ModelFile) -> Iterator[Finding]:
+    """Keras writes each layer's variables to `model.weights.npz` as a pickled dict, and
+    loading a pickle runs whatever it names; fusecli reads the pickle's opcodes, never runs it."""
+    for member in read_npz_members(model_file.path):
+        if member.pickle is None:
+            continue
+        imports = _pickle_imports(member.pickle)
+        names = ", ".join(repr(n) for n in imports[:3]) + (
+            f" and {len(imports) - 3} more" if len(imports) > 3 else ""
+        )
+        yield Finding(
+            f"{NPZ_WEIGHTS_MEMBER}:{member.key}",
+            "pickle",
+            "is a NumPy object array, stored as a pickle, which runs code when loaded"
+            + (f" (it imports {names})" if imports else ""),
+            what="archive member",
+        )
+
+
+def _pickle_imports(data: bytes) -> list[str]:
+    """The `module.name`s a pickle imports, read from its opcodes (nothing is unpickled)."""
+    imports: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _pos in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                imports.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                imports.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+            elif isinstance(arg, str) and "UNICODE" in opcode.name:
+                strings.append(arg)
+    except (ValueError, EOFError, UnicodeDecodeError, struct.error):
+        pass  # a broken pickle is still a pickle: what was read so far is reported
+    return list(dict.fromkeys(imports))
+
+
+# Config keys whose value is a number of units, filters, heads...: a layer holding such a key
+# owns variables with at least that many values (a Dense kernel has `units` columns...).
+_SIZE_KEYS = (
+    "units",
+    "filters",
+    "output_dim",
+    "input_dim",
+    "num_heads",
+    "key_dim",
+    "value_dim",
+    "depth_multiplier",
+)
+_SIZE_FLOOR = 1 << 16  # below this, a declared size is never questioned
+
+
+def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
+    """Refuse a config whose layers declare more units (filters, heads...) than the file's
+    weights hold values: building it would allocate memory out of all proportion to the file
+    (a `Dense(units=2**31)` asks for gigabytes), and its weights could not match anyway."""
+    limit = max(values, _SIZE_FLOOR)
+    stack: list[Any] = [model_file.config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        config = node.get("config")
+        if "class_name" in node and isinstance(config, dict):
+            for key in (*_SIZE_KEYS, "kernel_size"):
+                size = _declared_size(config.get(key))
+                if size is not None and size > limit:
+                    raise ModelFileError(
+                        model_file.path,
+                        f"layer {_text(config.get('name'))!r} declares {key}="
+                        f"{_text(config.get(key))}, more than the {values} values the file's "
+                        "weights hold; building it would allocate memory out of proportion to "
+                        "the file",
+                    )
+        stack.extend(node.values())
+
+
+def _declared_size(value: Any) -> int | None:
+    """An int, or the product of a list of ints (a kernel size)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return math.prod(value)
+    return None
