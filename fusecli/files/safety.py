@@ -453,20 +453,39 @@ def _scan_npz(model_file: ModelFile) -> Iterator[Finding]:
 
 
 def _pickle_imports(data: bytes) -> list[str]:
-    """The `module.name`s a pickle imports, read from its opcodes (nothing is unpickled)."""
+    """The `module.name`s a pickle imports, read from its opcodes (nothing is unpickled),
+    leaving out numpy's own, which every object array names."""
     imports: list[str] = []
-    strings: list[str] = []
+    pushed: list[Any] = []  # what each opcode pushed, as far as names go (else None)
+    memo: dict[int, Any] = {}
     try:
         for opcode, arg, _pos in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+            name = opcode.name
+            if name in ("GLOBAL", "INST") and isinstance(arg, str):
                 imports.append(arg.replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL":
-                imports.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
-            elif isinstance(arg, str) and "UNICODE" in opcode.name:
-                strings.append(arg)
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = pushed[-2:] if len(pushed) >= 2 else [None, None]
+                imports.append(f"{module}.{attr}" if module and attr else "?")
+                pushed[-2:] = [None]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            elif opcode.stack_after and opcode.stack_before == []:
+                pushed.append(arg if isinstance(arg, str) else None)
     except (ValueError, EOFError, UnicodeDecodeError, struct.error):
         pass  # a broken pickle is still a pickle: what was read so far is reported
-    return list(dict.fromkeys(imports))
+    return [n for n in dict.fromkeys(imports) if n not in _NUMPY_PICKLING]
+
+
+_NUMPY_PICKLING = {
+    f"{module}.{name}"
+    for module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "ndarray", "dtype", "scalar")
+}
 
 
 # Config keys whose value is a number of units, filters, heads...: a layer holding such a key

@@ -19,6 +19,7 @@ dtype; layer names may differ) and describes the first difference.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from fusecli.files.modelfile import (
     check_dataset_size,
     open_weights,
     read_model_file,
+    read_npz_members,
     walk_hdf5,
 )
 
@@ -110,6 +112,15 @@ def read_layout(path: str | os.PathLike[str]) -> Layout:
         except ModelFileError as e:  # from a walk inside the weights, which knows no path
             raise ModelFileError(info.path, e.reason) from None
     return _layout(info, variables, composite)
+
+
+def count_npz_params(path: str | os.PathLike[str]) -> int | None:
+    """The values held by a `.keras` file's `model.weights.npz`, from the arrays' headers; None
+    if any is an object array (Keras pickles every layer's variables so), which is never read."""
+    members = read_npz_members(Path(path))
+    if any(m.pickle is not None for m in members):
+        return None
+    return sum(math.prod(m.shape) for m in members)
 
 
 def architecture_difference(a: Layout, b: Layout) -> str | None:
