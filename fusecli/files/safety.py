@@ -385,15 +385,20 @@ def _text(value: Any) -> str:
 
 
 def _scan_members(members: list[str]) -> Iterator[Finding]:
+    """Names no Keras writes, which Keras skips and extraction tools may follow out of the
+    folder; merge would copy them into its output, so they are refused like code."""
     for name in members:
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-            yield Finding(
-                name,
-                "zip member",
-                "points outside the archive, where extracting it would write",
-                what="archive member",
+            reason = "points outside the archive, where extracting it would write"
+        elif "\\" in name:
+            reason = (
+                "has a backslash in its name, which extracting on Windows reads as a folder "
+                "separator"
             )
+        else:
+            continue
+        yield Finding(name, "zip member", reason, what="archive member")
 
 
 def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
