@@ -415,9 +415,11 @@ def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
                 reason = f"is a link to {target!r} in another file {filename!r}"
                 found.append((entry.name, Finding(where, "ExternalLink", reason, _HDF5_WHAT)))
             elif entry.kind == "dataset":
-                dataset = entry.node
-                values += check_dataset_size(model_file.path, dataset, where)
-                found.extend((entry.name, f) for f in _check_dataset(dataset, where))
+                dataset_findings = list(_check_dataset(entry.node, where))
+                if dataset_findings:  # its data is elsewhere: nothing here to measure
+                    found.extend((entry.name, f) for f in dataset_findings)
+                else:
+                    values += check_dataset_size(model_file.path, entry.node, where)
     return [finding for _name, finding in sorted(found, key=lambda item: item[0])], values
 
 
