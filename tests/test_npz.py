@@ -173,3 +173,20 @@ def test_npz_pickles_are_not_read_through_numpy(npz_files):
         np.load(io.BytesIO(data))
     assert b"system" in data and pickle.PROTO[0] in data
     assert json.loads(json.dumps(inspect_file(npz_files["hostile"])["unsafe"]))
+
+
+def test_absurd_config_sizes_are_refused_with_npz_weights_and_trust(npz_files, tmp_path):
+    """The pickles are not read, so their size in bytes bounds the values they hold."""
+    with zipfile.ZipFile(npz_files["keras"]) as z:
+        config = json.loads(z.read("config.json"))
+        npz = z.read("model.weights.npz")
+    config["config"]["layers"][1]["config"]["units"] = 2**31
+    path = tmp_path / "huge.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", json.dumps(config))
+        z.writestr("model.weights.npz", npz)
+    with pytest.raises(ModelFileError) as caught:
+        load_model(path, trust=True)
+    assert str(caught.value).startswith(
+        f"{path}: layer 'dense' declares units=2147483648, more than the "
+    )

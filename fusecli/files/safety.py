@@ -104,12 +104,10 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
         model_file = read_model_file(model_file)
     findings = list(_scan_config(model_file.config))
     findings.extend(_scan_members(model_file.members))
-    if model_file.weights_member == NPZ_WEIGHTS_MEMBER:
-        findings.extend(_scan_npz(model_file))
-    else:
-        weight_findings, values = _scan_hdf5(model_file)
-        findings.extend(weight_findings)
-        _check_declared_sizes(model_file, values)
+    scan_weights = _scan_npz if model_file.weights_member == NPZ_WEIGHTS_MEMBER else _scan_hdf5
+    weight_findings, values = scan_weights(model_file)
+    findings.extend(weight_findings)
+    _check_declared_sizes(model_file, values)
     unique: dict[Finding, None] = dict.fromkeys(findings)
     return list(unique)
 
@@ -440,23 +438,33 @@ def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
         )
 
 
-def _scan_npz(model_file: ModelFile) -> Iterator[Finding]:
+def _scan_npz(model_file: ModelFile) -> tuple[list[Finding], int]:
     """Keras writes each layer's variables to `model.weights.npz` as a pickled dict, and
-    loading a pickle runs whatever it names; fusecli reads the pickle's opcodes, never runs it."""
+    loading a pickle runs whatever it names; fusecli reads the pickle's opcodes, never runs it.
+
+    Also returns a bound on the values the arrays hold (a pickle stores each in a byte or more).
+    """
+    findings = []
+    values = 0
     for member in read_npz_members(model_file.path):
         if member.pickle is None:
+            values += math.prod(member.shape)
             continue
+        values += len(member.pickle)
         imports = _pickle_imports(member.pickle)
         names = ", ".join(repr(n) for n in imports[:3]) + (
             f" and {len(imports) - 3} more" if len(imports) > 3 else ""
         )
-        yield Finding(
-            f"{NPZ_WEIGHTS_MEMBER}:{member.key}",
-            "pickle",
-            "is a NumPy object array, stored as a pickle, which runs code when loaded"
-            + (f" (it imports {names})" if imports else ""),
-            what="archive member",
+        findings.append(
+            Finding(
+                f"{NPZ_WEIGHTS_MEMBER}:{member.key}",
+                "pickle",
+                "is a NumPy object array, stored as a pickle, which runs code when loaded"
+                + (f" (it imports {names})" if imports else ""),
+                what="archive member",
+            )
         )
+    return findings, values
 
 
 def _pickle_imports(data: bytes) -> list[str]:
