@@ -174,6 +174,7 @@ def _code(raw_lambda) -> str:
         (lambda code: [code], True),
         # func_load's base64 decoding skips characters outside the alphabet
         (lambda code: ["!*" + code.replace("A", "A\n"), None, None], True),
+        (lambda code: ["!" * 1000 + code, None, None], True),
         (lambda code: ["Y0" + "_layer" * 20, 0, 0, {}], False),  # a long name, not code
         (lambda code: [code[4:], None, None], False),  # shifted: no longer a code object
     ],

@@ -326,3 +326,17 @@ def test_members_with_dot_dot_or_backslash_are_refused(model_files, tmp_path, na
     with pytest.raises(UnsafeModelError):
         merge([path, model_files["b"]], tmp_path / "m.keras")
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_a_config_just_under_the_depth_limit_merges(model_files, tmp_path):
+    """The readers that still recurse over a config (architecture comparison) stay far from
+    Python's recursion limit within MAX_CONFIG_DEPTH."""
+
+    def edit(config):
+        config["config"]["layers"][1]["config"]["note"] = _deep(240)
+        return config
+
+    a = rewrite_keras_config(model_files["a"], tmp_path / "a.keras", edit)
+    b = rewrite_keras_config(model_files["b"], tmp_path / "b.keras", edit)
+    report = merge([a, b], tmp_path / "soup.keras")
+    assert (report.tensors, report.parameters) == (4, 67)

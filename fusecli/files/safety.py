@@ -59,7 +59,6 @@ _BYTECODE = "__lambda__"
 # Base64 text of a marshalled code object: even `lambda: 0` takes 132 characters; names,
 # which also start lists (Keras 2 `inbound_nodes`), are far shorter.
 _MIN_CODE_TEXT = 64
-_CODE_PROBE = 256  # characters read to find the first bytes (junk between them is skipped)
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _LAMBDA_CONFIG, _LAMBDA_FIELD = 1, 2  # parts of a Lambda's config that it checks itself
 # Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
@@ -359,7 +358,7 @@ def _is_marshalled_code(value: Any) -> bool:
         value = value[0] if value else None
     if not isinstance(value, str) or len(value) < _MIN_CODE_TEXT:
         return False
-    text = _NOT_BASE64.sub(b"", value[:_CODE_PROBE].encode("raw_unicode_escape"))
+    text = _NOT_BASE64.sub(b"", value.encode("raw_unicode_escape"))
     if len(text) < 20:
         return False
     head = binascii.a2b_base64(text[:20])
