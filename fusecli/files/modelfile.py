@@ -292,7 +292,8 @@ class Hdf5Entry:
 
 
 def walk_hdf5(root: h5py.Group, path: Path) -> Iterator[Hdf5Entry]:
-    """Every link below `root`, depth-first in name order, each object entered once.
+    """Every link below `root`: a group's links in name order, then its subgroups', depth
+    first; each group entered once.
 
     HDF5's own visitors recurse in C (40,000 nested groups crash the process) and follow hard
     links into loops; this walk keeps its own stack, does not follow soft or external links,
