@@ -504,7 +504,7 @@ _NUMPY_PICKLING = {
 
 # Config keys whose value is a number of units, filters, heads...: a layer holding such a key
 # owns variables with at least that many values (a Dense kernel has `units` columns...).
-_SIZE_KEYS = (
+_SIZE_KEYS = {
     "units",
     "filters",
     "output_dim",
@@ -513,7 +513,8 @@ _SIZE_KEYS = (
     "key_dim",
     "value_dim",
     "depth_multiplier",
-)
+    "kernel_size",  # its product
+}
 _SIZE_FLOOR = 1 << 16  # below this, a declared size is never questioned
 
 
@@ -532,8 +533,8 @@ def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
             continue
         config = node.get("config")
         if "class_name" in node and isinstance(config, dict):
-            for key in (*_SIZE_KEYS, "kernel_size"):
-                size = _declared_size(config.get(key))
+            for key in _SIZE_KEYS.intersection(config):
+                size = _declared_size(config[key])
                 if size is not None and size > limit:
                     raise ModelFileError(
                         model_file.path,
