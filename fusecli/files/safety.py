@@ -6,9 +6,12 @@ TorchModuleWrapper's pickle. Keras' own `safe_mode` depends on the installed ver
 `.h5` files until 3.11.3, and tf-keras 2.x has none), and scanners such as modelscan look only at
 the top-level layers, so a Lambda inside a nested model (exactly what a fused model is) passes.
 
-`scan` walks the whole config, at every depth, in both formats, and the HDF5 weights for links
-that would make the reader open other files. `refuse_unsafe` is what every loading command calls
-before Keras sees the file.
+`scan` walks the whole config, at every depth, in both formats (bytecode wherever it sits,
+modules, registered names), the HDF5 weights for links that would make the reader open other
+files, and `model.weights.npz` for pickles; it refuses (`ModelFileError`) files beyond the
+readers' limits (declared sizes far beyond what is stored, configs sizing layers far beyond the
+weights). `refuse_unsafe` is what every loading command calls before Keras sees the file, and
+`check_written` what a command calls on its output before moving it into place.
 """
 
 from __future__ import annotations
