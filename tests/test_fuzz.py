@@ -88,7 +88,8 @@ def test_mutated_files_raise_only_model_file_error(originals, tmp_path, kind, mu
     | st.dictionaries(st.sampled_from(["class_name", "config", "name", "layers", "module",
                                        "registered_name", "inbound_nodes", "input_layers",
                                        "output_layers", "function", "function_type",
-                                       "batch_shape", "trainable", "units"]), inner, max_size=5),
+                                       "batch_shape", "trainable", "units", "kernel_size",
+                                       "residual_fn", "residual_fn_type"]), inner, max_size=5),
     max_leaves=30,
 ))  # fmt: skip
 def test_any_json_config_raises_only_model_file_error(originals, tmp_path, config):

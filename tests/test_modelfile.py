@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import zipfile
+
+import h5py
 import numpy as np
 import pytest
 
 from fusecli.errors import ModelFileError
-from fusecli.files.modelfile import file_format, open_hdf5, open_weights, read_model_file
+from fusecli.files.modelfile import (
+    file_format,
+    open_hdf5,
+    open_weights,
+    read_model_file,
+    walk_hdf5,
+)
 
 
 def test_read_keras_file(model_files, keras):
@@ -55,3 +64,36 @@ def test_open_hdf5_turns_read_errors_into_model_file_error(model_files):
     with pytest.raises(ModelFileError) as caught, open_hdf5(model_files["a"]) as h5:
         h5["no/such/dataset"]
     assert str(caught.value).startswith(f"{model_files['a']}: weights cannot be read (")
+
+
+def test_walk_hdf5_lists_links_in_name_order_without_following_them(tmp_path):
+    path = tmp_path / "links.h5"
+    with h5py.File(path, "w") as h5:
+        h5["b/x"] = np.zeros(3)
+        h5["a"] = np.ones(2)
+        h5["b/loop"] = h5["b"]  # a hard link to its own group
+        h5["b/soft"] = h5py.SoftLink("/a")
+        h5["b/ext"] = h5py.ExternalLink("other.h5", "/y")
+    with h5py.File(path, "r") as h5:
+        entries = [(e.name, e.kind, e.target) for e in walk_hdf5(h5, path)]
+    assert entries == [
+        ("a", "dataset", None),
+        ("b", "group", None),
+        ("b/ext", "external", ("other.h5", "/y")),
+        ("b/loop", "group", None),  # met, not entered again
+        ("b/soft", "soft", None),
+        ("b/x", "dataset", None),
+    ]
+
+
+def test_weights_member_names_the_weights_format(model_files, tmp_path):
+    assert read_model_file(model_files["a"]).weights_member == "model.weights.h5"
+    assert read_model_file(model_files["a_h5"]).weights_member is None
+    path = tmp_path / "npz.keras"
+    with zipfile.ZipFile(model_files["a"]) as src, zipfile.ZipFile(path, "w") as dst:
+        dst.writestr("config.json", src.read("config.json"))
+        dst.writestr("model.weights.npz", b"")
+    assert read_model_file(path).weights_member == "model.weights.npz"
+    with pytest.raises(ModelFileError) as caught, open_weights(path):
+        pass
+    assert str(caught.value).startswith(f"{path}: keeps its weights in model.weights.npz")

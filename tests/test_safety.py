@@ -13,7 +13,7 @@ from conftest import run_cli
 from filesupport import keras2_files, marker_model, rewrite_h5_config, rewrite_keras_config
 
 from fusecli.cli import cli
-from fusecli.errors import UnsafeModelError
+from fusecli.errors import UnsafeModelError, VerificationError
 from fusecli.files.loading import load_model
 from fusecli.files.modelfile import read_model_file
 from fusecli.files.safety import Finding, refuse_unsafe, scan
@@ -357,3 +357,26 @@ def test_fused_lambda_models_are_refused_at_every_depth(model_files, tmp_path):
         f"inspect {outer}`){REFUSING}\n"
     )
     assert not (tmp_path / "again.keras").exists()
+
+
+# -- what a command writes is scanned before it is renamed into place ------------------------
+
+
+def test_merge_scans_its_output_before_keeping_it(made, tmp_path, monkeypatch):
+    """If the input scan ever missed something, the output scan still stops it: here the input
+    scan is switched off, and merge copies a nested Lambda's bytecode into its output."""
+    import fusecli.merging.merge as merging
+
+    monkeypatch.setattr(merging, "refuse_unsafe", lambda path, trust=False: None)
+    out = tmp_path / "soup.keras"
+    with pytest.raises(VerificationError) as caught:
+        merging.merge([made["nested.keras"], made["nested.keras"]], out)
+    assert str(caught.value) == (
+        f"The written file would run code when loaded: layer 'outer/inner/lam' {BYTECODE}; it "
+        "was not kept"
+    )
+    assert list(tmp_path.iterdir()) == []
+    assert not made["marker"].exists()
+    # With --trust the inputs may carry code on, and the output does.
+    merging.merge([made["nested.keras"], made["nested.keras"]], out, trust=True)
+    assert _paths(scan(out)) == [("outer/inner/lam", "Lambda")]

@@ -64,7 +64,7 @@ def format_table(reports: list[dict]) -> str:
             r["name"] or "?",
             ", ".join(_tensor_text(t) for t in r["inputs"]) or "?",
             ", ".join(_tensor_text(t) for t in r["outputs"]) or "?",
-            f"{r['params']:,}",
+            "?" if r["params"] is None else f"{r['params']:,}",
             str(sum(r["layers"].values())),
             _size_text(r["size"]),
             str(len(r["unsafe"])) if r["unsafe"] else "-",

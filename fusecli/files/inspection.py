@@ -18,8 +18,15 @@ import h5py
 
 from fusecli.errors import ModelFileError
 from fusecli.files.isolation import call_isolated
-from fusecli.files.modelfile import MODEL_SUFFIXES, ModelFile, open_hdf5, read_model_file
+from fusecli.files.modelfile import (
+    MODEL_SUFFIXES,
+    NPZ_WEIGHTS_MEMBER,
+    ModelFile,
+    open_hdf5,
+    read_model_file,
+)
 from fusecli.files.safety import scan
+from fusecli.files.tensors import count_npz_params
 
 Shape = list[int | None]
 
@@ -102,12 +109,14 @@ def expand_paths(paths: list[str | os.PathLike[str]]) -> list[Path]:
     return out
 
 
-def count_params(model_file: ModelFile) -> int:
+def count_params(model_file: ModelFile) -> int | None:
     """The number of weights Keras' `count_params()` reports, from the stored weight shapes.
 
     `.keras`: the variables under `layers/` (not the optimizer's); `.h5`: the datasets each layer
-    group lists in its `weight_names` attribute.
+    group lists in its `weight_names` attribute. None when they are pickled (`.npz` weights).
     """
+    if model_file.weights_member == NPZ_WEIGHTS_MEMBER:
+        return count_npz_params(model_file.path)
     with open_hdf5(model_file.path) as h5:
         if model_file.format == "keras":
             return _count_keras(h5)

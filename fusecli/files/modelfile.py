@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import struct
 import zipfile
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import h5py
+import numpy as np
+from h5py import h5d, h5g, h5l, h5o
 
 from fusecli.errors import ModelFileError
 
@@ -32,11 +35,26 @@ MODEL_SUFFIXES = tuple(MODEL_FORMATS)
 CONFIG_MEMBER = "config.json"  # inside a .keras archive
 _METADATA_FILENAME = "metadata.json"
 WEIGHTS_MEMBER = "model.weights.h5"  # inside a .keras archive
+NPZ_WEIGHTS_MEMBER = "model.weights.npz"  # Keras 3.6+ can save weights so (NumPy pickles)
 # A zip local file header: signature, version, flags, method, time, date, crc, sizes, then the
 # lengths of the name and the extra field that come before the member's data.
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 Format = Literal["keras", "h5"]
+
+# Limits on what a file can make the readers do (docs/safety.md).
+# A config nested deeper than any Keras model is (28 nested Sequential models: about 90).
+MAX_CONFIG_DEPTH = 256
+# HDF5 groups nested deeper (a nested model adds two levels), or more objects, than a model has.
+MAX_HDF5_DEPTH = 128
+MAX_HDF5_OBJECTS = 200_000
+# Keras refuses a zip member that inflates more than 100 times (saving_lib's
+# _ZIP_MEMBER_MAX_EXPANSION) above 4 GiB; fusecli reads members into memory from 1 MiB on.
+MAX_INFLATION = 100
+# Keras refuses an HDF5 dataset that declares more than 1000 times what it stores (saving_lib's
+# _H5_DATASET_MAX_EXPANSION) above 4 GiB; fusecli from 1 MiB on, for every dataset and .npy.
+MAX_EXPANSION = 1000
+GUARD_FLOOR = 1 << 20
 
 
 @dataclass
@@ -50,6 +68,13 @@ class ModelFile:
     backend: str | None
     size: int = 0  # bytes on disk
     members: list[str] = field(default_factory=list)  # names inside a .keras archive
+
+    @property
+    def weights_member(self) -> str | None:
+        """The archive member holding a .keras file's weights (None for .h5)."""
+        if self.format != "keras":
+            return None
+        return WEIGHTS_MEMBER if WEIGHTS_MEMBER in self.members else NPZ_WEIGHTS_MEMBER
 
     @property
     def written_by_keras2(self) -> bool:
@@ -98,6 +123,12 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
     """Read a model file's config and metadata; `ModelFileError` for anything broken."""
     path = check_model_path(path)
     fmt = file_format(path)
+    if fmt == "keras" and MODEL_FORMATS[path.suffix.lower()] == "h5" and h5py.is_hdf5(path):
+        raise ModelFileError(
+            path,
+            "is an HDF5 file whose user block starts with a zip signature; zip tools and Keras "
+            "would read different things, and a file that is two things at once is refused",
+        )
     if fmt != MODEL_FORMATS[path.suffix.lower()]:
         # Keras picks the format by the name: what it would read is not what we read here.
         what = "a .keras (zip) archive" if fmt == "keras" else "an HDF5 file"
@@ -127,7 +158,38 @@ def file_format(path: str | os.PathLike[str]) -> Format:
         return "keras"
     if head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(path):
         return "h5"
+    if zipfile.is_zipfile(path):
+        # Python's zipfile (and so Keras) finds an archive from its end, whatever precedes it.
+        with contextlib.suppress(*_READ_ERRORS), zipfile.ZipFile(path) as archive:
+            raise ModelFileError(path, _prefixed(min(i.header_offset for i in archive.infolist())))
+        raise ModelFileError(path, _prefixed(None))
     raise ModelFileError(path, "is neither a .keras archive nor an HDF5 file")
+
+
+def _prefixed(offset: int | None) -> str:
+    what = "other data" if offset is None else f"{offset} bytes of other data"
+    return (
+        f"is a zip archive behind {what}; Keras writes archives from their first byte, and "
+        "a file that is two things at once is refused"
+    )
+
+
+def check_config_depth(path: Path, config: Any, what: str) -> None:
+    """Refuse a config nested deeper than MAX_CONFIG_DEPTH, measured without recursion, so
+    that no reader (nor the pickling between processes) recurses without bound."""
+    stack = [(config, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ModelFileError(
+                path,
+                f"{what} is nested more than {MAX_CONFIG_DEPTH} levels deep; no Keras model "
+                "is, and such a file is refused",
+            )
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 @contextlib.contextmanager
@@ -155,8 +217,8 @@ def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     try:
         if file_format(path) == "keras":
             with (
-                zipfile.ZipFile(path) as archive,
-                _seekable_member(archive, path, WEIGHTS_MEMBER) as member,
+                open_archive(path) as archive,
+                _seekable_member(archive, path, _h5_member(archive, path)) as member,
                 h5py.File(member, "r") as h5,
             ):
                 yield h5
@@ -169,9 +231,184 @@ def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         raise ModelFileError(path, f"weights cannot be read ({_short(e)})") from None
 
 
+@contextlib.contextmanager
+def open_archive(path: Path) -> Iterator[zipfile.ZipFile]:
+    """A .keras archive, checked so that every reader sees the same bytes, within bounds.
+
+    Refused: data before the first member (zipfile finds an archive from its end), a stored
+    member whose two sizes differ (readers disagree on where it ends), and a member that
+    inflates more than MAX_INFLATION times (a decompression bomb).
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ModelFileError(path, f"is not a valid .keras archive ({_short(e)})") from None
+    with archive:
+        infos = archive.infolist()
+        if infos and min(i.header_offset for i in infos) != 0:
+            raise ModelFileError(path, _prefixed(min(i.header_offset for i in infos)))
+        for info in infos:
+            check_inflation(path, info)
+        yield archive
+
+
+def check_inflation(path: Path, info: zipfile.ZipInfo, inside: str = "") -> None:
+    """Refuse a zip member whose declared size disagrees with, or far exceeds, what it stores."""
+    name = f"{inside}{info.filename}"
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise ModelFileError(
+            path,
+            f"member {name!r} is stored uncompressed but declares {info.file_size} bytes and "
+            f"stores {info.compress_size}; readers would disagree on its content",
+        )
+    if info.file_size > GUARD_FLOOR and info.file_size > MAX_INFLATION * info.compress_size:
+        raise ModelFileError(
+            path,
+            f"member {name!r} inflates to {info.file_size} bytes from {info.compress_size} "
+            f"(more than {MAX_INFLATION} times); refusing a possible decompression bomb",
+        )
+
+
+def _h5_member(archive: zipfile.ZipFile, path: Path) -> str:
+    names = archive.namelist()
+    if WEIGHTS_MEMBER not in names and NPZ_WEIGHTS_MEMBER in names:
+        raise ModelFileError(
+            path,
+            f"keeps its weights in {NPZ_WEIGHTS_MEMBER} (NumPy pickles, which fusecli never "
+            "unpickles) rather than model.weights.h5; re-save it with Keras' default weights "
+            "format",
+        )
+    return WEIGHTS_MEMBER
+
+
+@dataclass(frozen=True)
+class Hdf5Entry:
+    """One link met by `walk_hdf5`: its path below the walked group, and what it leads to."""
+
+    name: str
+    kind: Literal["group", "dataset", "external", "soft", "other"]
+    node: h5py.Group | h5py.Dataset | None = None
+    target: tuple[str, str] | None = None  # an external link's file and object
+
+
+def walk_hdf5(root: h5py.Group, path: Path) -> Iterator[Hdf5Entry]:
+    """Every link below `root`: a group's links in name order, then its subgroups', depth
+    first; each group entered once.
+
+    HDF5's own visitors recurse in C (40,000 nested groups crash the process) and follow hard
+    links into loops; this walk keeps its own stack, does not follow soft or external links,
+    and refuses files deeper than MAX_HDF5_DEPTH or larger than MAX_HDF5_OBJECTS.
+    """
+    seen = {root.id}
+    stack: list[tuple[h5py.Group, str, int]] = [(root, "", 0)]
+    count = 0
+    while stack:
+        group, prefix, depth = stack.pop()
+        if depth >= MAX_HDF5_DEPTH:
+            raise ModelFileError(
+                path, f"its HDF5 groups are nested more than {MAX_HDF5_DEPTH} levels deep"
+            )
+        children: list[tuple[h5py.Group, str, int]] = []
+        for raw in group.id:
+            count += 1
+            if count > MAX_HDF5_OBJECTS:
+                raise ModelFileError(path, f"holds more than {MAX_HDF5_OBJECTS} HDF5 objects")
+            name = f"{prefix}{_decode(raw)}"
+            link = group.id.links.get_info(raw).type
+            if link == h5l.TYPE_EXTERNAL:
+                filename, target = (_decode(v) for v in group.id.links.get_val(raw))
+                yield Hdf5Entry(name, "external", target=(filename, target))
+                continue
+            if link != h5l.TYPE_HARD:
+                yield Hdf5Entry(name, "soft" if link == h5l.TYPE_SOFT else "other")
+                continue
+            oid = h5o.open(group.id, raw)
+            if isinstance(oid, h5g.GroupID):
+                node = h5py.Group(oid)
+                yield Hdf5Entry(name, "group", node)
+                if oid not in seen:
+                    seen.add(oid)
+                    children.append((node, f"{name}/", depth + 1))
+            elif isinstance(oid, h5d.DatasetID):
+                yield Hdf5Entry(name, "dataset", h5py.Dataset(oid))
+            else:
+                yield Hdf5Entry(name, "other")
+        stack.extend(reversed(children))
+
+
+def check_dataset_size(path: Path, dataset: h5py.Dataset, where: str) -> int:
+    """The number of values `dataset` declares; refused if it declares far more bytes than it
+    stores (a compressed or unallocated "shape bomb" that would fill memory when read)."""
+    count = math.prod(dataset.shape or ())
+    declared = count * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    if declared > GUARD_FLOOR and declared > MAX_EXPANSION * stored:
+        raise ModelFileError(
+            path,
+            f"HDF5 dataset {where!r} declares {declared} bytes but stores {stored} (more "
+            f"than {MAX_EXPANSION} times less); refusing a possible decompression bomb",
+        )
+    return count
+
+
+@dataclass(frozen=True)
+class NpyMember:
+    """One array of a .keras file's `model.weights.npz`, from its header only."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pickle: bytes | None  # an object array's data: a pickle, never unpickled here
+
+
+def read_npz_members(path: Path) -> list[NpyMember]:
+    """The headers of `model.weights.npz`'s arrays, and the pickles of object arrays.
+
+    Read with zipfile and numpy's header parser only (no `np.load`): every member is checked
+    for inflation, and numeric arrays for declared against stored size.
+    """
+    members = []
+    try:
+        with (
+            open_archive(path) as archive,
+            _seekable_member(archive, path, NPZ_WEIGHTS_MEMBER) as npz_file,
+            zipfile.ZipFile(npz_file) as npz,
+        ):
+            for info in npz.infolist():
+                check_inflation(path, info, inside=f"{NPZ_WEIGHTS_MEMBER}:")
+                members.append(_npy_member(path, npz, info))
+    except ModelFileError:
+        raise
+    except _READ_ERRORS as e:
+        raise ModelFileError(path, f"{NPZ_WEIGHTS_MEMBER} cannot be read ({_short(e)})") from None
+    return members
+
+
+def _npy_member(path: Path, npz: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyMember:
+    key = info.filename.removesuffix(".npy")
+    with npz.open(info) as f:
+        major, _minor = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            return NpyMember(key, tuple(shape), dtype, f.read())
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > GUARD_FLOOR and declared > MAX_EXPANSION * info.compress_size:
+        raise ModelFileError(
+            path,
+            f"{NPZ_WEIGHTS_MEMBER} array {key!r} declares {declared} bytes but stores "
+            f"{info.compress_size}; refusing a possible decompression bomb",
+        )
+    return NpyMember(key, tuple(shape), dtype, None)
+
+
 def _read_keras(path: Path) -> ModelFile:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_archive(path) as archive:
             members = archive.namelist()
             config = _json_member(archive, path, CONFIG_MEMBER)
             metadata = (
@@ -187,8 +424,9 @@ def _read_keras(path: Path) -> ModelFile:
         raise ModelFileError(path, f"{CONFIG_MEMBER} does not describe a Keras object")
     if not isinstance(metadata, dict):
         raise ModelFileError(path, f"{_METADATA_FILENAME} is not a JSON object")
-    if WEIGHTS_MEMBER not in members and "model.weights.npz" not in members:
+    if WEIGHTS_MEMBER not in members and NPZ_WEIGHTS_MEMBER not in members:
         raise ModelFileError(path, f"is a zip archive without {WEIGHTS_MEMBER}, not a .keras model")
+    check_config_depth(path, config, CONFIG_MEMBER)
     return ModelFile(
         path=path,
         format="keras",
@@ -217,6 +455,7 @@ def _read_h5(path: Path) -> ModelFile:
         raise ModelFileError(path, f"its model_config is not valid JSON ({_short(e)})") from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelFileError(path, "its model_config does not describe a Keras model")
+    check_config_depth(path, config, "its model_config")
     return ModelFile(
         path=path,
         format="h5",

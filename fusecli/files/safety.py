@@ -6,27 +6,42 @@ TorchModuleWrapper's pickle. Keras' own `safe_mode` depends on the installed ver
 `.h5` files until 3.11.3, and tf-keras 2.x has none), and scanners such as modelscan look only at
 the top-level layers, so a Lambda inside a nested model (exactly what a fused model is) passes.
 
-`scan` walks the whole config, at every depth, in both formats, and the HDF5 weights for links
-that would make the reader open other files. `refuse_unsafe` is what every loading command calls
-before Keras sees the file.
+`scan` walks the whole config, at every depth, in both formats (bytecode wherever it sits,
+modules, registered names), the HDF5 weights for links that would make the reader open other
+files, and `model.weights.npz` for pickles; it refuses (`ModelFileError`) files beyond the
+readers' limits (declared sizes far beyond what is stored, configs sizing layers far beyond the
+weights). `refuse_unsafe` is what every loading command calls before Keras sees the file, and
+`check_written` what a command calls on its output before moving it into place.
 """
 
 from __future__ import annotations
 
+import binascii
 import builtins
+import math
 import os
+import pickletools
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
-from h5py import h5l
 
-from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.errors import ModelFileError, UnsafeModelError, VerificationError
 from fusecli.files.isolation import call_isolated
-from fusecli.files.modelfile import ModelFile, open_hdf5, read_model_file
+from fusecli.files.modelfile import (
+    NPZ_WEIGHTS_MEMBER,
+    WEIGHTS_MEMBER,
+    ModelFile,
+    check_dataset_size,
+    open_hdf5,
+    read_model_file,
+    read_npz_members,
+    walk_hdf5,
+)
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -44,6 +59,11 @@ _KERAS2_CALLABLES = {
     "mask": "mask_type",
 }
 _BYTECODE = "__lambda__"
+# Base64 text of a marshalled code object: even `lambda: 0` takes 132 characters; names,
+# which also start lists (Keras 2 `inbound_nodes`), are far shorter.
+_MIN_CODE_TEXT = 64
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_LAMBDA_CONFIG, _LAMBDA_FIELD = 1, 2  # parts of a Lambda's config that it checks itself
 # Modules a serialized Keras function may come from (not keras.utils.get_file and the like).
 _MODELING_FUNCTIONS = re.compile(
     r"(tf_)?keras(\.src)?\.(activations|losses|metrics|ops|initializers|regularizers|constraints|"
@@ -84,12 +104,12 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
     """
     if not isinstance(model_file, ModelFile):
         model_file = read_model_file(model_file)
-    try:
-        findings = list(_scan_config(model_file.config))
-    except RecursionError:
-        raise ModelFileError(model_file.path, "its config is nested too deeply") from None
+    findings = list(_scan_config(model_file.config))
     findings.extend(_scan_members(model_file.members))
-    findings.extend(_scan_hdf5(model_file))
+    scan_weights = _scan_npz if model_file.weights_member == NPZ_WEIGHTS_MEMBER else _scan_hdf5
+    weight_findings, values = scan_weights(model_file)
+    findings.extend(weight_findings)
+    _check_declared_sizes(model_file, values)
     unique: dict[Finding, None] = dict.fromkeys(findings)
     return list(unique)
 
@@ -98,12 +118,11 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
     Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
-    file is read in a child process where that is safe (`fusecli.files.isolation`).
+    file is read in a child process where that is safe (`fusecli.files.isolation`). A file
+    beyond the readers' limits (`ModelFileError`) is refused even with `trust`.
     """
-    if trust:
-        return call_isolated(read_model_file, Path(path))
     model_file, findings = call_isolated(_read_and_scan, Path(path))
-    if findings:
+    if findings and not trust:
         more = len(findings) - 1
         also = f" (and {more} more: see `fusecli inspect {path}`)" if more else ""
         raise UnsafeModelError(
@@ -111,6 +130,22 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
             f"{findings[0].describe()}{also}; refusing (use --trust to load it anyway)",
         )
     return model_file
+
+
+def check_written(path: str | os.PathLike[str], *, trust: bool = False) -> None:
+    """Scan a file a command has just written, before it is renamed into place.
+
+    Its inputs were scanned, so a finding here means the writer carried something the input
+    scan did not see; the caller deletes the file. With `trust`, inputs may carry code on.
+    """
+    if trust:
+        return
+    _model_file, findings = call_isolated(_read_and_scan, Path(path))
+    if findings:
+        raise VerificationError(
+            f"The written file would run code when loaded: {findings[0].describe()}; it was "
+            "not kept"
+        )
 
 
 def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
@@ -122,41 +157,64 @@ def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
 
 
 def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
+    """Every value of the config, visited with an explicit stack (a file cannot make it recurse),
+    in document order; each value knows the layer it sits in (`path`), that layer's class, and
+    the field it came from."""
     inner = config.get("config")
     name = inner.get("name") if isinstance(inner, dict) else None
-    path = [name if isinstance(name, str) else "model"]
-    owner = _text(config.get("class_name"))
-    yield from _check_object(config, path, owner, key="")
-    for k, value in config.items():
-        yield from _walk(value, path, owner, k if isinstance(k, str) else "")
+    root = _Place((name if isinstance(name, str) else "model",), _text(config.get("class_name")))
+    yield from _check_object(config, root, key="")
+    # `part` marks a Lambda's config (_LAMBDA_CONFIG) and the values of its fields
+    # (_LAMBDA_FIELD), which `_check_keras2_lambda` reads, so they are not reported twice.
+    stack: list[tuple[Any, _Place, str, int]] = [
+        (value, root, k if isinstance(k, str) else "", 0) for k, value in reversed(config.items())
+    ]
+    while stack:
+        node, place, key, part = stack.pop()
+        if isinstance(node, list):
+            if part != _LAMBDA_FIELD and _is_marshalled_code(node):
+                yield Finding(place.where, place.owner, _bytecode_in(key))
+                continue
+            stack.extend((item, place, key, part) for item in reversed(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        is_lambda = False
+        if "class_name" in node:
+            place = _enter(node, place)
+            yield from _check_object(node, place, key)
+            if node.get("class_name") == _BYTECODE:
+                continue
+            is_lambda = node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict)
+            if is_lambda:
+                yield from _check_keras2_lambda(node["config"], place)
+        if part != _LAMBDA_CONFIG:
+            yield from _check_stored_callables(node, place)
+        for k, value in reversed(node.items()):
+            inner = _LAMBDA_CONFIG if is_lambda and k == "config" else 0
+            if part == _LAMBDA_CONFIG:
+                inner = _LAMBDA_FIELD
+            stack.append((value, place, k if isinstance(k, str) else key, inner))
 
 
-def _walk(node: Any, path: list[str], owner: str, key: str) -> Iterator[Finding]:
-    """Visit every value; `path` is the layer we are inside, `owner` its class, `key` the field."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _walk(item, path, owner, key)
-        return
-    if not isinstance(node, dict):
-        return
-    if "class_name" in node:
-        path, owner = _enter(node, path, owner)
-        yield from _check_object(node, path, owner, key)
-        if node.get("class_name") == _BYTECODE:
-            return
-        if node.get("class_name") == "Lambda" and isinstance(node.get("config"), dict):
-            yield from _check_keras2_lambda(node["config"], path)
-    for k, value in node.items():
-        yield from _walk(value, path, owner, k if isinstance(k, str) else key)
+@dataclass(frozen=True)
+class _Place:
+    """Where a config value sits: the path of layer names, and the innermost layer's class."""
+
+    path: tuple[str, ...]
+    owner: str
+
+    @property
+    def where(self) -> str:
+        return "/".join(self.path)
 
 
-def _enter(node: dict[str, Any], path: list[str], owner: str) -> tuple[list[str], str]:
+def _enter(node: dict[str, Any], place: _Place) -> _Place:
     """A serialized layer opens a new path level; other objects (initializers...) do not."""
     name = _layer_name(node)
-    class_name = _text(node.get("class_name"))
     if name is None:
-        return path, owner
-    return [*path, name], class_name
+        return place
+    return _Place((*place.path, name), _text(node.get("class_name")))
 
 
 def _layer_name(node: dict[str, Any]) -> str | None:
@@ -172,16 +230,14 @@ def _layer_name(node: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_object(node: dict[str, Any], path: list[str], owner: str, key: str) -> Iterator[Finding]:
-    where = "/".join(path)
+def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Finding]:
+    where, owner = place.where, place.owner
     class_name = _text(node.get("class_name"))
     if class_name == _BYTECODE:
         if owner == "Lambda" and key == "function":
             reason = "is a Lambda layer with Python bytecode, which would run when loaded"
         else:
-            reason = (
-                f"holds Python bytecode in {key or 'its config'!r}, which would run when loaded"
-            )
+            reason = _bytecode_in(key)
         yield Finding(where, owner, reason)
         return
     if class_name in _UNSAFE_CLASSES:
@@ -241,17 +297,21 @@ def _python_builtin(name: Any) -> bool:
     return isinstance(name, str) and hasattr(builtins, name) and name not in _HARMLESS_BUILTINS
 
 
-def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Finding]:
+def _check_keras2_lambda(config: dict[str, Any], place: _Place) -> Iterator[Finding]:
     """tf.keras 2.x stored a Lambda's callables as [base64 bytecode, defaults, closure] with a
-    `function_type` of "lambda"; "function" names a Python function; "raw" is plain data."""
-    where = "/".join(path)
+    `function_type` of "lambda"; "function" names a Python function; "raw" is plain data.
+
+    Keras 3's legacy `.h5` loader ignores `function_type` and runs any list-valued `function` as
+    bytecode, so a list there is bytecode whatever its label says.
+    """
     for field, kind_key in _KERAS2_CALLABLES.items():
         value, kind = config.get(field), config.get(kind_key)
-        if value is None or isinstance(value, dict) or kind == "raw":
-            continue  # nothing, a serialized object (checked on its own), or plain data
-        if kind is None and field != "function":
-            continue  # Keras 3 writes output shapes as plain lists
-        if kind == "lambda" or kind is None:
+        if value is None or isinstance(value, dict):
+            continue  # nothing, or a serialized object (checked on its own)
+        code = (field == "function" and isinstance(value, list)) or _is_marshalled_code(value)
+        if not code and (kind == "raw" or (kind is None and field != "function")):
+            continue  # plain data; Keras 3 writes output shapes as plain lists
+        if code or kind in ("lambda", None):
             reason = "with Python bytecode, which would run when loaded"
         else:
             module = config.get("module") if field == "function" else config.get(f"{field}_module")
@@ -260,9 +320,57 @@ def _check_keras2_lambda(config: dict[str, Any], path: list[str]) -> Iterator[Fi
                 "Keras would look up and run"
             )
         if field == "function":
-            yield Finding(where, "Lambda", f"is a Lambda layer {reason}")
+            yield Finding(place.where, "Lambda", f"is a Lambda layer {reason}")
         else:
-            yield Finding(where, "Lambda", f"holds a callable in {field!r} {reason}")
+            yield Finding(place.where, "Lambda", f"holds a callable in {field!r} {reason}")
+
+
+def _check_stored_callables(node: dict[str, Any], place: _Place) -> Iterator[Finding]:
+    """tf-keras stores the functions of other objects as a Lambda does: `<field>` beside
+    `<field>_type` ("lambda": bytecode; "function": a Python function looked up by name), e.g.
+    ResidualWrapper's `residual_fn` and DropoutWrapper's `dropout_fn`."""
+    for kind_key, kind in node.items():
+        if not (isinstance(kind_key, str) and kind_key.endswith("_type")):
+            continue
+        field = kind_key[: -len("_type")]
+        value = node.get(field)
+        if value is None or isinstance(value, dict) or kind not in ("lambda", "function"):
+            continue
+        if kind == "lambda" or _is_marshalled_code(value):
+            yield Finding(place.where, place.owner, _bytecode_in(field))
+        else:
+            module = node.get(f"{field}_module")
+            yield Finding(
+                place.where,
+                place.owner,
+                f"holds a callable in {field!r} calling the Python function {_text(value)!r} "
+                f"from module {module!r}, which Keras would look up and run",
+            )
+
+
+def _is_marshalled_code(value: Any) -> bool:
+    """A list (or string) that starts with base64 text of a marshalled code object: what
+    tf-keras' and Keras' `func_load` turn into a function, whatever label it carries.
+
+    Their base64 decoding skips characters outside the alphabet (tf-keras first escapes
+    non-Latin-1 characters), so the test does too. A marshalled code object starts with the
+    byte `c` (0x63, or 0xE3 with marshal's reference flag), then three small 32-bit counts
+    (arguments...), and is far longer than a name.
+    """
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str) or len(value) < _MIN_CODE_TEXT:
+        return False
+    text = _NOT_BASE64.sub(b"", value.encode("raw_unicode_escape"))
+    if len(text) < 20:
+        return False
+    head = binascii.a2b_base64(text[:20])
+    small_counts = all(head[i : i + 2] == b"\0\0" for i in (3, 7, 11))
+    return head[:1] in (b"c", b"\xe3") and small_counts
+
+
+def _bytecode_in(key: str) -> str:
+    return f"holds Python bytecode in {key or 'its config'!r}, which would run when loaded"
 
 
 def _decode(value: bytes | str) -> str:
@@ -277,45 +385,42 @@ def _text(value: Any) -> str:
 
 
 def _scan_members(members: list[str]) -> Iterator[Finding]:
+    """Names no Keras writes, which Keras skips and extraction tools may follow out of the
+    folder; merge would copy them into its output, so they are refused like code."""
     for name in members:
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-            yield Finding(
-                name,
-                "zip member",
-                "points outside the archive, where extracting it would write",
-                what="archive member",
+            reason = "points outside the archive, where extracting it would write"
+        elif "\\" in name:
+            reason = (
+                "has a backslash in its name, which extracting on Windows reads as a folder "
+                "separator"
             )
+        else:
+            continue
+        yield Finding(name, "zip member", reason, what="archive member")
 
 
-def _scan_hdf5(model_file: ModelFile) -> Iterator[Finding]:
-    prefix = "model.weights.h5:" if model_file.format == "keras" else ""
-    if model_file.format == "keras" and "model.weights.h5" not in model_file.members:
-        return
+def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
+    """Links to other files, and the number of values the datasets declare (each checked
+    against what it stores)."""
+    prefix = f"{WEIGHTS_MEMBER}:" if model_file.format == "keras" else ""
     found: list[tuple[str, Finding]] = []
+    values = 0
     with open_hdf5(model_file.path) as h5:
-        # visititems follows hard links only, so external links are looked for separately
-        # (through the low-level API: h5py's visititems_links costs a lookup per link).
-        names: list[bytes] = []
-        h5.id.links.visit(names.append)
-        for raw in names:
-            if h5.id.links.get_info(raw).type == h5l.TYPE_EXTERNAL:
-                filename, target = (_decode(v) for v in h5.id.links.get_val(raw))
-                name = _decode(raw)
+        for entry in walk_hdf5(h5, model_file.path):
+            where = f"{prefix}/{entry.name}"
+            if entry.kind == "external":
+                filename, target = entry.target or ("?", "?")
                 reason = f"is a link to {target!r} in another file {filename!r}"
-                found.append(
-                    (name, Finding(f"{prefix}/{name}", "ExternalLink", reason, _HDF5_WHAT))
-                )
-        datasets: list[tuple[str, h5py.Dataset]] = []
-        h5.visititems(
-            lambda name, obj: (
-                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-        for name, dataset in datasets:
-            found.extend((name, f) for f in _check_dataset(dataset, f"{prefix}/{name}"))
-    for _name, finding in sorted(found, key=lambda item: item[0]):
-        yield finding
+                found.append((entry.name, Finding(where, "ExternalLink", reason, _HDF5_WHAT)))
+            elif entry.kind == "dataset":
+                dataset_findings = list(_check_dataset(entry.node, where))
+                if dataset_findings:  # its data is elsewhere: nothing here to measure
+                    found.extend((entry.name, f) for f in dataset_findings)
+                else:
+                    values += check_dataset_size(model_file.path, entry.node, where)
+    return [finding for _name, finding in sorted(found, key=lambda item: item[0])], values
 
 
 def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
@@ -333,3 +438,127 @@ def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
         yield Finding(
             where, "external dataset", f"keeps its data in other files {files}", what=_HDF5_WHAT
         )
+
+
+def _scan_npz(model_file: ModelFile) -> tuple[list[Finding], int]:
+    """Keras writes each layer's variables to `model.weights.npz` as a pickled dict, and
+    loading a pickle runs whatever it names; fusecli reads the pickle's opcodes, never runs it.
+
+    Also returns a bound on the values the arrays hold (a pickle stores each in a byte or more).
+    """
+    findings = []
+    values = 0
+    for member in read_npz_members(model_file.path):
+        if member.pickle is None:
+            values += math.prod(member.shape)
+            continue
+        values += len(member.pickle)
+        imports = _pickle_imports(member.pickle)
+        names = ", ".join(repr(n) for n in imports[:3]) + (
+            f" and {len(imports) - 3} more" if len(imports) > 3 else ""
+        )
+        findings.append(
+            Finding(
+                f"{NPZ_WEIGHTS_MEMBER}:{member.key}",
+                "pickle",
+                "is a NumPy object array, stored as a pickle, which runs code when loaded"
+                + (f" (it imports {names})" if imports else ""),
+                what="archive member",
+            )
+        )
+    return findings, values
+
+
+def _pickle_imports(data: bytes) -> list[str]:
+    """The `module.name`s a pickle imports, read from its opcodes (nothing is unpickled),
+    leaving out numpy's own, which every object array names."""
+    imports: list[str] = []
+    pushed: list[Any] = []  # what each opcode pushed, as far as names go (else None)
+    memo: dict[int, Any] = {}
+    try:
+        for opcode, arg, _pos in pickletools.genops(data):
+            name = opcode.name
+            if name in ("GLOBAL", "INST") and isinstance(arg, str):
+                imports.append(arg.replace(" ", "."))
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = pushed[-2:] if len(pushed) >= 2 else [None, None]
+                imports.append(f"{module}.{attr}" if module and attr else "?")
+                pushed[-2:] = [None]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            elif opcode.stack_after and opcode.stack_before == []:
+                pushed.append(arg if isinstance(arg, str) else None)
+    except (ValueError, EOFError, UnicodeDecodeError, struct.error):
+        pass  # a broken pickle is still a pickle: what was read so far is reported
+    return [n for n in dict.fromkeys(imports) if n not in _NUMPY_PICKLING]
+
+
+_NUMPY_PICKLING = {
+    f"{module}.{name}"
+    for module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "ndarray", "dtype", "scalar")
+}
+
+
+# Config keys whose value is a number of units, filters, heads...: a layer holding such a key
+# owns variables with at least that many values (a Dense kernel has `units` columns...).
+_SIZE_KEYS = {
+    "units",
+    "filters",
+    "output_dim",
+    "input_dim",
+    "num_heads",
+    "key_dim",
+    "value_dim",
+    "depth_multiplier",
+    "kernel_size",  # its product
+}
+_SIZE_FLOOR = 1 << 16  # below this, a declared size is never questioned
+
+
+def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
+    """Refuse a config whose layers declare more units (filters, heads...) than the file's
+    weights hold values: building it would allocate memory out of all proportion to the file
+    (a `Dense(units=2**31)` asks for gigabytes), and its weights could not match anyway."""
+    limit = max(values, _SIZE_FLOOR)
+    stack: list[Any] = [model_file.config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        config = node.get("config")
+        if "class_name" in node and isinstance(config, dict):
+            for key in _SIZE_KEYS.intersection(config):
+                size = _declared_size(config[key])
+                if size is not None and size > limit:
+                    raise ModelFileError(
+                        model_file.path,
+                        f"layer {_text(config.get('name'))!r} declares {key}="
+                        f"{_text(config.get(key))}, more than the {values} values the file's "
+                        "weights hold; building it would allocate memory out of proportion to "
+                        "the file",
+                    )
+        stack.extend(node.values())
+
+
+def _declared_size(value: Any) -> int | None:
+    """An int, or the product of a list of ints (a kernel size)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return math.prod(value)
+    return None

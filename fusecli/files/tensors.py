@@ -19,6 +19,7 @@ dtype; layer names may differ) and describes the first difference.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ from fusecli.errors import ModelFileError
 from fusecli.files.modelfile import (
     Format,
     ModelFile,
+    check_dataset_size,
     open_weights,
     read_model_file,
+    read_npz_members,
+    walk_hdf5,
 )
 
 # Top-level groups of a weights file that hold training state, not the model.
@@ -99,11 +103,24 @@ def read_layout(path: str | os.PathLike[str]) -> Layout:
                 variables, composite = _keras_variables(group, info.config)
             else:
                 variables, composite = _h5_variables(group, info.config), []
+            for variable in variables:
+                check_dataset_size(info.path, group[variable.dataset], variable.dataset)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ModelFileError(
                 info.path, f"its weights do not match its config ({_short(e)})"
             ) from None
+        except ModelFileError as e:  # from a walk inside the weights, which knows no path
+            raise ModelFileError(info.path, e.reason) from None
     return _layout(info, variables, composite)
+
+
+def count_npz_params(path: str | os.PathLike[str]) -> int | None:
+    """The values held by a `.keras` file's `model.weights.npz`, from the arrays' headers; None
+    if any is an object array (Keras pickles every layer's variables so), which is never read."""
+    members = read_npz_members(Path(path))
+    if any(m.pickle is not None for m in members):
+        return None
+    return sum(math.prod(m.shape) for m in members)
 
 
 def architecture_difference(a: Layout, b: Layout) -> str | None:
@@ -162,16 +179,23 @@ def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray
 def _keras_variables(root: h5py.Group, config: dict[str, Any]) -> tuple[list[Variable], list[str]]:
     variables: list[Variable] = []
     composite: list[str] = []
-    visited: set[str] = set()
     own = root.get("vars")
     if isinstance(own, h5py.Group):
-        variables += _vars_of(own, "", visited)
+        variables += _vars_of(own, "")
     if _is_model(config):
-        _walk_keras_model(root, config, "", variables, composite, visited)
-    # Anything Keras would load that the config walk did not reach, in a stable order.
-    for name in _all_datasets(root):
-        if name not in visited and name.split("/")[0] not in TRAINING_STATE_GROUPS:
-            variables.append(_variable(root, name, layer=name.rsplit("/", 2)[0]))
+        _walk_keras_model(root, config, "", variables, composite)
+    # Keras reads only what the config's layers own. A dataset among the layers' that the walk
+    # did not reach is not guessed at (it used to be merged as a variable, bombs included).
+    reached = {v.dataset for v in variables}
+    for top in ("layers", "vars"):
+        node = root.get(top)
+        if isinstance(node, h5py.Group):
+            for name in _all_datasets(node):
+                if f"{top}/{name}" not in reached:
+                    raise ValueError(
+                        f"dataset '{top}/{name}' belongs to no layer of the config, and Keras "
+                        "would not load it"
+                    )
     return variables, composite
 
 
@@ -181,7 +205,6 @@ def _walk_keras_model(
     prefix: str,
     variables: list[Variable],
     composite: list[str],
-    visited: set[str],
 ) -> None:
     container = group.get("layers")
     if not isinstance(container, h5py.Group):
@@ -202,9 +225,9 @@ def _walk_keras_model(
         path = f"{prefix}{name}"
         base = f"{group.name.rstrip('/')}/layers/{key}".lstrip("/")
         if "vars" in layer_group:
-            variables += _vars_of(layer_group["vars"], path, visited, base=f"{base}/vars")
+            variables += _vars_of(layer_group["vars"], path, base=f"{base}/vars")
         if _is_model(entry):
-            _walk_keras_model(layer_group, entry, f"{path}/", variables, composite, visited)
+            _walk_keras_model(layer_group, entry, f"{path}/", variables, composite)
         others = sorted(k for k in layer_group if k not in ("vars", "layers"))
         for other in others:
             node = layer_group[other]
@@ -213,18 +236,14 @@ def _walk_keras_model(
                 composite.append(path)
             for n in names:
                 full = f"{base}/{other}/{n}"
-                visited.add(full)
                 variables.append(_variable(group.file, full, layer=path))
 
 
-def _vars_of(
-    vars_group: h5py.Group, layer: str, visited: set[str], base: str = "vars"
-) -> list[Variable]:
+def _vars_of(vars_group: h5py.Group, layer: str, base: str = "vars") -> list[Variable]:
     nodes = {k: vars_group[k] for k in vars_group}
     out = []
     for k in sorted((k for k, n in nodes.items() if isinstance(n, h5py.Dataset)), key=_int_key):
         full = f"{base}/{k}"
-        visited.add(full)
         out.append(Variable(layer, full, tuple(nodes[k].shape), nodes[k].dtype))
     return out
 
@@ -403,13 +422,7 @@ def _variable(root: h5py.Group, dataset: str, *, layer: str) -> Variable:
 
 
 def _all_datasets(group: h5py.Group) -> list[str]:
-    names: list[str] = []
-
-    def visit(name: str, node: Any) -> None:
-        if isinstance(node, h5py.Dataset):
-            names.append(name)
-
-    group.visititems(visit)
+    names = [e.name for e in walk_hdf5(group, Path(group.file.filename)) if e.kind == "dataset"]
     return sorted(names, key=lambda n: [_int_key(p) for p in n.split("/")])
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
-from fusecli.files.safety import refuse_unsafe
+from fusecli.files.safety import check_written, refuse_unsafe
 from fusecli.files.tensors import (
     TRAINING_STATE_GROUPS,
     Layout,
@@ -116,6 +116,7 @@ def merge(
         digests = _write(tmp, fmt, template, layouts, plan, progress)
         if verify:
             _verify(tmp, template, digests)
+        check_written(tmp, trust=trust)
 
     variables = template.variables
     merged = sum(v.mergeable for v in variables)
