@@ -22,9 +22,8 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files.loading import load_checked
+from fusecli.files.loading import checked_files, load_checked
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
-from fusecli.files.safety import refuse_unsafe
 from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.weights import resolve_weights
@@ -437,17 +436,15 @@ def _check_request(
 
 def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.Model]:
     # Every file is read and scanned before the first (slow) Keras load, so a bad file among
-    # several is reported at once.
-    checked = {
-        i: refuse_unsafe(item, trust=trust)
-        for i, item in enumerate(models)
-        if isinstance(item, str | os.PathLike)
-    }
+    # several is reported at once; Keras loads the very bytes that were scanned.
+    paths = [item for item in models if isinstance(item, str | os.PathLike)]
+    with checked_files(paths, trust=trust) as files:
+        loaded = [load_checked(checked, trust=trust) for checked in files]
     keras = runtime.keras()
     sources: list[keras.Model] = []
-    for i, item in enumerate(models):
-        if i in checked:
-            model = load_checked(checked[i], trust=trust)
+    for item in models:
+        if isinstance(item, str | os.PathLike):
+            model = loaded.pop(0)
             _check_finite(model, item)
         elif isinstance(item, keras.Model):
             model = item
