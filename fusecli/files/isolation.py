@@ -132,8 +132,8 @@ class _TimedOut(Exception):
 def _timed_out(path: Path, limit: float) -> ModelFileError:
     return ModelFileError(
         path,
-        f"took longer than {limit:g} s to read, so its reading was stopped; the file is corrupt "
-        f"or hostile (or very large: {TIMEOUT_VARIABLE} sets the limit, in seconds)",
+        f"was still being read after {limit:g} s, the limit set by {TIMEOUT_VARIABLE}; the file "
+        "is corrupt or hostile (or larger than that limit allows)",
     )
 
 

@@ -385,7 +385,13 @@ def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
             _VERIFY_BATCH if i == 0 and d is None else (d or _FREE_DIM)
             for i, d in enumerate(tensor.shape)
         ]
-        dtype = np.dtype(str(tensor.dtype))
+        if str(tensor.dtype) == "string":  # StringLookup, TextVectorization...: short words
+            batch.append(rng.choice(np.array(["0", "1", "a", ""], dtype=object), size=shape))
+            continue
+        try:
+            dtype = np.dtype(str(tensor.dtype))
+        except TypeError:  # a dtype numpy does not know
+            dtype = np.dtype(object)
         if dtype.kind == "f":
             batch.append(rng.standard_normal(shape).astype(dtype))
         elif dtype.kind in "iu":
@@ -394,7 +400,7 @@ def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
             batch.append(rng.integers(0, 2, size=shape).astype(bool))
         else:
             raise VerificationError(
-                f"Cannot make random input of dtype {dtype} to check the written model; "
+                f"Cannot make random input of dtype {tensor.dtype} to check the written model; "
                 "use --no-verify"
             )
     return batch
