@@ -259,34 +259,69 @@ def _wait_for(condition, what: str, limit: float = 60.0):
     raise AssertionError(f"never happened: {what}")
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = _children(todo.pop())
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import keras  # reads now go through the helper process
+    import fusecli
+
+    fusecli.load_model(sys.argv[1])
+    """
+)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
-def test_killing_the_cli_kills_the_reading_child(hostile_h5, tmp_path):
-    """SIGTERM to a CLI stuck on a hanging file: the child reading it ends too, and the private
-    copy of the input is removed."""
+@pytest.mark.parametrize("caller", ["cli", "after_import_keras"])
+def test_killing_the_caller_kills_the_reading_child(caller, hostile_h5, tmp_path):
+    """SIGTERM to a process stuck on a hanging file (the CLI, whose child is a fork of it; a
+    program that imported Keras, whose child comes from the helper): every process reading for
+    it ends too, and the private copy of the input is removed."""
     private = tmp_path / "tmp"
     private.mkdir()
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    cli_process = subprocess.Popen(
-        [sys.executable, "-m", "fusecli", "fuse", hostile_h5["hang"], hostile_h5["hang"]]
-        + ["-o", tmp_path / "out.keras"],
+    argv = (
+        ["-m", "fusecli", "fuse", hostile_h5["hang"], hostile_h5["hang"], "-o", tmp_path / "o.h5"]
+        if caller == "cli"
+        else ["-c", _LOAD_SCRIPT, hostile_h5["hang"]]
+    )
+    process = subprocess.Popen(
+        [sys.executable, *map(str, argv)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": pythonpath, "TMPDIR": str(private)},
+        env={
+            **os.environ,
+            "PYTHONPATH": pythonpath,
+            "TMPDIR": str(private),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
     )
     try:
-        helper = _wait_for(lambda: _children(cli_process.pid), "the helper started")[0]
-        reader = _wait_for(lambda: _children(helper), "a child reads the file")[0]
-        assert _running(reader)
-        assert list(private.iterdir())  # the private copy, being read
-        cli_process.send_signal(signal.SIGTERM)
-        cli_process.wait(timeout=60)
+        readers = _wait_for(
+            lambda: (
+                [p for p in _descendants(process.pid) if _running(p)]
+                if list(private.glob("fusecli-*/0/hang.h5"))
+                else []
+            ),
+            "a child reads the private copy",
+        )
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
     finally:
-        cli_process.kill()
-        cli_process.wait()
-    assert cli_process.returncode == -signal.SIGTERM
-    _wait_for(lambda: not _running(reader) and not _running(helper), "the children ended")
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGTERM
+    _wait_for(lambda: not any(map(_running, readers)), "the children ended")
     assert list(private.iterdir()) == []
-    assert not (tmp_path / "out.keras").exists()
+    assert not (tmp_path / "o.h5").exists()
 
 
 # -- interrupted commands leave nothing behind -----------------------------------------------

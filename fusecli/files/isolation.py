@@ -6,11 +6,12 @@ untrusted file runs in a child process: a crash becomes a `ModelFileError` namin
 read that outlives the time limit (`FUSECLI_READ_TIMEOUT` seconds, 60 by default) is killed and
 becomes one too.
 
-The children are forked from a helper process started once per process from a fresh interpreter.
-The helper imports only what reading needs and runs no other thread, so forking it is safe
-whatever the caller has imported (a fork of a process running TensorFlow's threads is not), and
-costs milliseconds; starting the helper costs the start of a Python interpreter that imports
-h5py, once. The helper and its children die with the process that started them (Linux's
+The child is a fork: of the caller itself while that is safe (no machine-learning framework
+imported, no other Python thread: the CLI before it imports TensorFlow), which costs a few
+milliseconds; otherwise of a helper process started once from a fresh interpreter, which imports
+only what reading needs and runs no other thread (a fork of a process running TensorFlow's
+threads is unsafe). Starting the helper costs the start of an interpreter that imports h5py,
+once per process. Children and helper die with the process that started them (Linux's
 PR_SET_PDEATHSIG), so killing the CLI leaves nothing spinning.
 """
 
@@ -46,10 +47,13 @@ _PR_SET_PDEATHSIG = 1
 _BOOT = "from fusecli.files.isolation import _serve; _serve()"
 # Libraries that would start thread pools in the helper, which must stay single-threaded.
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# A pickle of a deeply nested config recurses once per level; the reading child allows that much.
+# Pickling a deeply nested config recurses once per level; the reading child allows that much.
 _PICKLE_RECURSION_LIMIT = 100_000
 # Starting the helper is not part of a read's time limit; this bounds it on its own.
 _START_TIMEOUT = 120.0
+
+# Imported, they run threads of their own: the caller is then no longer safe to fork.
+_THREADED_FRAMEWORKS = ("tensorflow", "jax", "torch")
 
 _lock = threading.Lock()
 _helper: _Helper | None = None
@@ -66,6 +70,11 @@ def call_isolated(fn: Callable[[Path], T], path: Path, *, timeout: float | None 
     limit = read_timeout() if timeout is None else timeout
     path = Path(path)
     with _lock:
+        if _fork_is_safe():
+            try:
+                return _unpack(_forked(fn, path, time.monotonic() + limit), path)
+            except _TimedOut:
+                raise _timed_out(path, limit) from None
         for attempt in range(2):
             if _helper is None or not _helper.usable():
                 _helper = _Helper.start()
@@ -168,9 +177,9 @@ class _Helper:
     def usable(self) -> bool:
         return self.owner == os.getpid() and self.process.poll() is None
 
-    def call(self, request: bytes, limit: float) -> tuple[str, Any]:
+    def call(self, request: bytes, limit: float) -> bytes:
         self.send(request)
-        return pickle.loads(self.receive(time.monotonic() + limit))
+        return self.receive(time.monotonic() + limit)
 
     def send(self, data: bytes) -> None:
         assert self.process.stdin is not None
@@ -183,22 +192,10 @@ class _Helper:
     def receive(self, deadline: float) -> bytes:
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
-        header = self._read(fd, _FRAME.size, deadline)
-        return self._read(fd, _FRAME.unpack(header)[0], deadline)
-
-    @staticmethod
-    def _read(fd: int, size: int, deadline: float) -> bytes:
-        chunks, missing = [], size
-        while missing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise _TimedOut
-            chunk = os.read(fd, min(missing, 1 << 20))
-            if not chunk:
-                raise _HelperGone
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
+        try:
+            return _read_frame(fd, deadline)
+        except EOFError:
+            raise _HelperGone from None
 
     def stop(self) -> None:
         if self.owner != os.getpid():
@@ -213,8 +210,8 @@ class _Helper:
                     stream.close()
 
 
-def _unpack(reply: tuple[str, Any], path: Path) -> Any:
-    kind, value = reply
+def _unpack(reply: bytes, path: Path) -> Any:
+    kind, value = pickle.loads(reply)
     if kind == "ok":
         return value
     if kind == "error":
@@ -286,32 +283,60 @@ def _private_channels() -> tuple[int, int]:
 
 def _run_in_child(request: bytes) -> bytes:
     fn, path = pickle.loads(request)  # imports fn's module here, once, for every later child
+    return _forked(fn, path, None)
+
+
+def _fork_is_safe() -> bool:
+    """A fork of this process is safe while it runs no thread a fork would break."""
+    return (
+        hasattr(os, "fork")
+        and threading.active_count() == 1
+        and not any(name in sys.modules for name in _THREADED_FRAMEWORKS)
+    )
+
+
+def _forked(fn: Callable[[Path], Any], path: Path, deadline: float | None) -> bytes:
+    """`fn(path)` in a fork of this process: its pickled reply, or a pickled "crashed"."""
     receiver, sender = os.pipe()
-    helper = os.getpid()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child
-        os.close(receiver)
-        _die_with(helper)
         try:
+            os.close(receiver)
+            _die_with(parent)
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
             _write_frame(sender, _call(fn, path))
         finally:
             os._exit(0)
     os.close(sender)
-    data = _read_all(receiver)
-    os.close(receiver)
+    try:
+        reply = _read_frame(receiver, deadline)
+    except EOFError:
+        reply = None
+    except BaseException:  # out of time, or a signal: the child must not outlive the wait
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(receiver)
     _, status = os.waitpid(pid, 0)
-    if len(data) >= _FRAME.size and len(data) == _FRAME.size + _FRAME.unpack_from(data)[0]:
-        return data[_FRAME.size :]
-    return pickle.dumps(("crashed", os.waitstatus_to_exitcode(status)))
+    if reply is None:
+        return pickle.dumps(("crashed", os.waitstatus_to_exitcode(status)))
+    return reply
 
 
 def _call(fn: Callable[[Path], Any], path: Path) -> bytes:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), _PICKLE_RECURSION_LIMIT))
     try:
         try:
-            return pickle.dumps(("ok", fn(path)))
+            value = fn(path)
         except ModelFileError as e:
             return pickle.dumps(("error", e))
+        # What fn could build (with the usual limit), pickle can write: it needs more depth.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), _PICKLE_RECURSION_LIMIT))
+        return pickle.dumps(("ok", value))
     except BaseException as e:  # anything else the file made happen, told by name and message
         failure = (type(e).__name__, str(e)[:2000], traceback.format_exc(limit=-8))
         return pickle.dumps(("failed", failure))
@@ -325,26 +350,25 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _read_frame(fd: int) -> bytes:
-    header = _read_exactly(fd, _FRAME.size)
-    return _read_exactly(fd, _FRAME.unpack(header)[0])
+def _read_frame(fd: int, deadline: float | None = None) -> bytes:
+    """One message; EOFError if the writer ends before it is whole, _TimedOut past
+    `deadline` (a time.monotonic() value; None: no limit)."""
+    header = _read_exactly(fd, _FRAME.size, deadline)
+    return _read_exactly(fd, _FRAME.unpack(header)[0], deadline)
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
     chunks, missing = [], size
     while missing:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise _TimedOut
         chunk = os.read(fd, min(missing, 1 << 20))
         if not chunk:
             raise EOFError
         chunks.append(chunk)
         missing -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
     return b"".join(chunks)
 
 
