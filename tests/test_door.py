@@ -467,3 +467,18 @@ def test_an_unexpected_error_is_said_as_a_bug_without_its_class_name(monkeypatch
         "Error: unsupported operand (a bug in fusecli; run with -v for the traceback, and "
         "please report it)\n"
     )
+
+
+def test_no_room_for_private_copies_is_one_error(monkeypatch, model_files, tmp_path):
+    import tempfile
+
+    import fusecli
+
+    missing = tmp_path / "missing"
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    with pytest.raises(FusecliError) as caught:
+        fusecli.load_model(model_files["a"])
+    assert str(caught.value) == (
+        f"Cannot make a private folder for the model files in {missing} (No such file or "
+        "directory); set TMPDIR to a folder you can write to"
+    )

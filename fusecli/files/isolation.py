@@ -156,13 +156,19 @@ class _Helper:
 
     @classmethod
     def start(cls) -> _Helper:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _BOOT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, **_ONE_THREAD, "PYTHONPATH": _package_root()},
-            close_fds=True,
-        )
+        try:
+            process = subprocess.Popen(
+                [sys.executable or "python3", "-c", _BOOT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, **_ONE_THREAD, "PYTHONPATH": _package_root()},
+                close_fds=True,
+            )
+        except OSError as e:
+            raise FusecliError(
+                f"Cannot start the process that reads model files ({e.strerror or e}). "
+                f"Received: sys.executable={sys.executable!r}"
+            ) from None
         helper = cls(process)
         try:
             helper.send(pickle.dumps((list(sys.path), os.getpid())))

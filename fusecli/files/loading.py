@@ -125,7 +125,13 @@ def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _private_folder() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="fusecli-"))  # mode 0700: only this user
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="fusecli-"))  # mode 0700: only this user
+    except OSError as e:
+        raise FusecliError(
+            f"Cannot make a private folder for the model files in {tempfile.gettempdir()} "
+            f"({e.strerror or e}); set TMPDIR to a folder you can write to"
+        ) from None
     try:
         yield folder
     finally:
