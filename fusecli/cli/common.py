@@ -2,7 +2,10 @@
 
 Errors become output in exactly one place, `FusecliCommand.invoke`: `InvalidRequest` -> usage
 error (exit 2); any other `FusecliError` -> one line `Error: ...` (exit 1); anything unexpected ->
-`Error: ...` too. A traceback is printed only under `-v`.
+`Error: ...` too, as a bug, never with a Python exception's class name (whatever a file can do is
+a `FusecliError` by the time it gets here). A traceback is printed only under `-v`. SIGTERM and
+SIGHUP unwind the command like an error, so its temporary files go, then end the process by
+that signal (`fusecli.termination`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import click
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.scores.options import DEFAULT_BATCH_SIZE
+from fusecli.termination import cleanup_on_termination
 from fusecli.weights import parse_weights
 
 WEIGHT_FLAGS = ("--w", "--weights")
@@ -29,7 +33,7 @@ class FusecliCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with runtime.quiet():
+            with cleanup_on_termination(), runtime.quiet():
                 return super().invoke(ctx)
         except InvalidRequest as e:
             raise click.UsageError(_one_line(e), ctx) from None
@@ -38,11 +42,11 @@ class FusecliCommand(click.Command):
             raise click.ClickException(_one_line(e)) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except Exception as e:  # a bug, or a library error we did not anticipate
+        except Exception as e:  # a bug: something we did not anticipate
             _traceback_if_verbose(ctx)
-            detail = _one_line(e)
             raise click.ClickException(
-                f"{type(e).__name__}: {detail} (run with -v for details)"
+                f"{_one_line(e) or 'an unexpected error'} (a bug in fusecli; run with -v for "
+                "the traceback, and please report it)"
             ) from None
 
 

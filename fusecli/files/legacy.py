@@ -29,7 +29,7 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.files.modelfile import file_format, read_model_file
+from fusecli.files.modelfile import ModelFile, file_format, read_model_file
 
 if TYPE_CHECKING:
     import keras
@@ -110,14 +110,18 @@ def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def load_keras2_h5(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
+def load_keras2_h5(
+    source: str | os.PathLike[str] | ModelFile, *, trust: bool = False
+) -> keras.Model:
     """Load a Keras 2 era `.h5` into Keras 3, uncompiled, computing what Keras 2 computes.
 
+    `source`: a path, or a `ModelFile` already read (the config is then not read again, and the
+    weights come from the same file, `ModelFile.path`: the loading door's private copy).
     `trust=False` refuses Lambda layers carrying bytecode before Keras sees them, and builds the
     model in Keras' safe mode; `trust=True` allows them.
     """
-    path = Path(path)
-    model_file = read_model_file(path)
+    model_file = source if isinstance(source, ModelFile) else read_model_file(source)
+    path = Path(model_file.path)
     config = convert_config(model_file.config, path, trust=trust)
     keras_module = runtime.keras()
     model = _build(config, path, trust=trust)

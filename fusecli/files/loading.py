@@ -1,53 +1,202 @@
 """Loading model files into Keras: the single door every command goes through.
 
-Before Keras touches a file, it is read and scanned without Keras (`fusecli.files.safety`): a broken
-file raises `ModelFileError`, one that holds code `UnsafeModelError`. Keras 2 era `.h5` files go
-through `fusecli.files.legacy`, which rewrites their config for Keras 3.
+A file is read once, into a private copy: a folder only this user can open, which no one else
+can re-point or rewrite. The copy is read and scanned without Keras in a child process
+(`fusecli.files.safety`, `fusecli.files.isolation`), and Keras loads that same copy, so what Keras
+sees is exactly what was scanned, whatever happens to the path meanwhile. (Keras' own loaders
+take a path or a file object; a private path keeps to its public `load_model`, and lets the
+scanner, which reads paths, read the very same bytes.)
+
+A broken file raises `ModelFileError`, one that holds code `UnsafeModelError`, and whatever else
+a file makes Keras raise becomes a `ModelFileError` too. Keras 2 era `.h5` files go through
+`fusecli.files.legacy`, which rewrites their config for Keras 3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusecli import runtime
-from fusecli.errors import ModelFileError
+from fusecli.errors import FusecliError, ModelFileError
 from fusecli.files import legacy
-from fusecli.files.modelfile import ModelFile
+from fusecli.files.modelfile import ModelFile, check_model_path
 from fusecli.files.safety import refuse_unsafe
+from fusecli.termination import cleanup_on_termination
 
 if TYPE_CHECKING:
     import keras
+
+_COPY_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class CheckedFile:
+    """A model file read once into a private copy and scanned there."""
+
+    source: Path  # the path as the caller gave it: what messages name
+    copy: Path  # the private copy, same file name: what was scanned, what Keras loads
+    model_file: ModelFile  # read from the copy (its `path` is the copy)
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
     """Load a `.keras` or `.h5` model file (Keras 3, or Keras 2 era `.h5`), uncompiled.
 
     `trust=True` skips the scan for code and loads with safe_mode off; only for trusted files.
+    Raises only `FusecliError`s (`ModelFileError` for anything wrong with the file).
     """
-    return load_checked(refuse_unsafe(path, trust=trust), trust=trust)
+    with checked_files([path], trust=trust) as [checked]:
+        return load_checked(checked, trust=trust)
 
 
-def load_checked(model_file: ModelFile, *, trust: bool = False) -> keras.Model:
-    """Load a file that `safety.refuse_unsafe` has read and passed (so that several files can
-    all be checked before the first, slow, Keras load)."""
-    path = model_file.path
-    if path.suffix != path.suffix.lower():
+@contextlib.contextmanager
+def checked_files(
+    paths: Sequence[str | os.PathLike[str]], *, trust: bool = False
+) -> Iterator[list[CheckedFile]]:
+    """Copy each file once into a private folder, read and scan each copy (in a child process);
+    the copies are removed when the block ends, also on SIGTERM.
+
+    Every file is checked before the block starts, so a bad file among several is reported
+    before any slow work. Errors raised in the block that name a copy name the caller's path
+    instead. Read `CheckedFile.copy`, never the caller's path, for anything that must be what
+    the scan saw.
+    """
+    sources = [Path(p) for p in paths]
+    with cleanup_on_termination(), _private_folder() as folder:
+        copies = [_private_copy(source, folder / str(i)) for i, source in enumerate(sources)]
+        with _named_as_given(dict(zip(copies, sources, strict=True))):
+            checked = [
+                CheckedFile(source, copy, refuse_unsafe(copy, trust=trust))
+                for source, copy in zip(sources, copies, strict=True)
+            ]
+            yield checked
+
+
+def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
+    """Keras' load of a file `checked_files` has copied and passed, from that copy."""
+    source = checked.source
+    if source.suffix != source.suffix.lower():
+        raise ModelFileError(
+            source,
+            f"Keras loads only files whose name ends in lower case; rename it to "
+            f"{source.stem}{source.suffix.lower()}",
+        )
+    with _named_as_given({checked.copy: source}), keras_errors(source):
+        if checked.model_file.written_by_keras2:
+            return legacy.load_keras2_h5(checked.model_file, trust=trust)
+        keras = runtime.keras()
+        model = keras.saving.load_model(checked.copy, compile=False, safe_mode=not trust)
+        if not isinstance(model, keras.Model):
+            raise ModelFileError(source, f"holds a {type(model).__name__}, not a Keras model")
+        return model
+
+
+@contextlib.contextmanager
+def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Whatever Keras (or TensorFlow, h5py) raises in the block because of the model file at
+    `path` becomes a `ModelFileError` naming it. Keras raises many types for broken files, and
+    a config can make any of them happen (a RecursionError from deep nesting, a TypeError from
+    a dtype...); to the user all mean the same: this file cannot be used."""
+    try:
+        yield
+    except FusecliError:
+        raise
+    except RecursionError as e:
         raise ModelFileError(
             path,
-            f"Keras loads only files whose name ends in lower case; rename it to "
-            f"{path.stem}{path.suffix.lower()}",
-        )
-    if model_file.written_by_keras2:
-        return legacy.load_keras2_h5(path, trust=trust)
-    keras = runtime.keras()
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not trust)
-    except Exception as e:  # Keras raises many types for broken files; all mean the same here
+            "is nested too deeply for Keras to load (Python's recursion limit was reached)",
+        ) from e
+    except MemoryError as e:
+        raise ModelFileError(path, "cannot be loaded: it needs more memory than there is") from e
+    except Exception as e:
         raise ModelFileError(path, f"cannot be loaded by Keras: {_first_line(e)}") from e
-    if not isinstance(model, keras.Model):
-        raise ModelFileError(path, f"holds a {type(model).__name__}, not a Keras model")
-    return model
+
+
+# -- the private copies ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _private_folder() -> Iterator[Path]:
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="fusecli-"))  # mode 0700: only this user
+    except OSError as e:
+        raise FusecliError(
+            f"Cannot make a private folder for the model files in {tempfile.gettempdir()} "
+            f"({e.strerror or e}); set TMPDIR to a folder you can write to"
+        ) from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _private_copy(source: Path, folder: Path) -> Path:
+    """One read of `source` into `folder/<its name>`; the copy keeps the name, since Keras picks
+    a format by the name's suffix."""
+    check_model_path(source)  # the usual messages: no such file, a folder, empty, unreadable...
+    folder.mkdir()
+    copy = folder / source.name
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ModelFileError(source, f"cannot be read ({e.strerror or e})") from None
+    with open(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelFileError(source, "is not a regular file")
+        try:
+            with open(copy, "xb") as dst:
+                _copy_bytes(src, dst)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise ModelFileError(source, f"cannot be read ({e.strerror or e})") from None
+            raise ModelFileError(
+                source,
+                f"cannot be copied to a private folder in {folder.parent.parent} "
+                f"({e.strerror}); set TMPDIR to a folder with room for it",
+            ) from None
+    return copy
+
+
+def _copy_bytes(src: object, dst: object) -> None:
+    """The kernel's copy (sendfile) where it works, a read and write loop elsewhere."""
+    src_fd, dst_fd = src.fileno(), dst.fileno()  # type: ignore[attr-defined]
+    try:
+        while os.sendfile(dst_fd, src_fd, None, _COPY_CHUNK):
+            pass
+    except OSError:
+        if os.lseek(dst_fd, 0, os.SEEK_CUR) != 0:
+            raise
+        shutil.copyfileobj(src, dst, 1 << 20)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _named_as_given(copies: dict[Path, Path]) -> Iterator[None]:
+    """Errors that name a private copy are about the caller's file: say so with its name."""
+    try:
+        yield
+    except FusecliError as e:
+        _rename(e, {str(copy): str(source) for copy, source in copies.items()})
+        raise
+
+
+def _rename(error: FusecliError, names: dict[str, str]) -> None:
+    def renamed(text: str) -> str:
+        for copy, source in names.items():
+            text = text.replace(copy, source)
+        return text
+
+    if isinstance(error, ModelFileError):
+        error.path = renamed(error.path)
+        error.reason = renamed(error.reason)
+    error.args = tuple(renamed(a) if isinstance(a, str) else a for a in error.args)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,4 +1,6 @@
-"""Writing result files safely: right extension, never over an input, atomically."""
+"""Writing result files safely: right extension, never over an input, atomically, and no
+temporary file left behind, also when the process is interrupted (SIGINT) or terminated
+(SIGTERM, SIGHUP: `fusecli.termination`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.files.modelfile import MODEL_FORMATS
+from fusecli.termination import cleanup_on_termination
 
 
 def model_format(path: str | os.PathLike[str]) -> str:
@@ -47,26 +50,32 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
 
     Without `force`, the final step is a hard link, which fails rather than replace a file that
-    appeared in the meantime.
+    appeared in the meantime. Files the block writes beside the temporary path must be removed
+    by the block's own `finally`; a termination signal runs it (`cleanup_on_termination`).
     """
     path = Path(path)
     # Keras picks a format by a lower-case extension only (OUT.KERAS is "not supported").
     suffix = path.suffix.lower()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if force:
-            os.replace(tmp, path)
-        else:
-            _move_no_clobber(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with cleanup_on_termination():
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+        tmp = Path(tmp_name)
+        try:
+            os.close(fd)
+            yield tmp
+            _move_into_place(tmp, path, force=force)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _move_into_place(tmp: Path, path: Path, *, force: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    if force:
+        os.replace(tmp, path)
+    else:
+        _move_no_clobber(tmp, path)
 
 
 def _move_no_clobber(tmp: Path, path: Path) -> None:

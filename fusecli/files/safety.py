@@ -118,7 +118,7 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
     Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
-    file is read in a child process where that is safe (`fusecli.files.isolation`). A file
+    file is read in a child process, with a time limit (`fusecli.files.isolation`). A file
     beyond the readers' limits (`ModelFileError`) is refused even with `trust`.
     """
     model_file, findings = call_isolated(_read_and_scan, Path(path))

@@ -22,9 +22,8 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files.loading import load_checked
+from fusecli.files.loading import checked_files, load_checked
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
-from fusecli.files.safety import refuse_unsafe
 from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.weights import resolve_weights
@@ -386,7 +385,13 @@ def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
             _VERIFY_BATCH if i == 0 and d is None else (d or _FREE_DIM)
             for i, d in enumerate(tensor.shape)
         ]
-        dtype = np.dtype(str(tensor.dtype))
+        if str(tensor.dtype) == "string":  # StringLookup, TextVectorization...: short words
+            batch.append(rng.choice(np.array(["0", "1", "a", ""], dtype=object), size=shape))
+            continue
+        try:
+            dtype = np.dtype(str(tensor.dtype))
+        except TypeError:  # a dtype numpy does not know
+            dtype = np.dtype(object)
         if dtype.kind == "f":
             batch.append(rng.standard_normal(shape).astype(dtype))
         elif dtype.kind in "iu":
@@ -395,7 +400,7 @@ def random_batch(inputs: Sequence[Any], *, seed: int = 0) -> list[np.ndarray]:
             batch.append(rng.integers(0, 2, size=shape).astype(bool))
         else:
             raise VerificationError(
-                f"Cannot make random input of dtype {dtype} to check the written model; "
+                f"Cannot make random input of dtype {tensor.dtype} to check the written model; "
                 "use --no-verify"
             )
     return batch
@@ -437,17 +442,15 @@ def _check_request(
 
 def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.Model]:
     # Every file is read and scanned before the first (slow) Keras load, so a bad file among
-    # several is reported at once.
-    checked = {
-        i: refuse_unsafe(item, trust=trust)
-        for i, item in enumerate(models)
-        if isinstance(item, str | os.PathLike)
-    }
+    # several is reported at once; Keras loads the very bytes that were scanned.
+    paths = [item for item in models if isinstance(item, str | os.PathLike)]
+    with checked_files(paths, trust=trust) as files:
+        loaded = [load_checked(checked, trust=trust) for checked in files]
     keras = runtime.keras()
     sources: list[keras.Model] = []
-    for i, item in enumerate(models):
-        if i in checked:
-            model = load_checked(checked[i], trust=trust)
+    for item in models:
+        if isinstance(item, str | os.PathLike):
+            model = loaded.pop(0)
             _check_finite(model, item)
         elif isinstance(item, keras.Model):
             model = item
