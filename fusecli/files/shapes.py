@@ -255,8 +255,11 @@ def layer_outputs(class_name: str, config: dict[str, Any], inputs: list[Spec]) -
 
 def _output_count(class_name: str, config: dict[str, Any]) -> int:
     if class_name in _RNN and config.get("return_state"):
-        states = _state_count(class_name, config)
-        return 1 + states if states is not None else 1
+        try:
+            states = _state_units(class_name, config)
+        except (TypeError, KeyError):
+            states = None
+        return 1 + len(states) if states is not None else 1
     return 1
 
 
@@ -358,10 +361,10 @@ def _recurrent(class_name: str) -> Callable[[dict[str, Any], list[Shape]], list[
             output = (batch, units)
         if not config.get("return_state"):
             return [output]
-        states = _state_count(class_name, config)
+        states = _state_units(class_name, config)
         if states is None:
             return None
-        return [output, *[(batch, units)] * states]
+        return [output, *((batch, size) for size in states)]
 
     return rule
 
@@ -378,15 +381,23 @@ def _units(class_name: str, config: dict[str, Any]) -> Dim:
     return units if isinstance(units, int) and not isinstance(units, bool) else UNKNOWN
 
 
-def _state_count(class_name: str, config: dict[str, Any]) -> int | None:
+def _state_units(class_name: str, config: dict[str, Any]) -> list[Dim] | None:
+    """The size of each state a recurrent layer returns (stacked cells: every cell's, in order)."""
     if class_name != "RNN":
-        return _STATES.get(class_name)
+        count = _STATES.get(class_name)
+        return None if count is None else [_int(config["units"])] * count
     cell = _dict(config.get("cell"))
     cells = [cell]
     if cell.get("class_name") == "StackedRNNCells":
         cells = [_dict(c) for c in _dict(cell.get("config")).get("cells") or []]
-    counts = [_CELL_STATES.get(_str(c.get("class_name")) or "") for c in cells]
-    return None if None in counts else sum(counts)  # type: ignore[arg-type]
+    sizes: list[Dim] = []
+    for c in cells:
+        count = _CELL_STATES.get(_str(c.get("class_name")) or "")
+        units = _dict(c.get("config")).get("units")
+        if count is None or not isinstance(units, int) or isinstance(units, bool):
+            return None
+        sizes += [units] * count
+    return sizes
 
 
 def _conv(rank: int, kind: str) -> Callable[[dict[str, Any], list[Shape]], list[Shape] | None]:
@@ -727,15 +738,19 @@ def _layers(model: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _refs(value: Any) -> list[tuple[str, int, int]]:
-    """`input_layers`/`output_layers`: one [name, node, tensor], a list of them, or a dict."""
-    single = _ref(value)
-    if single is not None:
-        return [single]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if not isinstance(value, list):
-        return []
-    return [r for r in (_ref(v) for v in value) if r is not None]
+    """`input_layers`/`output_layers`: [name, node, tensor] references in a nest of lists and
+    dicts, flattened as Keras flattens a model's inputs and outputs (dicts by sorted key)."""
+    found, pending = [], [value]
+    while pending:
+        item = pending.pop()
+        ref = _ref(item)
+        if ref is not None:
+            found.append(ref)
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, dict):
+            pending.extend(item[k] for k in sorted(item, key=str, reverse=True))
+    return found
 
 
 def _ref(value: Any) -> tuple[str, int, int] | None:
