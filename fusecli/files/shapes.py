@@ -69,6 +69,8 @@ class Spec:
 
 
 _NOTHING = Spec(None, None)
+# What a rule can raise on a config no Keras wrote (a string for a number, a list too short...).
+_MALFORMED = (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError)
 
 
 def model_inputs(model: dict[str, Any]) -> list[tuple[str, Spec]]:
@@ -105,9 +107,10 @@ class OutputShapes:
             generator, key = stack[-1]
             try:
                 sub_layer, sub_inputs = generator.send(value)  # type: ignore[arg-type]
-            except StopIteration as done:
+            except (StopIteration, *_MALFORMED) as done:
                 stack.pop()
-                value = done.value
+                # A config no Keras wrote leaves this layer's outputs unknown, nothing more.
+                value = done.value if isinstance(done, StopIteration) else []
                 if key is not None:
                     self._memo[key] = value  # type: ignore[assignment]
                 if not stack:
@@ -245,7 +248,7 @@ def layer_outputs(class_name: str, config: dict[str, Any], inputs: list[Spec]) -
     else:
         try:
             outputs = rule(config, shapes)  # type: ignore[arg-type]
-        except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError):
+        except _MALFORMED:
             outputs = None  # a config these rules do not understand
     if outputs is None:
         count = _output_count(class_name, config)
