@@ -6,6 +6,7 @@ tf-keras' for Keras 2 files (written and described by tf-keras in one subprocess
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -71,6 +72,8 @@ def keras3_zoo(tmp_path_factory, keras):
 @pytest.fixture(scope="session")
 def keras2_zoo(tmp_path_factory):
     """The zoo's models saved by tf-keras as Keras 2 .h5 files, with tf-keras' description."""
+    if importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tf-keras is not installed (pip install -e '.[test]')")
     d = tmp_path_factory.mktemp("shapes2")
     subprocess.run(
         [sys.executable, "-c", KERAS2_SCRIPT, str(d), str(TESTS)],
