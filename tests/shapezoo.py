@@ -138,6 +138,12 @@ def zoo(keras: Any, keras2: bool) -> Any:
         L.UpSampling2D(2, data_format=first)(cf),
         L.UpSampling1D(3)(seq),
         L.UpSampling3D(2)(vol),
+        L.Attention()([seq, texts, L.Dense(4)(texts)]),
+        *L.Attention(use_scale=True)([seq, seq], return_attention_scores=True),
+        L.AdditiveAttention()([seq, seq]),
+        L.MultiHeadAttention(2, 3)(seq, texts),
+        L.MultiHeadAttention(2, 3, output_shape=5)(seq, seq),
+        *L.MultiHeadAttention(2, 3)(seq, seq, return_attention_scores=True),
         # Mixed precision: layers compute in float16, the last one back in float32.
         L.Dense(3, dtype="mixed_float16")(vec),
         L.Activation("softmax", dtype="float32")(L.Dense(3, dtype="mixed_float16")(vec)),

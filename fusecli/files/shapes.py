@@ -34,6 +34,8 @@ _SAME_SHAPE = {
     "Identity", "Masking", "ActivityRegularization", "RandomFlip", "RandomRotation",
     "RandomZoom", "RandomContrast", "RandomTranslation", "RandomBrightness",
 }  # fmt: skip
+_ATTENTION = {"Attention", "AdditiveAttention", "MultiHeadAttention"}
+_TENSOR_KWARGS = ("value", "key")  # attention inputs Keras 2 records as keyword arguments
 _ELEMENTWISE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
 # Layers whose output keeps the input's dtype (Keras 3 `compute_output_spec`); others compute in
 # their policy's compute dtype.
@@ -101,12 +103,12 @@ class OutputShapes:
 
     def _run(self, layer: dict[str, Any], inputs: list[Spec]) -> list[Spec]:
         """Evaluate `layer` on `inputs` with an explicit stack of the layers being evaluated."""
-        stack = [(self._evaluate(layer, inputs), self._key(layer, inputs))]
+        stack = [(self._evaluate(layer, inputs, {}), self._key(layer, inputs))]
         value: list[Spec] | None = None
         while True:
             generator, key = stack[-1]
             try:
-                sub_layer, sub_inputs = generator.send(value)  # type: ignore[arg-type]
+                sub_layer, sub_inputs, sub_kwargs = generator.send(value)  # type: ignore[arg-type]
             except (StopIteration, *_MALFORMED) as done:
                 stack.pop()
                 # A config no Keras wrote leaves this layer's outputs unknown, nothing more.
@@ -122,7 +124,7 @@ class OutputShapes:
             elif key is not None and self.evaluations >= self._budget:
                 value = []
             else:
-                stack.append((self._evaluate(sub_layer, sub_inputs), key))
+                stack.append((self._evaluate(sub_layer, sub_inputs, sub_kwargs), key))
                 value = None
 
     @staticmethod
@@ -132,7 +134,9 @@ class OutputShapes:
             return id(layer), tuple(inputs)
         return None
 
-    def _evaluate(self, layer: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
+    def _evaluate(
+        self, layer: dict[str, Any], inputs: list[Spec], call_kwargs: dict[str, Any]
+    ) -> _Evaluation:
         self.evaluations += 1
         class_name = _str(layer.get("class_name")) or ""
         class_name = _ALIASES.get(class_name, class_name)
@@ -145,7 +149,7 @@ class OutputShapes:
             return (yield from self._time_distributed(config, inputs))
         if class_name == "Bidirectional":
             return (yield from self._bidirectional(config, inputs))
-        return layer_outputs(class_name, config, inputs)
+        return layer_outputs(class_name, config, inputs, call_kwargs)
 
     def _sequential(self, model: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
         layers = _layers(model)
@@ -157,7 +161,7 @@ class OutputShapes:
                 continue
             built = _shape(_dict(layer.get("build_config")).get("input_shape"))
             spec = _prefer(outputs[0] if outputs else _NOTHING, Spec(built, None))
-            outputs = yield layer, [spec]
+            outputs = yield layer, [spec], {}
         return outputs[:1]
 
     def _functional(self, model: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
@@ -189,7 +193,7 @@ class OutputShapes:
                 node_inputs = [
                     _prefer(resolve(ref), recorded) for ref, recorded in _node_inputs(node)
                 ]
-                calls.append((yield layer, node_inputs))
+                calls.append((yield layer, node_inputs, _node_kwargs(node)))
         return [resolve(ref) for ref in _refs(config.get("output_layers"))]
 
     def _time_distributed(self, config: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
@@ -197,7 +201,7 @@ class OutputShapes:
         x = inputs[0].shape if inputs else None
         if x is None or len(x) < 3:
             return [_NOTHING]
-        outputs = yield inner, [Spec((x[0], *x[2:]), inputs[0].dtype)]
+        outputs = yield inner, [Spec((x[0], *x[2:]), inputs[0].dtype)], {}
         if len(outputs) != 1 or outputs[0].shape is None or not outputs[0].shape:
             return [Spec(None, outputs[0].dtype if len(outputs) == 1 else None)]
         child = outputs[0].shape
@@ -205,7 +209,7 @@ class OutputShapes:
 
     def _bidirectional(self, config: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
         forward = _dict(config.get("layer"))
-        outputs = yield forward, inputs[:1]
+        outputs = yield forward, inputs[:1], {}
         if not outputs:
             return [_NOTHING]
         dtype = _compute_dtype(config.get("dtype"))
@@ -224,16 +228,26 @@ class OutputShapes:
         return merged + states + states
 
 
-_Evaluation = Generator[tuple[dict[str, Any], list[Spec]], list[Spec], list[Spec]]
+# Evaluating a layer yields (layer, input specs, call kwargs) for each layer inside it that must
+# be evaluated first (a nested model's, a wrapper's), and returns its output specs.
+_Evaluation = Generator[tuple[dict[str, Any], list[Spec], dict[str, Any]], list[Spec], list[Spec]]
 
 
 # -- one layer ---------------------------------------------------------------------------------
 
 
-def layer_outputs(class_name: str, config: dict[str, Any], inputs: list[Spec]) -> list[Spec]:
-    """A plain layer's outputs from its config and input specs; unknown ones for other layers."""
+def layer_outputs(
+    class_name: str,
+    config: dict[str, Any],
+    inputs: list[Spec],
+    call_kwargs: dict[str, Any] | None = None,
+) -> list[Spec]:
+    """A plain layer's outputs from its config, input specs and call arguments; unknown ones
+    for the layers no rule here knows."""
     if class_name == "InputLayer":
         return [_input_spec(config)]
+    if class_name in _ATTENTION:
+        return _attention(class_name, config, inputs, call_kwargs or {})
     rule = _RULES.get(class_name) or _family_rule(class_name)
     if rule is None or not inputs:
         return [_NOTHING]
@@ -254,6 +268,44 @@ def layer_outputs(class_name: str, config: dict[str, Any], inputs: list[Spec]) -
         count = _output_count(class_name, config)
         return [Spec(None, dtype)] * count
     return [Spec(None if s is None else tuple(s), dtype) for s in outputs]
+
+
+def _attention(
+    class_name: str, config: dict[str, Any], inputs: list[Spec], call_kwargs: dict[str, Any]
+) -> list[Spec]:
+    """Attention, AdditiveAttention: (query, value[, key]) -> query's steps, value's features;
+    MultiHeadAttention: query's shape with `output_shape` (default: query's features). With
+    `return_attention_scores`, the scores follow."""
+    dtype = _compute_dtype(config.get("dtype"))
+    scores_wanted = bool(call_kwargs.get("return_attention_scores"))
+    shapes = [s.shape for s in inputs]
+    query = shapes[0] if shapes else None
+    value = shapes[1] if len(shapes) > 1 else None
+    output: Shape | None = None
+    scores: Shape | None = None
+    try:
+        if class_name == "MultiHeadAttention" and query is not None:
+            features = config.get("output_shape")
+            if features is None:
+                features = [query[-1]]
+            elif isinstance(features, int):
+                features = [_int(features)]
+            output = (*query[:-1], *(_int(d) for d in features))
+            key = shapes[2] if len(shapes) > 2 else value
+            axes = config.get("attention_axes")
+            if isinstance(axes, int):
+                axes = [axes]
+            if axes is None:
+                axes = range(1, len(query) - 1)
+            if key is not None:
+                steps = [query[_int(a)] for a in axes] + [key[_int(a)] for a in axes]
+                scores = (query[0], _int(config["num_heads"]), *steps)
+        elif class_name != "MultiHeadAttention" and query is not None and value is not None:
+            output = (*query[:-1], value[-1])
+            scores = (*query[:-1], value[-2])
+    except _MALFORMED:
+        output = scores = None
+    return [Spec(output, dtype), Spec(scores, dtype)] if scores_wanted else [Spec(output, dtype)]
 
 
 def _output_count(class_name: str, config: dict[str, Any]) -> int:
@@ -634,23 +686,37 @@ def _node_inputs(node: Any) -> list[tuple[tuple[str, int, int], Spec]]:
     """A call's input tensors: where each comes from, and the spec Keras 3 recorded for it.
 
     Keras 3 writes `{"args": [...], "kwargs": {...}}` with a `__keras_tensor__` for each tensor;
-    Keras 2 writes `[[name, node, tensor, kwargs], ...]`. Tensors in kwargs (initial states,
-    masks) do not decide an output's shape and are left out.
+    Keras 2 writes `[[name, node, tensor, kwargs], ...]`. Of the tensors in kwargs only an
+    attention layer's `value` and `key` decide an output's shape (initial states and masks do
+    not); they follow the positional ones.
     """
     found: list[tuple[tuple[str, int, int], Spec]] = []
+    kwargs = _node_kwargs(node)
+    extra = [kwargs[k] for k in _TENSOR_KWARGS if k in kwargs]
     if isinstance(node, dict):
-        for tensor in _keras_tensors(node.get("args")):
+        for tensor in _keras_tensors([node.get("args"), *extra]):
             config = _dict(tensor.get("config"))
             ref = _ref(config.get("keras_history")) or ("", -1, 0)
             found.append((ref, Spec(_shape(config.get("shape")), _dtype_name(config.get("dtype")))))
         return found
     if isinstance(node, list) and len(node) >= 3 and isinstance(node[0], str):
         node = [node]  # TFOpLambda-style single reference
-    for item in node if isinstance(node, list) else []:
+    for item in [*(node if isinstance(node, list) else []), *extra]:
         ref = _ref(item)
         if ref is not None:
             found.append((ref, _NOTHING))
     return found
+
+
+def _node_kwargs(node: Any) -> dict[str, Any]:
+    """A call's keyword arguments: Keras 3 `{"kwargs": {...}}`; Keras 2 keeps them with the
+    first input, `[[name, node, tensor, {...}], ...]`."""
+    if isinstance(node, dict):
+        return _dict(node.get("kwargs"))
+    if isinstance(node, list) and len(node) >= 4 and isinstance(node[0], str):
+        return _dict(node[3])
+    first = node[0] if isinstance(node, list) and node else None
+    return _dict(first[3]) if isinstance(first, list) and len(first) >= 4 else {}
 
 
 def _keras_tensors(value: Any) -> Iterator[dict[str, Any]]:
