@@ -158,6 +158,11 @@ def zoo(keras: Any, keras2: bool) -> Any:
             L.Identity()(tok),
             L.ZeroPadding1D(1, data_format=first)(seq),
         ]
+    if keras2:  # TensorFlow operations, which tf-keras wraps in TFOpLambda layers
+        import tensorflow as tf
+
+        h = L.Dense(4)(tf.nn.relu(tf.math.multiply(vec / 255.0, 2.0)) + 1)
+        outs += [L.Dense(3)(h * h), tf.cast(h, "float16"), tf.math.sigmoid(seq)]
     inputs = [img, seq, vol, tok, vec, dyn, cf, frames, texts]
     return keras.Model(inputs, outs, name="zoo")
 

@@ -35,7 +35,20 @@ _SAME_SHAPE = {
     "RandomZoom", "RandomContrast", "RandomTranslation", "RandomBrightness",
 }  # fmt: skip
 _ATTENTION = {"Attention", "AdditiveAttention", "MultiHeadAttention"}
-_TENSOR_KWARGS = ("value", "key")  # attention inputs Keras 2 records as keyword arguments
+# Tensors Keras 2 records among a call's keyword arguments that decide its output's shape: an
+# attention layer's value and key, a TensorFlow operation's second operand.
+_TENSOR_KWARGS = ("value", "key", "y")
+# TensorFlow operations Keras 2 wraps in TFOpLambda layers whose output is their first
+# operand's shape, broadcast with the second's: `x / 255.0`, `tf.nn.relu(x)`, `a * b`...
+_TF_ELEMENTWISE = {
+    "__operators__.add", "__operators__.sub", "math.add", "math.subtract", "math.multiply",
+    "math.truediv", "math.divide", "math.maximum", "math.minimum", "math.pow",
+    "math.squared_difference", "nn.relu", "nn.relu6", "nn.elu", "nn.selu", "nn.gelu",
+    "nn.silu", "nn.swish", "nn.leaky_relu", "nn.softmax", "nn.sigmoid", "math.sigmoid",
+    "math.tanh", "nn.tanh", "math.exp", "math.log", "math.abs", "math.sqrt", "math.rsqrt",
+    "math.square", "math.negative", "math.softplus", "math.sin", "math.cos", "math.round",
+    "math.floor", "math.ceil", "clip_by_value", "identity", "stop_gradient", "cast",
+}  # fmt: skip
 _ELEMENTWISE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
 # Layers whose output keeps the input's dtype (Keras 3 `compute_output_spec`); others compute in
 # their policy's compute dtype.
@@ -248,6 +261,8 @@ def layer_outputs(
         return [_input_spec(config)]
     if class_name in _ATTENTION:
         return _attention(class_name, config, inputs, call_kwargs or {})
+    if class_name == "TFOpLambda":
+        return _tf_operation(config, inputs, call_kwargs or {})
     rule = _RULES.get(class_name) or _family_rule(class_name)
     if rule is None or not inputs:
         return [_NOTHING]
@@ -306,6 +321,28 @@ def _attention(
     except _MALFORMED:
         output = scores = None
     return [Spec(output, dtype), Spec(scores, dtype)] if scores_wanted else [Spec(output, dtype)]
+
+
+def _tf_operation(
+    config: dict[str, Any], inputs: list[Spec], call_kwargs: dict[str, Any]
+) -> list[Spec]:
+    """A Keras 2 TFOpLambda: the elementwise TensorFlow operations keep their operands' shape
+    (a number as second operand, or a tensor to broadcast with) and dtype; `tf.cast` changes
+    the dtype. Other operations are unknown."""
+    if config.get("function") not in _TF_ELEMENTWISE or not inputs:
+        return [_NOTHING]
+    dtype = inputs[0].dtype
+    if config.get("function") == "cast":
+        dtype = _dtype_name(call_kwargs.get("dtype"))
+    y = call_kwargs.get("y")
+    if len(inputs) == 1 and (y is None or isinstance(y, int | float)):
+        return [Spec(inputs[0].shape, dtype)]
+    if len(inputs) == 2 and None not in (inputs[0].shape, inputs[1].shape):
+        try:
+            return [Spec(tuple(_elementwise(config, [s.shape for s in inputs])[0]), dtype)]
+        except _MALFORMED:
+            pass
+    return [Spec(None, dtype)]
 
 
 def _output_count(class_name: str, config: dict[str, Any]) -> int:
