@@ -20,6 +20,7 @@ def build(keras: Any, keras2: bool) -> dict[str, Any]:
         "seq_rnn": seq_rnn(keras, keras2),
         "video": video(keras),
         "seq2seq": seq2seq(keras),
+        "built": built(keras),
     }
 
 
@@ -245,6 +246,14 @@ def video(keras: Any) -> Any:
     c = L.GlobalAveragePooling2D()(c)
     out = L.Dense(4, activation="softmax", name="label")(L.Concatenate()([h, c]))
     return keras.Model(clips, out, name="video")
+
+
+def built(keras: Any) -> Any:
+    """A Sequential model given its input shape by `build()`: only the model config holds it."""
+    L = keras.layers
+    model = keras.Sequential([L.Conv1D(4, 3, strides=2), L.GlobalMaxPooling1D(), L.Dense(2)])
+    model.build((None, 9, 3))
+    return model
 
 
 def seq2seq(keras: Any) -> Any:
