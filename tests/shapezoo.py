@@ -158,6 +158,7 @@ def zoo(keras: Any, keras2: bool) -> Any:
             L.UnitNormalization()(vec),
             L.Identity()(tok),
             L.ZeroPadding1D(1, data_format=first)(seq),
+            L.Lambda(lambda t: t[:, :3], output_shape=(3,))(vec),  # Keras 3 takes its word
         ]
     if keras2:  # TensorFlow operations, which tf-keras wraps in TFOpLambda layers
         import tensorflow as tf

@@ -263,6 +263,8 @@ def layer_outputs(
         return _attention(class_name, config, inputs, call_kwargs or {})
     if class_name == "TFOpLambda":
         return _tf_operation(config, inputs, call_kwargs or {})
+    if class_name == "Lambda":
+        return [_lambda(config, inputs)]
     rule = _RULES.get(class_name) or _family_rule(class_name)
     if rule is None or not inputs:
         return [_NOTHING]
@@ -343,6 +345,16 @@ def _tf_operation(
         except _MALFORMED:
             pass
     return [Spec(None, dtype)]
+
+
+def _lambda(config: dict[str, Any], inputs: list[Spec]) -> Spec:
+    """Keras 3 takes a Lambda's declared `output_shape` (without the batch) as its output's
+    shape; Keras 2 (whose configs carry `output_shape_type`) ran the function instead."""
+    declared = _shape(config.get("output_shape"))
+    if "output_shape_type" in config or declared is None or not inputs:
+        return _NOTHING
+    batch = inputs[0].shape[0] if inputs[0].shape else UNKNOWN
+    return Spec((batch, *declared), _compute_dtype(config.get("dtype")))
 
 
 def _output_count(class_name: str, config: dict[str, Any]) -> int:
