@@ -32,7 +32,7 @@ import json, sys, zipfile
 json.loads(zipfile.ZipFile(sys.argv[1]).read("config.json"))
 """
 
-DEPTHS = (7, 14, 28, 56, 112)
+DEPTHS = (7, 14, 28, 56)  # the scan refuses configs nested over 256 JSON levels (~84 models)
 BEFORE_DEPTHS = (7, 10, 13, 16)  # exponential code: each level costs about twice the last
 
 
