@@ -233,3 +233,52 @@ def test_deeply_nested_sequential_files_are_inspected_in_linear_time(tmp_path, k
     assert report["layers"]["Sequential"] == depth
     config = json.loads(zipfile.ZipFile(tmp_path / "deep.keras").read("config.json"))
     assert OutputShapes(config).evaluations == depth + 2  # each Sequential and the Dense, once
+
+
+def _widening(name: str, inner: dict | None, extra: int) -> dict:
+    """A Keras 2 style functional config whose inner model is called on x and on x widened by
+    `extra` features: each level doubles the distinct input shapes the levels below see."""
+    ref = [[["x", 0, 0, {}]]]
+    layers = [{"class_name": "InputLayer", "name": "x",
+               "config": {"name": "x", "batch_input_shape": [None, None], "dtype": "float32"},
+               "inbound_nodes": []}]  # fmt: skip
+    if inner is None:
+        layers.append({"class_name": "Activation", "name": "out", "inbound_nodes": ref,
+                       "config": {"name": "out", "activation": "relu"}})  # fmt: skip
+    else:
+        layers += [
+            {"class_name": "Dense", "name": "d", "config": {"name": "d", "units": extra},
+             "inbound_nodes": ref},
+            {"class_name": "Concatenate", "name": "wide", "config": {"name": "wide"},
+             "inbound_nodes": [[["x", 0, 0, {}], ["d", 0, 0, {}]]]},
+            {**inner, "name": "inner",
+             "inbound_nodes": [ref[0], [["wide", 0, 0, {}]]]},
+            {"class_name": "Concatenate", "name": "out", "config": {"name": "out"},
+             "inbound_nodes": [[["inner", 1, 0, {}], ["inner", 2, 0, {}]]]},
+        ]  # fmt: skip
+    config = {"name": name, "layers": layers, "input_layers": [["x", 0, 0]],
+              "output_layers": [["out", 0, 0]]}  # fmt: skip
+    return {"class_name": "Functional", "config": config}
+
+
+def test_a_file_crafted_to_need_exponentially_many_evaluations_is_cut_short():
+    """Calls on 2**depth distinct shapes cannot all be walked: past a budget proportional to
+    the file's layers, nested models' outputs are unknown rather than computed."""
+    depth = 40
+    model = _widening("w0", None, 0)
+    for level in range(1, depth + 1):
+        model = _widening(f"w{level}", model, 2**level)
+    model["config"]["layers"][0]["config"]["batch_input_shape"] = [None, 1]
+    shapes = OutputShapes(model)
+    layers = 5 * depth + 2  # in the whole file, nested models included
+    assert shapes.evaluations < 10 * layers  # not 2**40
+    [(name, spec)] = shapes.outputs
+    assert (name, spec.shape) == ("out", None)
+
+    shallow = _widening("w0", None, 0)
+    for level in range(1, 4):  # 2**3 shapes: well within the budget, and computed
+        shallow = _widening(f"w{level}", shallow, 2**level)
+    shallow["config"]["layers"][0]["config"]["batch_input_shape"] = [None, 1]
+    [(_, spec)] = model_outputs(shallow)
+    # Each level's output is f(w) + f(w + extra): 8 inputs of widths 1 + (subset sums of 2, 4, 8).
+    assert spec.shape == (None, sum(1 + s for s in range(0, 15, 2)))
