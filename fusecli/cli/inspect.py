@@ -22,11 +22,12 @@ _COLUMNS = ("FILE", "FORMAT", "KERAS", "MODEL", "INPUTS", "OUTPUTS", "PARAMS", "
 def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
     """Describe model files and find code in them, without TensorFlow.
 
-    Shows each file's format, the Keras version that wrote it, model name, inputs and outputs,
-    parameter count, layers, size, and anything that would run code when the file is loaded
-    (Lambda bytecode, custom classes... at any depth). FILES are .keras or .h5 files, or
-    folders (their .keras/.h5/.hdf5 files). Reads the files with zipfile, json and h5py only:
-    TensorFlow is never imported, nothing in the files is executed.
+    Shows each file's format, the Keras version that wrote it, model name, inputs and outputs
+    (shapes and dtypes as Keras gives them, computed from the config; `?` where the config does
+    not tell, as after a custom layer), parameter count, layers, size, and anything that would
+    run code when the file is loaded (Lambda bytecode, custom classes... at any depth). FILES
+    are .keras or .h5 files, or folders (their .keras/.h5/.hdf5 files). Reads the files with
+    zipfile, json and h5py only: TensorFlow is never imported, nothing in the files is executed.
     Prints a table (or, with --json, a list of objects, one per file) on stdout. A broken file
     gives an `Error: FILE: ...` line on stderr and exit status 1; the others are still shown.
 
