@@ -133,6 +133,13 @@ def load_keras2_h5(
     return model
 
 
+def check_keras2_config(config: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse (`ModelFileError`, naming the layer) a Keras 2 config that Keras 3 cannot be made
+    to compute the same way; no TensorFlow. `merge` calls it, so that it refuses the files that
+    `load_model` and `fuse` refuse (they convert the config, which checks the same)."""
+    convert_config(config, path, trust=True)  # bytecode is the scan's to refuse
+
+
 def convert_config(
     config: dict[str, Any], path: str | os.PathLike[str] = "<config>", *, trust: bool = False
 ) -> dict[str, Any]:

@@ -340,6 +340,23 @@ def masking_states() -> k.Model:
     return k.Model([x, start], seq, name="masking_states")
 
 
+def masking_merged() -> k.Model:
+    """Two Masking masks added: Keras 2 ANDs them, Keras 3 ORs them."""
+    a, b = k.Input((LENGTH, FEATURES), name="a"), k.Input((LENGTH, FEATURES), name="b")
+    added = L.Add()([L.Masking(0.0)(a), L.Masking(0.0)(b)])
+    return k.Model([a, b], L.LSTM(4, return_sequences=True)(added), name="masking_merged")
+
+
+def masking_shared() -> k.Model:
+    """A Masking mask read by MultiHeadAttention and by an LSTM (Keras 3's attention removes
+    the mask from the tensor it reads)."""
+    x = k.Input((LENGTH, FEATURES), name="frames")
+    masked = L.Masking(0.0)(x)
+    attended = L.MultiHeadAttention(num_heads=2, key_dim=3)(masked, masked)
+    seq = L.LSTM(4, return_sequences=True)(masked)
+    return k.Model(x, [attended, seq], name="masking_shared")
+
+
 def mask_wrappers() -> k.Model:
     """A mask through TimeDistributed, Bidirectional (merge modes), Attention,
     AdditiveAttention, MultiHeadAttention and masked global pooling."""
@@ -511,8 +528,9 @@ def bn_virtual() -> k.Model:
 
 # Models fed padded_ids / padded_floats (4 rows) rather than the plain inputs.
 PADDED = (
-    "s2s", "s2s_states", "s2s_bidirectional", "masking_states", "mask_wrappers",
-    "causal_attention", "masking_layer", "merge_masks", "masked_convs", "dropouts",
+    "s2s", "s2s_states", "s2s_bidirectional", "masking_states", "masking_merged",
+    "masking_shared", "mask_wrappers", "causal_attention", "masking_layer", "merge_masks",
+    "masked_convs", "dropouts",
     "stacked", "bn_renorm", "bn_virtual",
 )  # fmt: skip
 
@@ -536,6 +554,8 @@ MODELS: dict[str, Callable[[], k.Model]] = {
     "s2s_states": s2s_states,
     "s2s_bidirectional": s2s_bidirectional,
     "masking_states": masking_states,
+    "masking_merged": masking_merged,
+    "masking_shared": masking_shared,
     "mask_wrappers": mask_wrappers,
     "causal_attention": causal_attention,
     "masking_layer": masking_layer,
