@@ -33,6 +33,8 @@ REPRODUCED = {
     "merge_masks": "Add/Multiply/Average/Maximum/Concatenate of sequences with different "
     "masks (Keras 2 ANDs them, Keras 3 ORs them), and a masked plus an unmasked sequence",
     "causal_attention": "Attention(causal=True) of tf.keras 2.4-2.9, use_causal_mask calls",
+    "rescaled_mask": "Rescaling and Normalization pass a mask on in Keras 3, not in Keras 2",
+    "rescaled_sequential": "the same in a Sequential model",
     "masking_layer": "",
     "masked_convolutions": "",
     "channels_first": "",
@@ -113,6 +115,9 @@ REFUSED = {
     "masking_shared": "cannot convert Keras 2 layer 'lstm_{n}' (LSTM): its input 'masking_{m}' "
     "carries a mask (from the Masking layer 'masking_{m}') and is also read by a "
     "MultiHeadAttention layer, which removes it in Keras 3",
+    "nested_masked": "cannot convert Keras 2 layer 'decoder_model' (Functional): it is handed "
+    "a masked input (ids != 0 of 'ids'), and Keras 3 would not give its layer 'lstm_{n}' (LSTM) "
+    "the mask Keras 2 gives it",
     "bn_virtual": "cannot convert Keras 2 layer 'batch_normalization_{n}' (BatchNormalization): "
     "virtual_batch_size=2 has no Keras 3 equivalent (only virtual_batch_size=None does)",
 }

@@ -41,9 +41,13 @@ _PASS = frozenset(
         "TimeDistributed",
     )
 )  # fmt: skip
+# Layers that pass a mask on in Keras 3 but not in Keras 2.
+_KERAS3_PASS = ("Rescaling", "Normalization")
 _MERGE = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 _MODELS = ("Functional", "Model", "Sequential")
-SUFFIX = "_keras2_mask"
+SUFFIX = "_keras2_mask"  # layers that build a mask
+NO_MASK_SUFFIX = "_keras2_nomask"  # layers that drop one
+ADDED_SUFFIXES = (SUFFIX, NO_MASK_SUFFIX)
 
 # A mask, symbolically: None (no mask), ("ids", ref): ids != 0 of the tensor `ref`;
 # ("opaque", what): one Keras 3 computes itself; ("and", parts, partial): Keras 2's AND of the
@@ -64,13 +68,58 @@ def explicit_masks(layers: list[dict[str, Any]], fail: Fail) -> list[dict[str, A
     return _Graph(layers, fail).rewrite()
 
 
+def sequential_masks(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Sequential model's layer list with a mask-dropping `Permute` inserted before each layer
+    that reads a mask Keras 2 did not give it but Keras 3 would (a chain has no other
+    difference: no initial_state, no merges, no MultiHeadAttention)."""
+    out: list[dict[str, Any]] = []
+    keras2 = keras3 = False
+    taken = {_name(spec) for spec in layers}
+    for spec in layers:
+        cls = str(spec.get("class_name"))
+        conf = spec.get("config") or {}
+        reads = cls in (*RNN_CLASSES, *_POOLING)
+        if reads and keras3 and not keras2:
+            name, n = f"{_name(spec)}{NO_MASK_SUFFIX}", 1
+            while name in taken:
+                n += 1
+                name = f"{_name(spec)}{NO_MASK_SUFFIX}_{n}"
+            taken.add(name)
+            rank = 3 + int(cls[6]) if cls.startswith("ConvLSTM") else 3
+            out.append(
+                {
+                    "class_name": "Permute",
+                    "module": "keras.layers",
+                    "config": {"name": name, "dims": list(range(1, rank))},
+                }
+            )
+            keras3 = False
+        out.append(spec)
+        if cls == "Embedding":
+            keras2 = keras3 = bool(conf.get("mask_zero"))
+        elif cls == "Masking":
+            keras2 = keras3 = True
+        elif cls in RNN_CLASSES:
+            inner = conf.get("layer") if cls == "Bidirectional" else None
+            inner = inner.get("config") or {} if isinstance(inner, dict) else conf
+            if not inner.get("return_sequences"):
+                keras2 = keras3 = False
+        elif cls in _KERAS3_PASS:
+            keras2 = False
+        elif cls not in _PASS:
+            keras2 = keras3 = False
+    return out
+
+
 class _Graph:
     def __init__(self, layers: list[dict[str, Any]], fail: Fail) -> None:
         self.fail = fail
         self.specs = {_name(spec): spec for spec in layers}
         self.masks: dict[Ref, Mask] = {}
+        self.masks3: dict[Ref, Mask] = {}
         self.added: list[dict[str, Any]] = []
         self.built: dict[Mask, Ref] = {}
+        self.unmasked: dict[Ref, Ref] = {}
         self.taken = set(self.specs)
 
     def rewrite(self) -> list[dict[str, Any]]:
@@ -85,8 +134,8 @@ class _Graph:
     # -- Keras 2's masks ------------------------------------------------------------------
 
     def propagate(self) -> None:
-        """Every layer output's Keras 2 mask; passes until nothing changes (configs list layers
-        in call order, so one pass is the rule)."""
+        """Every layer output's mask in Keras 2 and whether Keras 3 gives it one; passes until
+        nothing changes (configs list layers in call order, so one pass is the rule)."""
         for _ in range(len(self.specs) + 1):
             changed = False
             for name, spec in self.specs.items():
@@ -94,23 +143,27 @@ class _Graph:
                     entries = _entries(node)
                     if entries is None:
                         continue
-                    for position, mask in enumerate(self.outputs(spec, entries)):
-                        key = (name, index, position)
-                        if self.masks.get(key, ()) != mask:
-                            self.masks[key] = mask
-                            changed = True
+                    for keras3, table in ((False, self.masks), (True, self.masks3)):
+                        for position, mask in enumerate(self.outputs(spec, entries, keras3)):
+                            key = (name, index, position)
+                            if table.get(key, ()) != mask:
+                                table[key] = mask
+                                changed = True
             if not changed:
                 return
 
-    def mask_of(self, ref: list[Any]) -> Mask:
-        return self.masks.get((ref[0], ref[1], ref[2]))
+    def mask_of(self, ref: list[Any], keras3: bool = False) -> Mask:
+        return (self.masks3 if keras3 else self.masks).get((ref[0], ref[1], ref[2]))
 
-    def outputs(self, spec: dict[str, Any], entries: list[list[Any]]) -> list[Mask]:
-        """Keras 2's masks of one call's outputs (as many as the call can have)."""
+    def outputs(self, spec: dict[str, Any], entries: list[list[Any]], keras3: bool) -> list[Mask]:
+        """The masks of one call's outputs (as many as the call can have), in Keras 2, or as
+        far as Keras 3 differs in whether there is one."""
         cls = spec.get("class_name")
         conf = spec.get("config") or {}
-        first = self.mask_of(entries[0])
-        masks = [self.mask_of(e) for e in entries]
+        first = self.mask_of(entries[0], keras3)
+        masks = [self.mask_of(e, keras3) for e in entries]
+        if keras3 and cls in _KERAS3_PASS:
+            return [first]
         if cls == "Embedding":
             return [("ids", tuple(entries[0][:3])) if conf.get("mask_zero") else None]
         if cls == "Masking":
@@ -166,6 +219,10 @@ class _Graph:
         cls = spec.get("class_name")
         entries = _entries(node)
         kwargs = _kwargs(entries)
+        if cls in ("Functional", "Model"):
+            self.check_nested(name, spec, entries)
+            return
+        self.drop_keras3_masks(cls, entries, kwargs)
         if cls in RNN_CLASSES:
             wanted = {"mask": self.mask_of(entries[0])}
             keras3_sees = len(entries) == 1 and not _has_ref(kwargs.get("initial_state"))
@@ -226,6 +283,45 @@ class _Graph:
                 "by a MultiHeadAttention layer, which removes it in Keras 3",
             )
 
+    def drop_keras3_masks(self, cls: str, entries: list[list[Any]], kwargs: dict[str, Any]) -> None:
+        """Where Keras 2 gives a layer no mask and Keras 3 would give it one, route the input
+        through `Permute` by the identity, which Keras 3 passes no mask through."""
+        if cls in RNN_CLASSES:
+            read = [entries[0]]
+        elif cls in (*_ATTENTION, *_POOLING):
+            read = entries
+        elif cls == _MHA:
+            read = [entries[0], *(v for v in kwargs.values() if _is_ref(v))]
+        else:
+            return
+        rank = 3 + int(cls[6]) if cls.startswith("ConvLSTM") else 3
+        for ref in read:
+            if self.mask_of(ref) is None and self.mask_of(ref, keras3=True) is not None:
+                source = tuple(ref[:3])
+                if source not in self.unmasked:
+                    spec = self.layer(
+                        f"{source[0]}{NO_MASK_SUFFIX}",
+                        "Permute",
+                        {"dims": list(range(1, rank))},
+                        [[*source, {}]],
+                    )
+                    self.unmasked[source] = (_name(spec), 0, 0)
+                ref[:3] = list(self.unmasked[source])
+
+    def check_nested(self, name: str, spec: dict[str, Any], entries: list[list[Any]]) -> None:
+        """A masked input handed to a nested functional model: its own graph was converted
+        without knowing it, so refuse if a layer inside could get a mask unlike Keras 2's."""
+        masks = [self.mask_of(e) for e in entries]
+        if all(m is None for m in masks):
+            return
+        for inner, inner_cls in _risky_layers(spec):
+            raise self.fail(
+                name,
+                str(spec.get("class_name")),
+                f"it is handed a masked input ({_describe(masks)}), and Keras 3 would not give "
+                f"its layer {inner!r} ({inner_cls}) the mask Keras 2 gives it",
+            )
+
     # -- building a mask from ids with weightless layers ------------------------------------
 
     def build(self, mask: Mask) -> Ref:
@@ -272,6 +368,19 @@ class _Graph:
         }
         self.added.append(spec)
         return spec
+
+
+def _risky_layers(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """Layers of a (converted) nested model whose mask Keras 3 can compute unlike Keras 2."""
+    found = []
+    for layer in (spec.get("config") or {}).get("layers") or []:
+        cls = str(layer.get("class_name"))
+        nodes = layer.get("inbound_nodes") or []
+        if cls in RNN_CLASSES and any(isinstance(n, dict) for n in nodes):
+            found.append((_name(layer), cls))  # called with initial_state or a mask
+        elif cls in (*_MERGE, "Concatenate", _MHA, *_KERAS3_PASS, *_MODELS):
+            found.append((_name(layer), cls))
+    return found
 
 
 def _and(masks: list[Mask]) -> Mask:

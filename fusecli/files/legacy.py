@@ -295,7 +295,7 @@ class _Converter:
                         },
                     },
                 )
-        conf["layers"] = [self.layer(spec, where) for spec in layers]
+        conf["layers"] = keras2_masks.sequential_masks([self.layer(s, where) for s in layers])
 
     def functional(self, conf: dict[str, Any], where: tuple[str, ...]) -> None:
         layers = [self.layer(spec, where) for spec in conf["layers"]]
@@ -409,7 +409,7 @@ def _load_weights(model: Any, path: Path) -> None:
 
     # Rebuilt masks add layers, which can change Keras 3's order of the layers; weights are
     # then matched by layer name, and every layer with weights must find its own.
-    by_name = any(layer.name.endswith(keras2_masks.SUFFIX) for layer in model.layers)
+    by_name = any(layer.name.endswith(keras2_masks.ADDED_SUFFIXES) for layer in model.layers)
     try:
         with h5py.File(path, "r") as f:
             group = f.get("model_weights", f)

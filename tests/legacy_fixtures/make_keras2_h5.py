@@ -357,6 +357,48 @@ def masking_shared() -> k.Model:
     return k.Model(x, [attended, seq], name="masking_shared")
 
 
+def rescaled_mask() -> k.Model:
+    """Rescaling and Normalization between a masked Embedding and RNNs: tf-keras' do not pass
+    the mask on, Keras 3's do."""
+    ids = ids_input("ids")
+    e = L.Embedding(VOCAB, 6, mask_zero=True)(ids)
+    rescaled = L.LSTM(4, return_sequences=True)(L.Rescaling(2.0, offset=0.5)(e))
+    normalized = L.GRU(4, return_sequences=True)(
+        L.Normalization(mean=[0.1] * 6, variance=[2.0] * 6)(e)
+    )
+    return k.Model(ids, [rescaled, normalized], name="rescaled_mask")
+
+
+def rescaled_sequential() -> k.Model:
+    """The same in a Sequential model."""
+    return k.Sequential(
+        [
+            L.Embedding(VOCAB, 6, mask_zero=True, input_shape=(LENGTH,)),
+            L.Rescaling(2.0),
+            L.LSTM(4, return_sequences=True),
+            L.Dropout(0.1),
+            L.GRU(3, return_sequences=True),
+        ],
+        name="rescaled_sequential",
+    )
+
+
+def nested_masked() -> k.Model:
+    """A masked sequence handed to a nested functional model whose LSTM starts from given
+    states (and to one without such a layer, which needs nothing)."""
+    seq_in, h_in, c_in = k.Input((LENGTH, 6)), k.Input((5,)), k.Input((5,))
+    inner = k.Model(
+        [seq_in, h_in, c_in],
+        L.LSTM(5, return_sequences=True)(seq_in, initial_state=[h_in, c_in]),
+        name="decoder_model",
+    )
+    plain_in = k.Input((LENGTH, 6))
+    plain = k.Model(plain_in, L.GRU(3, return_sequences=True)(plain_in), name="plain_model")
+    ids, start = ids_input("ids"), k.Input((5,), name="start")
+    e = L.Embedding(VOCAB, 6, mask_zero=True)(ids)
+    return k.Model([ids, start], [inner([e, start, start]), plain(e)], name="nested_masked")
+
+
 def mask_wrappers() -> k.Model:
     """A mask through TimeDistributed, Bidirectional (merge modes), Attention,
     AdditiveAttention, MultiHeadAttention and masked global pooling."""
@@ -530,7 +572,8 @@ def bn_virtual() -> k.Model:
 PADDED = (
     "s2s", "s2s_states", "s2s_bidirectional", "masking_states", "masking_merged",
     "masking_shared", "mask_wrappers", "causal_attention", "masking_layer", "merge_masks",
-    "masked_convs", "dropouts",
+    "masked_convs", "dropouts", "rescaled_mask", "nested_masked",
+    "rescaled_sequential",
     "stacked", "bn_renorm", "bn_virtual",
 )  # fmt: skip
 
@@ -556,6 +599,9 @@ MODELS: dict[str, Callable[[], k.Model]] = {
     "masking_states": masking_states,
     "masking_merged": masking_merged,
     "masking_shared": masking_shared,
+    "rescaled_mask": rescaled_mask,
+    "rescaled_sequential": rescaled_sequential,
+    "nested_masked": nested_masked,
     "mask_wrappers": mask_wrappers,
     "causal_attention": causal_attention,
     "masking_layer": masking_layer,
@@ -586,7 +632,7 @@ def sample_inputs(model: k.Model, rng: np.random.Generator) -> list[np.ndarray]:
     if model.name in PADDED:
         return [
             padded_ids(rng, i)
-            if t.dtype.is_integer
+            if t.dtype.is_integer or t.shape[1:] == (LENGTH,)
             else padded_floats(rng, t.shape[-1], i)
             if len(t.shape) == 3 and t.shape[1] == LENGTH
             else rng.standard_normal((4, *t.shape[1:])).astype("float32")
