@@ -85,7 +85,7 @@ def sequential_masks(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 n += 1
                 name = f"{_name(spec)}{NO_MASK_SUFFIX}_{n}"
             taken.add(name)
-            rank = 3 + int(cls[6]) if cls.startswith("ConvLSTM") else 3
+            rank = _input_rank(cls)
             out.append(
                 {
                     "class_name": "Permute",
@@ -219,7 +219,7 @@ class _Graph:
         cls = spec.get("class_name")
         entries = _entries(node)
         kwargs = _kwargs(entries)
-        if cls in ("Functional", "Model"):
+        if cls in _MODELS:
             self.check_nested(name, spec, entries)
             return
         self.drop_keras3_masks(cls, entries, kwargs)
@@ -294,7 +294,7 @@ class _Graph:
             read = [entries[0], *(v for v in kwargs.values() if _is_ref(v))]
         else:
             return
-        rank = 3 + int(cls[6]) if cls.startswith("ConvLSTM") else 3
+        rank = _input_rank(cls)
         for ref in read:
             if self.mask_of(ref) is None and self.mask_of(ref, keras3=True) is not None:
                 source = tuple(ref[:3])
@@ -309,8 +309,8 @@ class _Graph:
                 ref[:3] = list(self.unmasked[source])
 
     def check_nested(self, name: str, spec: dict[str, Any], entries: list[list[Any]]) -> None:
-        """A masked input handed to a nested functional model: its own graph was converted
-        without knowing it, so refuse if a layer inside could get a mask unlike Keras 2's."""
+        """A masked input handed to a nested model: its own layers were converted without
+        knowing it, so refuse if a layer inside could get a mask unlike Keras 2's."""
         masks = [self.mask_of(e) for e in entries]
         if all(m is None for m in masks):
             return
@@ -368,6 +368,13 @@ class _Graph:
         }
         self.added.append(spec)
         return spec
+
+
+def _input_rank(cls: str) -> int:
+    """The rank of what a mask-reading layer takes: ConvLSTM<n>D n + 3, the others 3."""
+    if cls.startswith("ConvLSTM") and cls[len("ConvLSTM")].isdigit():
+        return 3 + int(cls[len("ConvLSTM")])
+    return 3
 
 
 def _risky_layers(spec: dict[str, Any]) -> list[tuple[str, str]]:
