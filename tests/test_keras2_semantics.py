@@ -108,10 +108,10 @@ REFUSED = {
     "masking_states": "cannot convert Keras 2 layer 'lstm_{n}' (LSTM): its input carries a mask "
     "(from the Masking layer 'masking'), which Keras 3 does not pass to an RNN layer called "
     "with initial_state",
-    "masking_merged": "cannot convert Keras 2 layer 'lstm_{n}' (LSTM): its input's mask (AND of "
-    "from the Masking layer 'masking_{m}' and from the Masking layer 'masking_{m2}') combines "
-    "several masks, which Keras 2 does with AND over the inputs that have one and Keras 3 with "
-    "OR (and not at all when one input has none)",
+    "masking_merged": "cannot convert Keras 2 layer 'lstm_{n}' (LSTM): its input's mask (the AND "
+    "of the masks of the Masking layer 'masking_{m}' and the Masking layer 'masking_{m2}') "
+    "combines several masks, which Keras 2 does with AND over the inputs that have one and "
+    "Keras 3 with OR (and not at all when one input has none)",
     "masking_shared": "cannot convert Keras 2 layer 'lstm_{n}' (LSTM): its input 'masking_{m}' "
     "carries a mask (from the Masking layer 'masking_{m}') and is also read by a "
     "MultiHeadAttention layer, which removes it in Keras 3",

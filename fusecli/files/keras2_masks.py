@@ -260,7 +260,7 @@ class _Graph:
                     extra[key] = [None if m is None else list(self.build(m)) for m in value]
                 elif value is not None:
                     extra[key] = list(self.build(value))
-            _add_kwargs(node, extra)
+            node_kwargs(node).update(extra)
             return
         # Keras 2's mask is one Keras 3 computes itself: the same, unless Keras 3 drops or
         # changes it on the way.
@@ -417,6 +417,7 @@ def _combined(mask: Mask) -> bool:
 
 
 def _describe(masks: list[Mask]) -> str:
+    """The first mask of `masks`, in words."""
     for mask in masks:
         if mask is None:
             continue
@@ -424,10 +425,18 @@ def _describe(masks: list[Mask]) -> str:
             return f"from the {mask[1]}"
         if mask[0] == "ids":
             return f"ids != 0 of {mask[1][0]!r}"
-        parts = [p for p in mask[1] if p is not None]
-        joined = " and ".join(_describe([p]) for p in parts)
-        return f"{'AND' if mask[0] == 'and' else 'a concatenation in time'} of {joined}"
+        names = " and ".join(_source(p) for p in sorted(mask[1], key=repr) if p is not None)
+        kind = "the AND" if mask[0] == "and" else "a concatenation in time"
+        return f"{kind} of the masks of {names}"
     return "none"
+
+
+def _source(mask: Mask) -> str:
+    if mask[0] == "opaque":
+        return f"the {mask[1]}"
+    if mask[0] == "ids":
+        return f"the ids {mask[1][0]!r}"
+    return f"({_describe([mask])})"
 
 
 def _name(spec: dict[str, Any]) -> str:
@@ -464,9 +473,10 @@ def _kwargs(entries: list[list[Any]] | None) -> dict[str, Any]:
     return {}
 
 
-def _add_kwargs(node: list[list[Any]], extra: dict[str, Any]) -> None:
+def node_kwargs(node: list[list[Any]]) -> dict[str, Any]:
+    """The call kwargs of a Keras 2 node (its last entry's fourth item), created if missing."""
     last = node[-1]
     if len(last) < 4 or not isinstance(last[3], dict):
         del last[3:]
         last.append({})
-    last[3].update(extra)
+    return last[3]

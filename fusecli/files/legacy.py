@@ -207,7 +207,7 @@ class _Converter:
         if class_name in ("Attention", "AdditiveAttention") and conf.pop("causal", False):
             # tf.keras 2.4 to 2.9 took causal masking as an argument; Keras 3 as a call argument.
             for node in spec.get("inbound_nodes") or []:
-                _node_kwargs(node)["use_causal_mask"] = True
+                keras2_masks.node_kwargs(node)["use_causal_mask"] = True
         # Keras 3 builds layers that name their module with its own deserializer, the one
         # `.keras` files use; its legacy one would turn strings that name a function in
         # keras.layers (Attention's score_mode="dot") into that function.
@@ -534,15 +534,6 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     if states_in_inputs and len(tensors) > 1:
         tensors, kwargs["initial_state"] = tensors[:1], tensors[1:]
     return {"args": [tensors[0] if len(tensors) == 1 else tensors], "kwargs": kwargs}
-
-
-def _node_kwargs(node: Any) -> dict[str, Any]:
-    """The call kwargs of a Keras 2 node (the last entry's fourth item), created if missing."""
-    last = node[-1]
-    if len(last) < 4 or not isinstance(last[3], dict):
-        del last[3:]
-        last.append({})
-    return last[3]
 
 
 def _map_refs(data: Any) -> Any:
