@@ -35,6 +35,8 @@ from fusecli.files.modelfile import ModelFile, file_format, read_model_file
 if TYPE_CHECKING:
     import keras
 
+    from fusecli.files.tensors import Layout
+
 # Retired Keras 2 arguments: the value that means "nothing special" (the argument is dropped),
 # per layer class. Any other value changes what the layer computes and cannot be converted.
 _RNN_CLASSES = ("RNN", "SimpleRNN", "GRU", "LSTM", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
@@ -133,11 +135,13 @@ def load_keras2_h5(
     return model
 
 
-def check_keras2_config(config: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Refuse (`ModelFileError`, naming the layer) a Keras 2 config that Keras 3 cannot be made
-    to compute the same way; no TensorFlow. `merge` calls it, so that it refuses the files that
-    `load_model` and `fuse` refuse (they convert the config, which checks the same)."""
-    convert_config(config, path, trust=True)  # bytecode is the scan's to refuse
+def check_keras2_layout(layout: Layout) -> None:
+    """Refuse (`ModelFileError`, naming the layer) a Keras 2 file whose config Keras 3 cannot be
+    made to compute the same way; other files pass. No TensorFlow: `merge` calls it, so that it
+    refuses the files `load_model` and `fuse` refuse (they convert the config, which checks
+    the same)."""
+    if layout.format == "h5" and (layout.keras_version or "").startswith("2."):
+        convert_config(layout.config, layout.path, trust=True)  # bytecode: the scan's to refuse
 
 
 def convert_config(

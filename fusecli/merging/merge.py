@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files.legacy import check_keras2_config
+from fusecli.files.legacy import check_keras2_layout
 from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
 from fusecli.files.safety import check_written, refuse_unsafe
@@ -145,10 +145,10 @@ def merge(
 def _read_input(path: Path, *, trust: bool) -> Layout:
     """Config and variable list of one input; reads no tensor. A file that carries code is
     refused (unless `trust`): the merged file would carry it on."""
-    model_file = refuse_unsafe(path, trust=trust)
-    if model_file.written_by_keras2:  # what Keras 3 would compute otherwise is refused too
-        check_keras2_config(model_file.config, path)
-    return read_layout(path)
+    refuse_unsafe(path, trust=trust)
+    layout = read_layout(path)
+    check_keras2_layout(layout)  # refuse what load_model and fuse refuse
+    return layout
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
