@@ -29,10 +29,13 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.files import keras2_masks
 from fusecli.files.modelfile import ModelFile, file_format, read_model_file
 
 if TYPE_CHECKING:
     import keras
+
+    from fusecli.files.tensors import Layout
 
 # Retired Keras 2 arguments: the value that means "nothing special" (the argument is dropped),
 # per layer class. Any other value changes what the layer computes and cannot be converted.
@@ -132,6 +135,15 @@ def load_keras2_h5(
     return model
 
 
+def check_keras2_layout(layout: Layout) -> None:
+    """Refuse (`ModelFileError`, naming the layer) a Keras 2 file whose config Keras 3 cannot be
+    made to compute the same way; other files pass. No TensorFlow: `merge` calls it, so that it
+    refuses the files `load_model` and `fuse` refuse (they convert the config, which checks
+    the same)."""
+    if layout.format == "h5" and (layout.keras_version or "").startswith("2."):
+        convert_config(layout.config, layout.path, trust=True)  # bytecode: the scan's to refuse
+
+
 def convert_config(
     config: dict[str, Any], path: str | os.PathLike[str] = "<config>", *, trust: bool = False
 ) -> dict[str, Any]:
@@ -196,6 +208,10 @@ class _Converter:
                 self.functional(conf, where)
             return spec
         self.arguments(class_name, conf, where)
+        if class_name in ("Attention", "AdditiveAttention") and conf.pop("causal", False):
+            # tf.keras 2.4 to 2.9 took causal masking as an argument; Keras 3 as a call argument.
+            for node in spec.get("inbound_nodes") or []:
+                keras2_masks.node_kwargs(node)["use_causal_mask"] = True
         # Keras 3 builds layers that name their module with its own deserializer, the one
         # `.keras` files use; its legacy one would turn strings that name a function in
         # keras.layers (Attention's score_mode="dot") into that function.
@@ -283,7 +299,7 @@ class _Converter:
                         },
                     },
                 )
-        conf["layers"] = [self.layer(spec, where) for spec in layers]
+        conf["layers"] = keras2_masks.sequential_masks([self.layer(s, where) for s in layers])
 
     def functional(self, conf: dict[str, Any], where: tuple[str, ...]) -> None:
         layers = [self.layer(spec, where) for spec in conf["layers"]]
@@ -297,12 +313,18 @@ class _Converter:
             if _has_own_node(spec)
         }
         for spec in layers:
-            nodes = spec.get("inbound_nodes", [])
-            for node in nodes:
+            for node in spec.get("inbound_nodes", []):
                 for ref in _tensor_refs(node):
                     if ref[0] in nested and ref[1] > 0:
                         ref[1] -= 1
+        layers += keras2_masks.explicit_masks(
+            layers, lambda name, cls, reason: self.fail((*where, name), cls, reason)
+        )
+        for spec in layers:
+            nodes = spec.get("inbound_nodes", [])
             states_in_inputs = spec.get("class_name") in (*_RNN_CLASSES, "Bidirectional")
+            if states_in_inputs:
+                self.drop_constants(spec, where)
             spec["inbound_nodes"] = [_keras3_node(node, states_in_inputs) for node in nodes]
         for key in ("input_layers", "output_layers"):
             refs = list(_tensor_refs(conf.get(key)))
@@ -313,6 +335,20 @@ class _Converter:
             # the list of one it finds in the config, and the next layer would get a list.
             if len(refs) == 1 and conf[key] == [refs[0]]:
                 conf[key] = refs[0]
+
+    def drop_constants(self, spec: dict[str, Any], where: tuple[str, ...]) -> None:
+        """Keras 2 recorded `constants=None` in RNN calls; Keras 3 RNNs take no constants."""
+        for node in spec.get("inbound_nodes") or []:
+            for entry in node if isinstance(node, list) else ():
+                kwargs = entry[3] if isinstance(entry, list) and len(entry) > 3 else None
+                if not isinstance(kwargs, dict) or "constants" not in kwargs:
+                    continue
+                if kwargs.pop("constants") is not None:
+                    raise self.fail(
+                        (*where, str(spec.get("name"))),
+                        str(spec.get("class_name")),
+                        "it is called with constants, which Keras 3 RNN layers do not take",
+                    )
 
 
 def _build(config: dict[str, Any], path: Path, *, trust: bool) -> Any:
@@ -375,10 +411,20 @@ def _load_weights(model: Any, path: Path) -> None:
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
+    # Rebuilt masks add layers, which can change Keras 3's order of the layers; weights are
+    # then matched by layer name, and every layer with weights must find its own.
+    by_name = any(layer.name.endswith(keras2_masks.ADDED_SUFFIXES) for layer in model.layers)
     try:
         with h5py.File(path, "r") as f:
             group = f.get("model_weights", f)
-            legacy_h5_format.load_weights_from_hdf5_group(group, model)
+            if by_name:
+                saved = legacy_h5_format.load_attributes_from_hdf5_group(group, "layer_names")
+                for layer in model.layers:
+                    if layer.weights and layer.name not in saved:
+                        raise ValueError(f"no saved weights for layer {layer.name!r}")
+                legacy_h5_format.load_weights_from_hdf5_group_by_name(group, model)
+            else:
+                legacy_h5_format.load_weights_from_hdf5_group(group, model)
     except Exception as e:  # Keras and h5py raise many types for weights that do not fit
         raise ModelFileError(
             path, f"its weights do not fit the converted model: {_short(e)}"

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
+from fusecli.files.legacy import check_keras2_layout
 from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
 from fusecli.files.safety import check_written, refuse_unsafe
@@ -145,7 +146,9 @@ def _read_input(path: Path, *, trust: bool) -> Layout:
     """Config and variable list of one input; reads no tensor. A file that carries code is
     refused (unless `trust`): the merged file would carry it on."""
     refuse_unsafe(path, trust=trust)
-    return read_layout(path)
+    layout = read_layout(path)
+    check_keras2_layout(layout)  # refuse what load_model and fuse refuse
+    return layout
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
