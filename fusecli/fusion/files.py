@@ -1,0 +1,232 @@
+"""Fusing model files as files: read the configs, compose the fused config, copy the tensors,
+prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output.
+
+Keras is imported only where the file alone cannot say enough:
+- Keras 2 era `.h5` inputs, legacy `.h5` inputs going into a `.keras` output, and every input of
+  a `.h5` output: Keras loads the model (through `fusecli.files.loading`, the one door) and its
+  own saver lays its tensors out; the fused file is then assembled from that copy, and checked
+  against it;
+- a model whose output shape its config does not state (a last layer outside the common ones):
+  Keras builds it, without weights, to read the shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusecli.errors import FusecliError, ModelFileError
+from fusecli.files.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
+from fusecli.files.outputfile import atomic_output
+from fusecli.files.safety import refuse_unsafe
+from fusecli.fusion import writer
+from fusecli.fusion.assemble import (
+    Assembly,
+    assemble,
+    common_axes,
+    identifier,
+    layer_entries,
+    prepare_branch,
+    unique,
+)
+from fusecli.fusion.check import prove
+
+# Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
+# loader cannot rebuild them.
+_OP_MODULES = ("keras.src.ops",)
+
+
+@dataclass
+class FileFusion:
+    """What `fuse_files` wrote."""
+
+    assembly: Assembly
+    weights: tuple[float, ...]
+    activation: str
+    params: int
+    check: dict[str, Any]
+    converted: list[str]  # inputs Keras had to load
+
+
+def fuse_files(
+    paths: Sequence[str | os.PathLike[str]],
+    output: Path,
+    fmt: str,
+    weights: tuple[float, ...],
+    *,
+    scale: str,
+    inputs: str,
+    at: str,
+    activation: str,
+    trust: bool,
+    force: bool,
+    after_write: Any = None,
+) -> FileFusion:
+    """Fuse model files into `output` (checked, atomically). `after_write(tmp)` runs on the
+    written, checked file before it is moved into place (the numeric `--verify`)."""
+    # Every file is read and scanned before any work, so a bad file among several is reported
+    # at once.
+    model_files = [refuse_unsafe(p, trust=trust) for p in paths]
+    for model_file in model_files:
+        _check_name(model_file.path)
+    names = _branch_names(paths)
+    with contextlib.ExitStack() as stack:
+        sources, configs = [], []
+        scratch: Path | None = None
+        for name, model_file in zip(names, model_files, strict=True):
+            if fmt == "keras" and _native(model_file):
+                sources.append(writer.Source(given=model_file.path, path=model_file.path))
+                configs.append(model_file.config)
+                continue
+            if scratch is None:
+                scratch = Path(
+                    stack.enter_context(
+                        tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
+                    )
+                )
+            source, config = _through_keras(model_file, scratch / f"{name}.keras", fmt, trust)
+            sources.append(source)
+            configs.append(config)
+        branches = [
+            prepare_branch(config, name, at=at) for config, name in zip(configs, names, strict=True)
+        ]
+        _fill_unknown_shapes(branches, configs, names, at)
+        axes = common_axes(branches) if at == "logits" else None
+        if fmt == "h5":
+            _check_h5_limits(configs, names)
+        assembly = assemble(
+            branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
+        )
+        given = [b.given for b in branches]
+        with atomic_output(output, force=force) as tmp:
+            write = writer.write_keras if fmt == "keras" else writer.write_h5
+            written = write(tmp, assembly, sources)
+            check = prove(
+                tmp,
+                fmt,
+                assembly,
+                given,
+                sources,
+                written,
+                weights=weights,
+                scale=scale,
+                activation=activation,
+                axes=axes,
+                trust=trust,
+            )
+            if after_write is not None:
+                after_write(tmp)
+    return FileFusion(
+        assembly=assembly,
+        weights=weights,
+        activation=activation,
+        params=written.params,
+        check=check,
+        converted=[str(s.given) for s in sources if s.converted],
+    )
+
+
+def _native(model_file: ModelFile) -> bool:
+    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are."""
+    return model_file.format == "keras" and WEIGHTS_MEMBER in model_file.members
+
+
+def _check_name(path: Path) -> None:
+    if path.suffix != path.suffix.lower():
+        raise ModelFileError(
+            path,
+            f"Keras loads only files whose name ends in lower case; rename it to "
+            f"{path.stem}{path.suffix.lower()}",
+        )
+
+
+def _branch_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    taken: set[str] = set()
+    return [unique(identifier(Path(p).stem), taken) for p in paths]
+
+
+def _through_keras(
+    model_file: ModelFile, copy: Path, fmt: str, trust: bool
+) -> tuple[writer.Source, dict[str, Any]]:
+    """Load a model in Keras and save it as `.keras`: its config and tensors then come from that
+    copy (and, for a `.h5` output, its tensors in Keras' legacy order)."""
+    from fusecli import runtime
+    from fusecli.files.loading import load_checked
+
+    model = load_checked(model_file, trust=trust)
+    for variable in model.weights:
+        values = np.asarray(variable)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ModelFileError(
+                model_file.path, f"weight {variable.path!r} holds NaN or infinite values"
+            )
+    with runtime.quiet():
+        model.save(copy)
+    legacy = None
+    if fmt == "h5":
+        legacy = [
+            (str(v.path), np.asarray(v))
+            for v in model.trainable_weights + model.non_trainable_weights
+        ]
+    config = read_model_file(copy).config
+    source = writer.Source(given=model_file.path, path=copy, converted=True, legacy=legacy)
+    return source, config
+
+
+def _fill_unknown_shapes(
+    branches: list[Any], configs: list[dict[str, Any]], names: list[str], at: str
+) -> None:
+    """Where a config does not state an output's shape, Keras builds the model to find it."""
+    for branch, config in zip(branches, configs, strict=True):
+        if all(shape is not None for shape in branch.output_shapes):
+            continue
+        shapes = _shapes_from_keras(config, branch.name)
+        if len(shapes) != len(branch.output_shapes):
+            continue
+        branch.output_shapes = [
+            known if known is not None else shape
+            for known, shape in zip(branch.output_shapes, shapes, strict=True)
+        ]
+
+
+def _shapes_from_keras(config: dict[str, Any], name: str) -> list[list[int | None]]:
+    from fusecli import runtime
+
+    keras = runtime.keras()
+    try:
+        with runtime.quiet():
+            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+        return [list(t.shape) for t in keras.tree.flatten(model.outputs)]
+    except Exception as e:  # Keras raises many types; the message says which layer
+        raise FusecliError(f"Model {name!r} cannot be built to read its output shapes: {e}") from e
+
+
+def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:
+    """Keras 3 cannot rebuild from `.h5` a functional config holding operation nodes."""
+    for name, config in zip(names, configs, strict=True):
+        op = _first_op(config)
+        if op is not None:
+            raise FusecliError(
+                f"Model {name!r} holds an operation node ({op}) in its config, which Keras 3 "
+                "cannot load back from a .h5 file (a plain model.save('x.h5') fails the same "
+                "way); write a .keras file instead"
+            )
+
+
+def _first_op(config: dict[str, Any]) -> str | None:
+    for entry in layer_entries(config):
+        module = str(entry.get("module") or "")
+        if module.startswith(_OP_MODULES):
+            return f"{entry.get('class_name')} {entry.get('name')!r}"
+        if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
+            found = _first_op(entry)
+            if found is not None:
+                return found
+    return None
