@@ -132,9 +132,8 @@ def fuse_command(
         checked.append(f"largest difference from {report.formula}: {report.max_abs_diff:.3g}")
     if not checked:
         checked.append("not verified")
-    say(
-        f"Wrote {report.output} ({weights_text}; {report.params:,} parameters; {'; '.join(checked)})."
-    )
+    details = "; ".join([weights_text, f"{report.params:,} parameters", *checked])
+    say(f"Wrote {report.output} ({details}).")
     if report.verify is not None and report.verify["result"] == "inconclusive":
         say(f"Warning: the numeric check is inconclusive: {report.verify['reason']}.")
 
