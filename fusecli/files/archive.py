@@ -1,8 +1,8 @@
 """Writing model files at file level: the one writer `fuse` and `merge` use.
 
 A `.keras` output is a zip of small JSON members and `model.weights.h5`; the HDF5 part is written
-to a temporary file beside the output first (h5py needs to seek), then stored in the zip
-uncompressed, as Keras stores it, so that readers can use it in place. A legacy `.h5` output is
+in place inside the zip, uncompressed as Keras stores it (no temporary copy), so that readers
+can use it in place too. A legacy `.h5` output is
 one HDF5 file whose root attributes hold the config.
 
 Tensors are copied in slices of at most `_SLICE_BYTES`, hashed as they go, so peak memory is a
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
+import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,31 +43,111 @@ fault: Callable[[str, np.ndarray], np.ndarray] | None = None
 def keras_archive(
     path: Path, members: Sequence[tuple[str, MemberSource | None]]
 ) -> Iterator[h5py.File]:
-    """Write a `.keras` archive at `path`: yields the weights file to fill, then zips it.
+    """Write a `.keras` archive at `path`: yields the weights file to fill, written in place
+    inside the archive (no temporary copy), stored uncompressed as Keras stores it.
 
     `members` are the archive's members in order; the entry named `model.weights.h5` (value
     None) is where the weights go.
     """
-    weights_file = path.with_name(path.name + ".weights.h5")
-    try:
-        with h5py.File(weights_file, "w") as h5:
-            yield h5
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
-            for name, source in members:
-                if name == WEIGHTS_MEMBER:
-                    with (
-                        open(weights_file, "rb") as src,
-                        out.open(name, "w", force_zip64=True) as dst,
-                    ):
-                        shutil.copyfileobj(src, dst, _COPY_BUFFER)
-                elif isinstance(source, bytes):
-                    out.writestr(name, source)
-                elif source is not None:
-                    with source() as src, out.open(name, "w") as dst:
-                        shutil.copyfileobj(src, dst, _COPY_BUFFER)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            weights_file.unlink()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
+        for name, source in members:
+            if name == WEIGHTS_MEMBER:
+                with _member_in_place(out, name) as h5:
+                    yield h5
+            elif isinstance(source, bytes):
+                out.writestr(name, source)
+            elif source is not None:
+                with source() as src, out.open(name, "w") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_BUFFER)
+
+
+@contextlib.contextmanager
+def _member_in_place(out: zipfile.ZipFile, name: str) -> Iterator[h5py.File]:
+    """An HDF5 file written straight into the archive as member `name`.
+
+    HDF5 needs to seek, which a zip member being written cannot; so the member's local header
+    is written with room for 64-bit sizes, the HDF5 file through a window on the archive just
+    after it, and then the header is completed (sizes, CRC) and the member registered, as
+    zipfile would have done.
+    """
+    fp = out.fp
+    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = info.compress_size = info.CRC = 0
+    info.header_offset = fp.tell()
+    fp.write(info.FileHeader(zip64=True))
+    start = fp.tell()
+    window = _WritableWindow(fp, start)
+    with h5py.File(window, "w") as h5:
+        yield h5
+    size = window.size
+    crc = 0
+    fp.seek(start)
+    remaining = size
+    buffer = bytearray(_COPY_BUFFER * 8)
+    while remaining:
+        got = fp.readinto(memoryview(buffer)[: min(len(buffer), remaining)])
+        if not got:
+            raise OSError(f"short read while completing {name}")
+        crc = zlib.crc32(memoryview(buffer)[:got], crc)
+        remaining -= got
+    info.file_size = info.compress_size = size
+    info.CRC = crc
+    fp.seek(info.header_offset)
+    fp.write(info.FileHeader(zip64=True))
+    fp.seek(start + size)
+    fp.truncate()
+    out.filelist.append(info)
+    out.NameToInfo[name] = info
+    out.start_dir = fp.tell()
+
+
+class _WritableWindow(io.RawIOBase):
+    """A file-like view of a file from `start` on, growing as it is written: for h5py."""
+
+    def __init__(self, f: BinaryIO, start: int) -> None:
+        super().__init__()
+        self._f, self._start, self._pos, self.size = f, start, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self.size - self._pos))
+        if count == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:count]) or 0
+        self._pos += got
+        return got
+
+    def write(self, data: Any) -> int:
+        self._f.seek(self._start + self._pos)
+        written = self._f.write(data)
+        self._pos += written
+        self.size = max(self.size, self._pos)
+        return written
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self._pos if size is None else size
+        return self.size
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 @contextlib.contextmanager
@@ -101,29 +184,41 @@ def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
     return tensor_digest(values)
 
 
-def copy_tensor(source: h5py.Dataset, target: h5py.Group, name: str) -> bool:
-    """Copy a dataset slice by slice (same dtype, shape and attributes). Returns False if a
-    floating-point tensor holds NaN or infinite values (it is copied all the same)."""
-    dataset = target.create_dataset(name, shape=source.shape, dtype=source.dtype)
-    copy_attrs(source, dataset)
-    finite = True
-    floating = source.dtype.kind == "f"
-    for where in _slices(source):
-        values = np.ascontiguousarray(source[where])
-        if floating and finite:
-            finite = bool(np.isfinite(values).all())
-        values = _faulty(dataset.name, values)
-        if values.size:
-            dataset[where] = values
-    return finite
+def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ()) -> list[str]:
+    """Copy everything in `source` (but the members named in `skip`) into `target`, by HDF5's
+    own object copy: attributes, groups and every dataset, whatever the files. Returns the
+    copied datasets' paths, relative to `source`."""
+    copy_attrs(source, target)
+    for key in source:
+        if key not in skip:
+            source.copy(source[key], target, name=key)
+    names = [n for n in dataset_names(target) if n.split("/")[0] not in skip]
+    if fault is not None:
+        for name in names:
+            dataset = target[name]
+            values = np.asarray(dataset[()])
+            changed = fault(dataset.name, values)
+            if changed is not values:
+                dataset[()] = changed
+    return names
 
 
 def dataset_digest(dataset: h5py.Dataset) -> bytes:
     """The digest of a dataset's values, read slice by slice (see `tensor_digest`)."""
+    return digest_and_finite(dataset)[0]
+
+
+def digest_and_finite(dataset: h5py.Dataset) -> tuple[bytes, bool]:
+    """The digest of a dataset's values, and whether they are all finite (non-floats are)."""
     digest = hashlib.sha256()
+    finite = True
+    floating = dataset.dtype.kind == "f"
     for where in _slices(dataset):
-        digest.update(_bytes(dataset[where]))
-    return digest.digest()
+        values = dataset[where]
+        if floating and finite:
+            finite = bool(np.isfinite(values).all())
+        digest.update(_bytes(values))
+    return digest.digest(), finite
 
 
 def tensor_digest(values: np.ndarray) -> bytes:
@@ -134,6 +229,18 @@ def tensor_digest(values: np.ndarray) -> bytes:
 def copy_attrs(source: h5py.HLObject, target: h5py.HLObject) -> None:
     for key, value in source.attrs.items():
         target.attrs[key] = value
+
+
+def dataset_names(group: h5py.Group) -> list[str]:
+    """Paths of every dataset below `group`, relative to it (HDF5's own walk: fast)."""
+    names: list[str] = []
+
+    def visit(name: bytes, info: Any) -> None:
+        if info.type == h5py.h5o.TYPE_DATASET:
+            names.append(name.decode("utf-8"))
+
+    h5py.h5o.visit(group.id, visit, info=True)
+    return names
 
 
 def _slices(dataset: h5py.Dataset) -> Iterator[Any]:

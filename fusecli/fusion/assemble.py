@@ -133,7 +133,7 @@ def assemble(
     layers: list[dict[str, Any]] = [_input_layer(i) for i in new_inputs]
     for branch, slot in zip(branches, slots, strict=True):
         args = [_tensor(new_inputs[i].shape, new_inputs[i].dtype, new_inputs[i].name) for i in slot]
-        entry = copy.deepcopy(branch.config)
+        entry = dict(branch.config)
         entry["name"] = branch.name
         entry["inbound_nodes"] = [
             {
@@ -208,8 +208,8 @@ def common_axes(branches: list[Branch]) -> list[int]:
 
 
 def undo_renames(config: Any, renames: dict[str, str]) -> Any:
-    """`config` with every renamed layer name (and reference to it) put back."""
-    return _map_names(copy.deepcopy(config), renames)
+    """A copy of `config` with every renamed layer name (and reference to it) put back."""
+    return _map_names(config, renames)
 
 
 def layer_entries(config: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ Any difference raises `VerificationError`; the caller deletes the file.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,24 +139,33 @@ def _sources(entry: dict[str, Any]) -> list[str]:
 def _check_tensors(
     path: Path, fmt: str, sources: list[Source], written: Written
 ) -> tuple[int, int]:
+    """Every placed tensor against its source, digests read from both files (the source's in a
+    second thread: hashing releases the GIL); every source tensor placed, nothing else written.
+    A non-finite tensor is its input's fault: `ModelFileError` naming the input."""
     nbytes = 0
     with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         out_root = stack.enter_context(_weights_root(path, fmt))
         out_names = set(_datasets(out_root))
-        placed_out = {p.output for p in written.placed}
-        extra = sorted(out_names - placed_out)
+        placed_out = [p.output for p in written.placed]
+        extra = sorted(out_names - set(placed_out))
         if extra:
             raise VerificationError(f"The written file holds a tensor nobody asked for: {extra[0]}")
+        if len(set(placed_out)) != len(placed_out):
+            raise VerificationError("The writer placed two tensors at one path")
         roots: dict[Path, h5py.Group] = {}
         expected: dict[int, set[str]] = {}
+        legacy: dict[str, Any] = {}
         for p in written.placed:
             source = sources[p.branch]
             if p.output not in out_names:
                 raise VerificationError(f"Tensor {p.output!r} is missing from the written file")
             got = out_root[p.output]
             if p.source is None:  # from the values Keras loaded
-                legacy = dict(_legacy_by_output(source, p))
-                want = archive.tensor_digest(legacy[p.output])
+                if not legacy.get(p.output.split("/", 1)[0]):
+                    legacy.update(_legacy_by_output(source, p))
+                    legacy[p.output.split("/", 1)[0]] = True
+                pending = pool.submit(archive.tensor_digest, legacy[p.output])
             else:
                 if source.path not in roots:
                     roots[source.path] = stack.enter_context(open_weights(source.path))
@@ -164,12 +174,18 @@ def _check_tensors(
                 origin = roots[source.path][p.source]
                 if origin.shape != got.shape or origin.dtype != got.dtype:
                     raise VerificationError(f"Tensor {p.output!r} has the wrong shape or dtype")
-                want = archive.dataset_digest(origin)
+                pending = pool.submit(archive.dataset_digest, origin)
                 expected[p.branch].discard(p.source)
-            if archive.dataset_digest(got) != want:
+            digest, finite = archive.digest_and_finite(got)
+            if digest != pending.result():
                 raise VerificationError(
                     f"Tensor {p.output!r} of the written file differs from its source in "
                     f"{source.given}; the file was not kept"
+                )
+            if not finite:
+                raise ModelFileError(
+                    source.given,
+                    f"weight {_describe(p.source or p.output)} holds NaN or infinite values",
                 )
             nbytes += got.nbytes
         for branch, missing in expected.items():
@@ -178,6 +194,15 @@ def _check_tensors(
                     f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
                 )
     return len(written.placed), nbytes
+
+
+def _describe(path: str) -> str:
+    """'layers/dense/vars/0' -> "0 of layer 'dense' (layers/dense/vars/0)"."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[-2] == "vars":
+        layer = "/".join(p for p in parts[:-2] if p != "layers")
+        return f"{parts[-1]} of layer {layer!r} ({path})"
+    return repr(path)
 
 
 def _legacy_by_output(source: Source, placed: Any) -> list[tuple[str, Any]]:
@@ -206,15 +231,9 @@ def _weights_root(path: Path, fmt: str) -> Any:
 
 
 def _datasets(root: h5py.Group, *, skip_training: bool = False) -> list[str]:
-    names: list[str] = []
-
-    def visit(name: str, node: Any) -> None:
-        if isinstance(node, h5py.Dataset):
-            if skip_training and name.split("/")[0] in TRAINING_STATE_GROUPS:
-                return
-            names.append(name)
-
-    root.visititems(visit)
+    names = archive.dataset_names(root)
+    if skip_training:
+        names = [n for n in names if n.split("/")[0] not in TRAINING_STATE_GROUPS]
     return names
 
 

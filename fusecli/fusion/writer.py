@@ -151,43 +151,14 @@ def snake_case(name: str) -> str:
 def _copy_branch(
     root: h5py.Group, target: h5py.Group, i: int, source: Source, written: Written, base: str
 ) -> None:
-    """Copy a model file's weights root into `target`: groups, attributes, every tensor."""
-
-    def copy(node: h5py.Group, out: h5py.Group, rel: str) -> None:
-        archive.copy_attrs(node, out)
-        for key in node:
-            if not rel and key in TRAINING_STATE_GROUPS:
-                continue
-            child = node[key]
-            path = f"{rel}/{key}" if rel else key
-            if isinstance(child, h5py.Group):
-                copy(child, out.create_group(key), path)
-            elif isinstance(child, h5py.Dataset):
-                _copy_checked(child, out, key, source, path)
-                written.placed.append(Placed(i, f"{base}/{path}", path))
-                written.params += int(child.size)
-
-    copy(root, target, "")
-
-
-def _copy_checked(
-    child: h5py.Dataset, out: h5py.Group, key: str, source: Source, path: str
-) -> None:
+    """Copy a model file's weights root (but training state) into `target`."""
     try:
-        finite = archive.copy_tensor(child, out, key)
+        names = archive.copy_group(root, target, skip=TRAINING_STATE_GROUPS)
     except (OSError, KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(source.given, f"weight {path!r} cannot be read ({e})") from None
-    if not finite:
-        raise ModelFileError(source.given, f"weight {_describe(path)} holds NaN or infinite values")
-
-
-def _describe(path: str) -> str:
-    """'layers/dense/vars/0' -> "0 of layer 'dense'"."""
-    parts = path.split("/")
-    if len(parts) >= 3 and parts[-2] == "vars":
-        layer = "/".join(p for p in parts[:-2] if p != "layers")
-        return f"{parts[-1]} of layer {layer!r} ({path})"
-    return repr(path)
+        raise ModelFileError(source.given, f"weights cannot be copied ({e})") from None
+    for name in names:
+        written.placed.append(Placed(i, f"{base}/{name}", name))
+        written.params += int(target[name].size)
 
 
 def _unique_path(name: str, used: set[str]) -> str:
