@@ -134,6 +134,7 @@ def assemble(
     for branch, slot in zip(branches, slots, strict=True):
         args = [_tensor(new_inputs[i].shape, new_inputs[i].dtype, new_inputs[i].name) for i in slot]
         entry = dict(branch.config)
+        entry["compile_config"] = {}  # as Keras writes a model loaded with compile=False
         entry["name"] = branch.name
         entry["inbound_nodes"] = [
             {
@@ -243,6 +244,14 @@ def unique(name: str, taken: set[str]) -> str:
 
 
 # -- renaming --------------------------------------------------------------------------------
+
+
+def rename_layers(config: dict[str, Any], name: str) -> dict[str, str]:
+    """Rename a model config (in place) to `name`, its layers to `<name>_<layer>` at every
+    depth; returns new name -> old name."""
+    renames: dict[str, str] = {}
+    _rename(config, name, f"{name}_", renames)
+    return renames
 
 
 def _rename(config: dict[str, Any], new_name: str, prefix: str, renames: dict[str, str]) -> None:

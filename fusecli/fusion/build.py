@@ -312,9 +312,10 @@ def _build(
     originals = _load_sources(models, trust=trust)
     keras = runtime.keras()
     branches = _branch_names(models, originals)
-    for model, name in zip(originals, branches, strict=True):
-        if model.name != name:
-            model.name = name
+    originals = [
+        _with_unique_names(model, name, keras)
+        for model, name in zip(originals, branches, strict=True)
+    ]
     sources, axes = originals, None
     if at == "logits":
         cuts = [cut_before_softmax(m, b) for m, b in zip(originals, branches, strict=True)]
@@ -614,6 +615,29 @@ def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.M
             )
         sources.append(model)
     return sources
+
+
+def _with_unique_names(model: keras.Model, branch: str, keras: Any) -> keras.Model:
+    """A copy of `model` named `branch`, its layers renamed `<branch>_<name>` at every depth (as
+    in the files `fuse_to_file` writes), so that the fused model's variable paths are unique.
+
+    The copy is rebuilt from the model's own config, which this process just serialized, and
+    takes the model's weights; a model that cannot be rebuilt so (a subclassed one) is only
+    renamed itself.
+    """
+    from fusecli.fusion.assemble import rename_layers
+
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        rename_layers(config, branch)
+        with runtime.quiet():
+            copy = keras.saving.deserialize_keras_object(config, safe_mode=False)
+        copy.set_weights(model.get_weights())
+    except Exception:  # Keras raises many types for models it cannot rebuild from config
+        if model.name != branch:
+            model.name = branch
+        return model
+    return copy
 
 
 def _check_finite(model: keras.Model, path: str | os.PathLike[str]) -> None:

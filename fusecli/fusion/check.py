@@ -53,8 +53,8 @@ def prove(
         raise VerificationError("The written file's config differs from the composed one")
     by_name = {layer_name(e): e for e in layer_entries(config)}
     for branch, original in zip(assembly.branches, given, strict=True):
-        entry = {k: v for k, v in by_name[branch.name].items() if k not in ("inbound_nodes",)}
-        entry.pop("name", None)
+        skip = ("inbound_nodes", "name", "compile_config")
+        entry = {k: v for k, v in by_name[branch.name].items() if k not in skip}
         restored = undo_renames(entry, branch.renames)
         restored["config"]["name"] = original["config"].get("name")
         if restored != original:
