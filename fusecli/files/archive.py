@@ -31,7 +31,7 @@ from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER
 # A member of a .keras archive other than the weights: its bytes, or how to open them.
 MemberSource = bytes | Callable[[], BinaryIO]
 
-_SLICE_BYTES = 64 << 20
+_SLICE_BYTES = 16 << 20
 _COPY_BUFFER = 1 << 20
 
 # A fault to inject while tensors are written (tests only): called with the dataset's path in the

@@ -155,16 +155,15 @@ def _check_tensors(
             raise VerificationError("The writer placed two tensors at one path")
         roots: dict[Path, h5py.Group] = {}
         expected: dict[int, set[str]] = {}
-        legacy: dict[str, Any] = {}
+        legacy = _legacy_values(sources, written)
         for p in written.placed:
             source = sources[p.branch]
             if p.output not in out_names:
                 raise VerificationError(f"Tensor {p.output!r} is missing from the written file")
             got = out_root[p.output]
             if p.source is None:  # from the values Keras loaded
-                if not legacy.get(p.output.split("/", 1)[0]):
-                    legacy.update(_legacy_by_output(source, p))
-                    legacy[p.output.split("/", 1)[0]] = True
+                if p.output not in legacy:
+                    raise VerificationError(f"Tensor {p.output!r} has no source")
                 pending = pool.submit(archive.tensor_digest, legacy[p.output])
             else:
                 if source.path not in roots:
@@ -205,19 +204,21 @@ def _describe(path: str) -> str:
     return repr(path)
 
 
-def _legacy_by_output(source: Source, placed: Any) -> list[tuple[str, Any]]:
-    group = placed.output.split("/", 1)[0]
-    used: set[str] = set()
-    out = []
-    for name, values in source.legacy or []:
-        candidate, n = f"{group}_{name}", 1
-        base = candidate
-        while candidate in used:
-            n += 1
-            candidate = f"{base}_{n}"
-        used.add(candidate)
-        out.append((f"{group}/{candidate}", values))
-    return out
+def _legacy_values(sources: list[Source], written: Written) -> dict[str, Any]:
+    """For branches Keras loaded: output dataset path -> the values it must hold, named as
+    `writer.write_h5` names them, derived here independently of what the writer recorded."""
+    groups = {p.branch: p.output.split("/", 1)[0] for p in written.placed if p.source is None}
+    values: dict[str, Any] = {}
+    for branch, group in groups.items():
+        used: set[str] = set()
+        for name, tensor in sources[branch].legacy or []:
+            candidate, n = f"{group}_{name}", 1
+            while candidate in used:
+                n += 1
+                candidate = f"{group}_{name}_{n}"
+            used.add(candidate)
+            values[f"{group}/{candidate}"] = tensor
+    return values
 
 
 @contextlib.contextmanager
