@@ -392,3 +392,26 @@ def test_keras2_inputs_fuse_to_what_tf_keras_computes(tmp_path, keras, keras2_pa
     np.testing.assert_allclose(
         predict(fused, x)[0], 0.3 * y_seq + 0.7 * y_gru, rtol=1e-5, atol=1e-6
     )
+
+
+def test_asset_files_go_under_their_branch(tmp_path, keras, model_files, x4):
+    import zipfile
+
+    with_assets = tmp_path / "vocab.keras"
+    with zipfile.ZipFile(model_files["a"]) as src, zipfile.ZipFile(with_assets, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item.filename))
+        dst.writestr("assets/layers/dense/vocabulary.txt", "alpha\nbeta\n")
+    out = tmp_path / "f.keras"
+    fuse_to_file([model_files["b"], with_assets], out, [0.5, 0.5])
+    with zipfile.ZipFile(out) as fused:
+        # Keras keeps a layer's assets at assets/<its path>: the second branch is "functional_1".
+        assert fused.read("assets/layers/functional_1/layers/dense/vocabulary.txt") == (
+            b"alpha\nbeta\n"
+        )
+    np.testing.assert_allclose(
+        predict(keras.models.load_model(out), x4)[0],
+        _expected(keras, [model_files["b"], model_files["a"]], [0.5, 0.5], x4),
+        rtol=1e-6,
+        atol=1e-7,
+    )

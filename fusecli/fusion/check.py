@@ -14,6 +14,8 @@ Any difference raises `VerificationError`; the caller deletes the file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,7 @@ def prove(
             f"The written file does not pass the scan: {findings[0].describe()}"
         )
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
+    _check_assets(path, written)
     return {
         "config": "as composed; each branch holds its model's config (layers renamed)",
         "head": _formula(assembly, weights, activation),
@@ -193,6 +196,28 @@ def _check_tensors(
                     f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
                 )
     return len(written.placed), nbytes
+
+
+def _check_assets(path: Path, written: Written) -> None:
+    """Every asset file of a branch is in the written archive, byte for byte."""
+    if not written.assets:
+        return
+    with zipfile.ZipFile(path) as out:
+        for name, source_name, source_path in written.assets:
+            with zipfile.ZipFile(source_path) as source:
+                if _member_digest(out, name) != _member_digest(source, source_name):
+                    raise VerificationError(f"Asset {name!r} differs from its source")
+
+
+def _member_digest(archive_file: zipfile.ZipFile, name: str) -> bytes:
+    digest = hashlib.sha256()
+    try:
+        with archive_file.open(name) as member:
+            while chunk := member.read(1 << 20):
+                digest.update(chunk)
+    except KeyError:
+        raise VerificationError(f"Asset {name!r} is missing from the written file") from None
+    return digest.digest()
 
 
 def _describe(path: str) -> str:

@@ -97,7 +97,7 @@ def fuse_files(
         branches = [
             prepare_branch(config, name, at=at) for config, name in zip(configs, names, strict=True)
         ]
-        _fill_unknown_shapes(branches, configs, names, at)
+        _fill_unknown_shapes(branches, configs, trust)
         axes = common_axes(branches) if at == "logits" else None
         if fmt == "h5":
             _check_h5_limits(configs, names)
@@ -180,14 +180,12 @@ def _through_keras(
     return source, config
 
 
-def _fill_unknown_shapes(
-    branches: list[Any], configs: list[dict[str, Any]], names: list[str], at: str
-) -> None:
+def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], trust: bool) -> None:
     """Where a config does not state an output's shape, Keras builds the model to find it."""
     for branch, config in zip(branches, configs, strict=True):
         if all(shape is not None for shape in branch.output_shapes):
             continue
-        shapes = _shapes_from_keras(config, branch.name)
+        shapes = _shapes_from_keras(config, branch.name, trust)
         if len(shapes) != len(branch.output_shapes):
             continue
         branch.output_shapes = [
@@ -196,13 +194,13 @@ def _fill_unknown_shapes(
         ]
 
 
-def _shapes_from_keras(config: dict[str, Any], name: str) -> list[list[int | None]]:
+def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[list[int | None]]:
     from fusecli import runtime
 
     keras = runtime.keras()
     try:
         with runtime.quiet():
-            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            model = keras.saving.deserialize_keras_object(config, safe_mode=not trust)
         return [list(t.shape) for t in keras.tree.flatten(model.outputs)]
     except Exception as e:  # Keras raises many types; the message says which layer
         raise FusecliError(f"Model {name!r} cannot be built to read its output shapes: {e}") from e

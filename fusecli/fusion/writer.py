@@ -12,10 +12,12 @@ only Keras knows for sure: those branches come from the models loaded in Keras.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from fusecli.files.tensors import TRAINING_STATE_GROUPS
 from fusecli.fusion.assemble import Assembly
 
 H5_WEIGHTS = "model_weights"
+ASSETS = "assets/"
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Placed:
 class Written:
     placed: list[Placed] = field(default_factory=list)
     params: int = 0
+    assets: list[tuple[str, str, Path]] = field(default_factory=list)  # (output, source, file)
 
 
 def keras_version() -> str:
@@ -69,23 +73,42 @@ def write_keras(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
     }
     written = Written()
-    with archive.keras_archive(tmp, archive.keras_members(assembly.config, metadata)) as h5:
-        h5.create_group("vars").attrs["name"] = "fused"
-        layers = h5.create_group("layers")
-        branches = {b.name: i for i, b in enumerate(assembly.branches)}
-        for key, (_, name) in zip(
-            keras_keys(assembly.layer_order), assembly.layer_order, strict=True
-        ):
-            group = layers.create_group(key)
-            if name not in branches:
-                group.create_group("vars").attrs["name"] = name
-                continue
-            i = branches[name]
-            source = sources[i]
-            with open_weights(source.path) as root:
-                _copy_branch(root, group, i, source, written, f"layers/{key}")
-            group.require_group("vars").attrs["name"] = name
+    keys = keras_keys(assembly.layer_order)
+    branches = {b.name: i for i, b in enumerate(assembly.branches)}
+    members = archive.keras_members(assembly.config, metadata)
+    with contextlib.ExitStack() as stack:
+        for key, (_, name) in zip(keys, assembly.layer_order, strict=True):
+            if name in branches:
+                members += _assets(stack, sources[branches[name]], key, written)
+        with archive.keras_archive(tmp, members) as h5:
+            h5.create_group("vars").attrs["name"] = "fused"
+            layers = h5.create_group("layers")
+            for key, (_, name) in zip(keys, assembly.layer_order, strict=True):
+                group = layers.create_group(key)
+                if name not in branches:
+                    group.create_group("vars").attrs["name"] = name
+                    continue
+                i = branches[name]
+                source = sources[i]
+                with open_weights(source.path) as root:
+                    _copy_branch(root, group, i, source, written, f"layers/{key}")
+                group.require_group("vars").attrs["name"] = name
     return written
+
+
+def _assets(
+    stack: contextlib.ExitStack, source: Source, key: str, written: Written
+) -> list[tuple[str, archive.MemberSource | None]]:
+    """A branch's asset files (vocabularies...), under the branch's place in the fused model:
+    Keras keeps a layer's assets at `assets/<the layer's path>/`."""
+    source_zip = stack.enter_context(zipfile.ZipFile(source.path))
+    out: list[tuple[str, archive.MemberSource | None]] = []
+    for info in source_zip.infolist():
+        if info.filename.startswith(ASSETS) and not info.is_dir():
+            name = f"{ASSETS}layers/{key}/{info.filename[len(ASSETS) :]}"
+            out.append((name, lambda info=info: source_zip.open(info)))
+            written.assets.append((name, info.filename, source.path))
+    return out
 
 
 def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
