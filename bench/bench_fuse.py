@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1)
     repeat = parser.parse_args().repeat
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         pairs = {
             "two ResNet50 .keras (2 x 103 MB)": (d / "r1.keras", d / "r2.keras"),

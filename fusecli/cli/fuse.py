@@ -90,8 +90,9 @@ def fuse_command(
     """Fuse saved Keras models: out = w1*A(x) + w2*B(x) + ...
 
     MODELS are two or more .keras or .h5 files. The fused model scales each model's output by
-    its weight and adds them up; it is written to OUTPUT and loads with a plain
-    keras.models.load_model. Prints the output path (or, with --json, a JSON report) on stdout.
+    its weight and adds them up; it is written to OUTPUT straight from the input files, checked
+    (configs, head, every tensor bit for bit) and loads with a plain keras.models.load_model.
+    Prints the output path (or, with --json, a JSON report) on stdout.
 
     \b
     Examples:

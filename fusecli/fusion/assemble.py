@@ -428,9 +428,11 @@ def _refs(value: Any) -> Iterator[list[Any]]:
 
 
 def _output_refs(value: Any) -> Iterator[list[Any]]:
+    """The references in an input/output spec, in the order keras.tree.flatten gives the
+    tensors (a dict's by sorted key)."""
     if isinstance(value, dict):
-        for item in value.values():
-            yield from _output_refs(item)
+        for key in sorted(value):
+            yield from _output_refs(value[key])
     elif isinstance(value, list):
         if _is_ref(value):
             yield value
@@ -495,7 +497,7 @@ def _output_layer_names(config: dict[str, Any]) -> list[str]:
         return [layer_name(layer_entries(config)[-1])] if layer_entries(config) else ["output"]
     value = config["config"].get("output_layers")
     if isinstance(value, dict):
-        return [str(k) for k in value]
+        return [str(k) for k in sorted(value)]
     return [str(ref[0]) for ref in _output_refs(value)]
 
 
