@@ -4,9 +4,10 @@
   given (the renames undone), called on the fused model's inputs;
 - the head is what was asked: per output, one scaling layer per branch with that branch's weight
   (offset 0), an `Add` of exactly those, and the activation asked for;
-- every tensor equals its source bit for bit: digests read from the written file and from the
-  input file (or from the values Keras loaded, for branches Keras converted), every source tensor
-  placed once and nothing else written;
+- every tensor equals its source bit for bit, read from the written file and from the input file
+  (or from the values Keras loaded, for branches Keras converted): compared byte for byte, or by
+  SHA-256 digests where a tensor is not one plain block on disk; every source tensor placed once
+  and nothing else written;
 - the written file passes the same scan as every input (`fusecli.files.safety`).
 Any difference raises `VerificationError`; the caller deletes the file.
 """
@@ -28,7 +29,7 @@ from fusecli.files.modelfile import open_weights, read_model_file
 from fusecli.files.safety import scan
 from fusecli.files.tensors import TRAINING_STATE_GROUPS
 from fusecli.fusion.assemble import Assembly, layer_entries, layer_name, undo_renames
-from fusecli.fusion.writer import H5_WEIGHTS, Source, Written
+from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
 
 
 def prove(
@@ -63,6 +64,7 @@ def prove(
             raise VerificationError(
                 f"Branch {branch.name!r} in the written file is not its model's config"
             )
+    _check_wiring(by_name, assembly)
     _check_head(config, by_name, assembly, weights, scale, activation, axes)
     findings = [] if trust else _unexpected_findings(model_file, scale, assembly)
     if findings:
@@ -79,6 +81,20 @@ def prove(
         "scan": "passed" if not trust else "skipped (--trust)",
         "layer_names_unique": _names_unique(config),
     }
+
+
+def _check_wiring(by_name: dict[str, dict[str, Any]], assembly: Assembly) -> None:
+    """Each branch is called once, on the fused model's inputs its slot names, in order."""
+    for branch, slot in zip(assembly.branches, assembly.input_slots, strict=True):
+        nodes = by_name[branch.name].get("inbound_nodes") or []
+        wanted = [assembly.inputs[k]["name"] for k in slot]
+        if len(nodes) != 1 or _sources(by_name[branch.name]) != wanted:
+            raise VerificationError(
+                f"Branch {branch.name!r} is not called once on the inputs {wanted}"
+            )
+        for name in wanted:
+            if by_name.get(name, {}).get("class_name") != "InputLayer":
+                raise VerificationError(f"{name!r} is not an input of the written model")
 
 
 def _check_head(
@@ -142,9 +158,10 @@ def _sources(entry: dict[str, Any]) -> list[str]:
 def _check_tensors(
     path: Path, fmt: str, sources: list[Source], written: Written
 ) -> tuple[int, int]:
-    """Every placed tensor against its source, digests read from both files (the source's in a
-    second thread: hashing releases the GIL); every source tensor placed, nothing else written.
-    A non-finite tensor is its input's fault: `ModelFileError` naming the input."""
+    """Every placed tensor against its source, read from both files: byte for byte where both
+    are plain blocks on disk (what Keras and fusecli write), else by SHA-256 digests (the
+    source's in a second thread); every source tensor placed, nothing else written. A
+    non-finite tensor is its input's fault: `ModelFileError` naming the input."""
     nbytes = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
@@ -179,19 +196,17 @@ def _check_tensors(
                 origin = roots[source.path][p.source]
                 if origin.shape != got.shape or origin.dtype != got.dtype:
                     raise VerificationError(f"Tensor {p.output!r} has the wrong shape or dtype")
-                pending = pool.submit(_digest, raws[source.path], origin)
                 expected[p.branch].discard(p.source)
-            digest, finite = out_raw.digest_and_finite(got) or archive.digest_and_finite(got)
-            if digest != pending.result():
-                raise VerificationError(
-                    f"Tensor {p.output!r} of the written file differs from its source in "
-                    f"{source.given}; the file was not kept"
-                )
-            if not finite:
-                raise ModelFileError(
-                    source.given,
-                    f"weight {_describe(p.source or p.output)} holds NaN or infinite values",
-                )
+                raw = raws[source.path]
+                blocks = out_raw.block(got), raw.block(origin)
+                if blocks[0] is not None and blocks[1] is not None:
+                    same, finite = out_raw.same_values(blocks[0], raw, blocks[1], got.dtype)
+                    _judge(same, finite, p, source)
+                    nbytes += got.nbytes
+                    continue
+                pending = pool.submit(archive.dataset_digest, origin)
+            digest, finite = archive.digest_and_finite(got)
+            _judge(digest == pending.result(), finite, p, source)
             nbytes += got.nbytes
         for branch, missing in expected.items():
             if missing:
@@ -201,9 +216,17 @@ def _check_tensors(
     return len(written.placed), nbytes
 
 
-def _digest(raw: archive.RawTensors, dataset: h5py.Dataset) -> bytes:
-    found = raw.digest_and_finite(dataset)
-    return found[0] if found is not None else archive.dataset_digest(dataset)
+def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
+    if not same:
+        raise VerificationError(
+            f"Tensor {placed.output!r} of the written file differs from its source in "
+            f"{source.given}; the file was not kept"
+        )
+    if not finite:  # the same as its source: the input holds it
+        raise ModelFileError(
+            source.given,
+            f"weight {_describe(placed.source or placed.output)} holds NaN or infinite values",
+        )
 
 
 def _check_assets(path: Path, written: Written) -> None:
