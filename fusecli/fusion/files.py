@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fusecli.errors import FusecliError, ModelFileError
+from fusecli.files.loading import CheckedFile, checked_files, load_checked
 from fusecli.files.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.files.outputfile import atomic_output
 from fusecli.files.safety import refuse_unsafe
@@ -37,6 +38,7 @@ from fusecli.fusion.assemble import (
     unique,
 )
 from fusecli.fusion.check import prove
+from fusecli.termination import cleanup_on_termination
 
 # Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
 # loader cannot rebuild them.
@@ -71,29 +73,37 @@ def fuse_files(
 ) -> FileFusion:
     """Fuse model files into `output` (checked, atomically). `after_write(tmp)` runs on the
     written, checked file before it is moved into place (the numeric `--verify`)."""
-    # Every file is read and scanned before any work, so a bad file among several is reported
-    # at once.
-    model_files = [refuse_unsafe(p, trust=trust) for p in paths]
-    for model_file in model_files:
-        _check_name(model_file.path)
     names = _branch_names(paths)
+    for path in paths:
+        _check_name(Path(path))
+    # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
+    # written file is scanned again, and its tensors compared with theirs, before it is kept).
+    # The others go through the door into Keras, which scans and loads a private copy.
+    native = {
+        i: refuse_unsafe(p, trust=trust)
+        for i, p in enumerate(paths)
+        if fmt == "keras" and _looks_native(Path(p))
+    }
+    native = {i: f for i, f in native.items() if _native(f)}
+    others = [i for i in range(len(paths)) if i not in native]
     with contextlib.ExitStack() as stack:
-        sources, configs = [], []
-        scratch: Path | None = None
-        for name, model_file in zip(names, model_files, strict=True):
-            if fmt == "keras" and _native(model_file):
-                sources.append(writer.Source(given=model_file.path, path=model_file.path))
-                configs.append(model_file.config)
-                continue
-            if scratch is None:
-                scratch = Path(
-                    stack.enter_context(
-                        tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
-                    )
+        stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
+        sources: list[writer.Source | None] = [None] * len(paths)
+        configs: list[dict[str, Any]] = [{}] * len(paths)
+        for i, model_file in native.items():
+            sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
+            configs[i] = model_file.config
+        if others:
+            scratch = Path(
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
                 )
-            source, config = _through_keras(model_file, scratch / f"{name}.keras", fmt, trust)
-            sources.append(source)
-            configs.append(config)
+            )
+            checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
+            for i, one in zip(others, checked, strict=True):
+                sources[i], configs[i] = _through_keras(
+                    one, scratch / f"{names[i]}.keras", fmt, trust
+                )
         branches = [
             prepare_branch(config, name, at=at) for config, name in zip(configs, names, strict=True)
         ]
@@ -107,13 +117,14 @@ def fuse_files(
         given = [b.given for b in branches]
         with atomic_output(output, force=force) as tmp:
             write = writer.write_keras if fmt == "keras" else writer.write_h5
-            written = write(tmp, assembly, sources)
+            ready = [s for s in sources if s is not None]
+            written = write(tmp, assembly, ready)
             check = prove(
                 tmp,
                 fmt,
                 assembly,
                 given,
-                sources,
+                ready,
                 written,
                 weights=weights,
                 scale=scale,
@@ -129,8 +140,17 @@ def fuse_files(
         activation=activation,
         params=written.params,
         check=check,
-        converted=[str(s.given) for s in sources if s.converted],
+        converted=[str(s.given) for s in sources if s is not None and s.converted],
     )
+
+
+def _looks_native(path: Path) -> bool:
+    """A `.keras` name on a zip: worth reading as a Keras 3 archive."""
+    try:
+        with open(path, "rb") as f:
+            return path.suffix.lower() == ".keras" and f.read(2) == b"PK"
+    except OSError:
+        return False  # the door reports it
 
 
 def _native(model_file: ModelFile) -> bool:
@@ -153,19 +173,19 @@ def _branch_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def _through_keras(
-    model_file: ModelFile, copy: Path, fmt: str, trust: bool
+    checked: CheckedFile, copy: Path, fmt: str, trust: bool
 ) -> tuple[writer.Source, dict[str, Any]]:
-    """Load a model in Keras and save it as `.keras`: its config and tensors then come from that
-    copy (and, for a `.h5` output, its tensors in Keras' legacy order)."""
+    """Load a model in Keras (from the door's private copy) and save it as `.keras`: its config
+    and tensors then come from that copy (and, for a `.h5` output, its tensors in Keras' legacy
+    order)."""
     from fusecli import runtime
-    from fusecli.files.loading import load_checked
 
-    model = load_checked(model_file, trust=trust)
+    model = load_checked(checked, trust=trust)
     for variable in model.weights:
         values = np.asarray(variable)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise ModelFileError(
-                model_file.path, f"weight {variable.path!r} holds NaN or infinite values"
+                checked.source, f"weight {variable.path!r} holds NaN or infinite values"
             )
     with runtime.quiet():
         model.save(copy)
@@ -176,7 +196,7 @@ def _through_keras(
             for v in model.trainable_weights + model.non_trainable_weights
         ]
     config = read_model_file(copy).config
-    source = writer.Source(given=model_file.path, path=copy, converted=True, legacy=legacy)
+    source = writer.Source(given=checked.source, path=copy, converted=True, legacy=legacy)
     return source, config
 
 
