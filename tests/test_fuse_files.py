@@ -415,3 +415,35 @@ def test_asset_files_go_under_their_branch(tmp_path, keras, model_files, x4):
         rtol=1e-6,
         atol=1e-7,
     )
+
+
+def test_output_shapes_beyond_the_last_layer_rule_need_no_keras(tmp_path, keras):
+    """Models ending in a GRU: the shapes come from fusecli.files.shapes, not from Keras."""
+    paths = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5, 3))
+        paths.append(tmp_path / f"gru{seed}.keras")
+        keras.Model(x, keras.layers.GRU(4)(keras.layers.Dense(6)(x))).save(paths[-1])
+    out = tmp_path / "f.keras"
+    code = (
+        "import sys\n"
+        "from fusecli.fusion.build import fuse_to_file\n"
+        "fuse_to_file(sys.argv[1:3], sys.argv[3], [0.4, 0.6])\n"
+        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, paths), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    x = np.random.default_rng(3).standard_normal((4, 5, 3)).astype("float32")
+    np.testing.assert_allclose(
+        predict(keras.models.load_model(out), x)[0],
+        _expected(keras, paths, [0.4, 0.6], x),
+        rtol=1e-5,
+        atol=1e-6,
+    )

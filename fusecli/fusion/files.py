@@ -201,17 +201,35 @@ def _through_keras(
 
 
 def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], trust: bool) -> None:
-    """Where a config does not state an output's shape, Keras builds the model to find it."""
+    """Where the quick look at a model's last layers does not give an output's shape, the
+    config-wide computation of `fusecli.files.shapes` may; failing that, Keras builds the model
+    (without weights) to find it."""
     for branch, config in zip(branches, configs, strict=True):
         if all(shape is not None for shape in branch.output_shapes):
             continue
-        shapes = _shapes_from_keras(config, branch.name, trust)
+        shapes = _shapes_from_config(branch.given)
+        if shapes is None or len(shapes) != len(branch.output_shapes):
+            shapes = _shapes_from_keras(config, branch.name, trust)
         if len(shapes) != len(branch.output_shapes):
             continue
         branch.output_shapes = [
             known if known is not None else shape
             for known, shape in zip(branch.output_shapes, shapes, strict=True)
         ]
+
+
+def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
+    """Every output's shape from `fusecli.files.shapes`, or None unless all are known."""
+    from fusecli.files.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return None
+    shapes = [spec.shape for spec in specs]
+    if any(shape is None or UNKNOWN in shape for shape in shapes):
+        return None
+    return [list(shape) for shape in shapes]
 
 
 def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[list[int | None]]:
