@@ -29,7 +29,9 @@ def test_shared_inputs_reproduce_weighted_sum(tmp_path, keras, model_files, x4):
     a, b = _load(keras, model_files["a"]), _load(keras, model_files["b"])
     expected = 0.8 * predict(a, x4)[0] + 0.2 * predict(b, x4)[0]
     np.testing.assert_allclose(predict(fused, x4)[0], expected, rtol=1e-6, atol=1e-7)
-    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-6
+    # The default check is the file-level proof; the numeric one is opt-in (verify=True).
+    assert report.check["tensors"] == 8 and report.check["scan"] == "passed"
+    assert report.max_abs_diff is None
     assert report.params == a.count_params() + b.count_params()
     assert [i["name"] for i in report.inputs] == ["input"]
     assert report.outputs == [{"name": "fused", "shape": [None, 3], "dtype": "float32"}]
@@ -239,7 +241,8 @@ def test_nan_weights_in_a_model_are_refused(tmp_path, keras, model_files):
     values[0, 0] = np.nan
     kernel.assign(values)
     model.save(tmp_path / "nan.keras")
-    with pytest.raises(ModelFileError, match=r"nan.keras: weight '.*kernel' holds NaN"):
+    # .keras files do not store variable names: the layer and its variable's position are named.
+    with pytest.raises(ModelFileError, match=r"nan.keras: weight 0 of layer 'dense'.* holds NaN"):
         fuse_to_file([model_files["a"], tmp_path / "nan.keras"], tmp_path / "f.keras")
     assert not (tmp_path / "f.keras").exists()
 
@@ -318,6 +321,6 @@ def test_mixed_precision_models_fuse_at_the_logits(tmp_path, keras):
         paths.append(tmp_path / f"mp{seed}.keras")
         keras.Model(x, y).save(paths[-1])
     out = tmp_path / "f.keras"
-    report = fuse_to_file(paths, out, [0.5, 0.5], at="logits")
+    report = fuse_to_file(paths, out, [0.5, 0.5], at="logits", verify=True)
     assert report.max_abs_diff < 4e-3  # float16 round-off, which the check allows for
     assert keras.models.load_model(out).output.dtype == "float32"

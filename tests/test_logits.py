@@ -129,7 +129,7 @@ def test_cli_at_logits(tmp_path, keras, ends, x4):
     files, logit_models = ends
     out = tmp_path / "f.h5"
     args = ["fuse", files["dense"], files["softmax_layer"], "--w", "1", "1.5", "--at", "logits"]
-    result = CliRunner().invoke(cli, [*map(str, args), "-o", str(out), "--json"])
+    result = CliRunner().invoke(cli, [*map(str, args), "-o", str(out), "--json", "--verify"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["at"], report["activation"]) == ("logits", "softmax")

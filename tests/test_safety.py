@@ -347,13 +347,17 @@ def test_fused_lambda_models_are_refused_at_every_depth(model_files, tmp_path):
 
     outer = tmp_path / "outer.keras"
     fuse_to_file([lam, model_files["c"]], outer, trust=True, verify=False)
-    assert _paths(scan(outer)) == [("fused/lam/a_scale", "Lambda"), ("fused/lam/b_scale", "Lambda")]
+    # Layers inside a branch are renamed <branch>_<name> (unique variable paths).
+    assert _paths(scan(outer)) == [
+        ("fused/lam/lam_a_scale", "Lambda"),
+        ("fused/lam/lam_b_scale", "Lambda"),
+    ]
 
     result = CliRunner().invoke(cli, ["fuse", str(outer), str(model_files["a"]), "-o",
                                       str(tmp_path / "again.keras")])  # fmt: skip
     assert result.exit_code == 1
     assert result.output.endswith(
-        f"Error: {outer}: layer 'fused/lam/a_scale' {BYTECODE} (and 1 more: see `fusecli "
+        f"Error: {outer}: layer 'fused/lam/lam_a_scale' {BYTECODE} (and 1 more: see `fusecli "
         f"inspect {outer}`){REFUSING}\n"
     )
     assert not (tmp_path / "again.keras").exists()

@@ -64,9 +64,10 @@ from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODE
 )
 @click.option(
     "--verify/--no-verify",
-    default=True,
+    default=False,
     show_default=True,
-    help="Load the written file back and check its output against sum(w_i * M_i(x)).",
+    help="Also load the written file in Keras and compare its output on random input with "
+    "sum(w_i * M_i(x)). The file is always checked without Keras: configs, head, every tensor.",
 )
 @force_option
 @trust_option
@@ -89,8 +90,9 @@ def fuse_command(
     """Fuse saved Keras models: out = w1*A(x) + w2*B(x) + ...
 
     MODELS are two or more .keras or .h5 files. The fused model scales each model's output by
-    its weight and adds them up; it is written to OUTPUT and loads with a plain
-    keras.models.load_model. Prints the output path (or, with --json, a JSON report) on stdout.
+    its weight and adds them up; it is written to OUTPUT straight from the input files, checked
+    (configs, head, every tensor bit for bit) and loads with a plain keras.models.load_model.
+    Prints the output path (or, with --json, a JSON report) on stdout.
 
     \b
     Examples:
@@ -124,12 +126,18 @@ def fuse_command(
     weights_text = ", ".join(
         f"{b}={w:g}" for b, w in zip(report.branches, report.weights, strict=True)
     )
-    checked = (
-        f"largest difference from {report.formula}: {report.max_abs_diff:.3g}"
-        if report.max_abs_diff is not None
-        else "not verified"
-    )
-    say(f"Wrote {report.output} ({weights_text}; {report.params:,} parameters; {checked}).")
+    checked = []
+    if report.check is not None:
+        checked.append(f"checked: {report.check['tensors']} tensors bit for bit, config and head")
+    if report.verify is not None:
+        checked.append(f"largest difference from {report.formula}: {report.max_abs_diff:.3g}")
+    if not checked:
+        checked.append("not verified")
+    details = "; ".join([weights_text, f"{report.params:,} parameters", *checked])
+    say(f"Wrote {report.output} ({details}).")
+    if report.verify is not None and report.verify["result"] == "inconclusive":
+        say(f"Warning: the numeric check is inconclusive: {report.verify['reason']}.")
+
     if as_json:
         print_json(report.as_dict())
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -39,7 +39,7 @@ Activation = Literal["softmax", "none"]
 
 
 # Size of the random batch used to check a written file, and the length given to free dimensions.
-_VERIFY_BATCH = 2
+_VERIFY_BATCH = 4
 _FREE_DIM = 32
 # Input names Keras makes up; the fused model says "input" instead.
 _GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
@@ -90,7 +90,10 @@ class FusionReport:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     params: int
-    max_abs_diff: float | None
+    max_abs_diff: float | None  # from the numeric check (verify), else None
+    verify: dict[str, Any] | None = None  # the numeric check: result, max_abs_diff, reason
+    check: dict[str, Any] | None = None  # what the file-level proof checked
+    converted: list[str] = field(default_factory=list)  # inputs Keras loaded to lay them out
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -139,13 +142,16 @@ def fuse_to_file(
     activation: Activation | None = None,
     trust: bool = False,
     force: bool = False,
-    verify: bool = True,
+    verify: bool | None = None,
 ) -> FusionReport:
     """Fuse `models` (see `fuse` for the options) and write the result to `output` (.keras or
     .h5), atomically.
 
-    Unless `verify` is False, the written file is loaded back as a user would and its output on a
-    random batch compared with what it should compute; a file that differs is deleted.
+    Model files are fused as files (`fusecli.fusion.files`): the written file is then re-opened
+    and proved, without Keras, to hold the models' configs, the head asked for and every tensor
+    bit for bit. `verify=True` adds the numeric check: the file is loaded in Keras and its output
+    on a random batch compared with what it should compute. Loaded `keras.Model`s are fused in
+    Keras and numerically verified unless `verify=False`. A file that fails is deleted.
     """
     fmt = model_format(output)
     checked = _check_request(
@@ -159,14 +165,28 @@ def fuse_to_file(
     )
     paths = [m for m in models if isinstance(m, str | os.PathLike)]
     output = check_output_path(output, inputs=paths, force=force)
+    if len(paths) == len(models):
+        return _fuse_paths(
+            paths,
+            output,
+            fmt,
+            checked,
+            scale=scale,
+            inputs=inputs,
+            at=at,
+            activation=activation,
+            trust=trust,
+            force=force,
+            verify=bool(verify),
+        )
     fusion = _build(
         models, checked, scale=scale, inputs=inputs, at=at, activation=activation, trust=trust
     )
-    max_diff = None
+    numeric = None
     with atomic_output(output, force=force) as tmp:
         fusion.model.save(tmp)
-        if verify:
-            max_diff = verify_file(fusion, tmp)
+        if verify is None or verify:
+            numeric = check_numerically(fusion, tmp)
     return FusionReport(
         output=str(output),
         format=fmt,
@@ -182,7 +202,72 @@ def fuse_to_file(
         inputs=[_tensor_info(t) for t in fusion.model.inputs],
         outputs=[_tensor_info(t) for t in fusion.model.outputs],
         params=int(fusion.model.count_params()),
-        max_abs_diff=max_diff,
+        max_abs_diff=None if numeric is None else numeric.max_abs_diff,
+        verify=None if numeric is None else numeric.as_dict(),
+    )
+
+
+def _fuse_paths(
+    paths: list[str | os.PathLike[str]],
+    output: Path,
+    fmt: str,
+    weights: tuple[float, ...],
+    *,
+    scale: ScaleMode,
+    inputs: InputsMode,
+    at: FuseAt,
+    activation: Activation | None,
+    trust: bool,
+    force: bool,
+    verify: bool,
+) -> FusionReport:
+    """`fuse_to_file` on model files: at file level, proved; Keras only for `verify`."""
+    from fusecli.fusion.files import fuse_files
+
+    activation = activation or ("softmax" if at == "logits" else "none")
+    numeric: list[NumericCheck] = []
+
+    def verify_written(tmp: Path) -> None:
+        fusion = _build(
+            paths, weights, scale=scale, inputs=inputs, at=at, activation=activation, trust=trust
+        )
+        numeric.append(check_numerically(fusion, tmp))
+
+    done = fuse_files(
+        paths,
+        output,
+        fmt,
+        weights,
+        scale=scale,
+        inputs=inputs,
+        at=at,
+        activation=activation,
+        trust=trust,
+        force=force,
+        after_write=verify_written if verify else None,
+    )
+    assembly = done.assembly
+    total = "sum(w_i * M_i(x))" if at == "output" else "sum(w_i * logits_i(x))"
+    result = numeric[0] if numeric else None
+    return FusionReport(
+        output=str(output),
+        format=fmt,
+        models=[str(p) for p in paths],
+        branches=[b.name for b in assembly.branches],
+        weights=list(weights),
+        scale=scale,
+        at=at,
+        activation=activation,
+        formula=total if activation == "none" else f"softmax({total})",
+        inputs_mode=assembly.inputs_mode,
+        inputs_reason=assembly.inputs_reason,
+        inputs=assembly.inputs,
+        outputs=assembly.outputs,
+        params=done.params,
+        max_abs_diff=None if result is None else result.max_abs_diff,
+        verify=None if result is None else result.as_dict(),
+        check=done.check,
+        converted=done.converted,
     )
 
 
@@ -227,9 +312,10 @@ def _build(
     originals = _load_sources(models, trust=trust)
     keras = runtime.keras()
     branches = _branch_names(models, originals)
-    for model, name in zip(originals, branches, strict=True):
-        if model.name != name:
-            model.name = name
+    originals = [
+        _with_unique_names(model, name, keras)
+        for model, name in zip(originals, branches, strict=True)
+    ]
     sources, axes = originals, None
     if at == "logits":
         cuts = [cut_before_softmax(m, b) for m, b in zip(originals, branches, strict=True)]
@@ -283,11 +369,35 @@ def _build(
     )
 
 
+@dataclass
+class NumericCheck:
+    """The numeric check's outcome: "passed", or "inconclusive" (with the reason) when the
+    models' outputs on the random batch could not show a wrong weight."""
+
+    result: str
+    max_abs_diff: float
+    tolerance: float
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
     """Load `path` as a user would; compare its output with act(sum(w_i * M_i(x))) on random
     input (M_i: the models, or their logits with `at="logits"`).
 
     Returns the largest absolute difference; raises `VerificationError` beyond round-off.
+    """
+    return check_numerically(fusion, path).max_abs_diff
+
+
+def check_numerically(fusion: Fusion, path: str | os.PathLike[str]) -> NumericCheck:
+    """`verify_file`, saying also whether the comparison could have seen a wrong weight.
+
+    It could not when a model's output barely varies across the batch (an untrained softmax
+    net gives uniform outputs whatever its weights), or when two models whose weights differ give
+    the same outputs (their weights could be swapped unseen): "inconclusive", with the reason.
     """
     keras = runtime.keras()
     try:
@@ -297,6 +407,7 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
     batch = random_batch(fusion.model.inputs)
     got = [np.asarray(o) for o in keras.tree.flatten(loaded(batch, training=False))]
     expected, magnitude, rounding = None, 0.0, _rounding(got)
+    terms_by_model = []
     for i, (model, w, slot) in enumerate(
         zip(fusion.sources, fusion.weights, fusion.input_slots, strict=True)
     ):
@@ -307,6 +418,7 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
         if fusion.at == "logits":
             _check_cut(fusion, i, args, outs, rounding, keras)
         magnitude = max([magnitude, *(_finite_max_abs(o) * abs(w) for o in outs)])
+        terms_by_model.append(outs)
         terms = [w * o for o in outs]
         expected = (
             terms if expected is None else [e + t for e, t in zip(expected, terms, strict=True)]
@@ -321,7 +433,47 @@ def verify_file(fusion: Fusion, path: str | os.PathLike[str]) -> float:
             f"The written model differs from {fusion.formula} by up to {worst:.3g} "
             f"(tolerance {tolerance:.3g}); the file was not kept"
         )
-    return worst
+    reason = _why_inconclusive(fusion, terms_by_model, tolerance)
+    return NumericCheck(
+        result="passed" if reason is None else "inconclusive",
+        max_abs_diff=worst,
+        tolerance=tolerance,
+        reason=reason,
+    )
+
+
+def _why_inconclusive(
+    fusion: Fusion, outputs: list[list[np.ndarray]], tolerance: float
+) -> str | None:
+    """Why a difference within `tolerance` does not show the weights are right, if it does not."""
+    for name, w, outs in zip(fusion.branches, fusion.weights, outputs, strict=True):
+        spread = max((_spread(o) for o in outs), default=0.0)
+        if w != 0 and spread * abs(w) <= 10 * tolerance:
+            return (
+                f"model {name!r} gives the same output for every input of the random batch "
+                f"(spread {spread:.3g}, tolerance {tolerance:.3g}), so wrong weights in it would "
+                "not show; check with inputs it responds to"
+            )
+    for i in range(len(outputs)):
+        for k in range(i + 1, len(outputs)):
+            if fusion.weights[i] == fusion.weights[k]:
+                continue
+            gap = max(_finite_max_abs(a - b) for a, b in zip(outputs[i], outputs[k], strict=True))
+            if gap * abs(fusion.weights[i] - fusion.weights[k]) <= 10 * tolerance:
+                return (
+                    f"models {fusion.branches[i]!r} and {fusion.branches[k]!r} give the same "
+                    f"outputs on the random batch (largest difference {gap:.3g}), so swapped "
+                    "weights would not show"
+                )
+    return None
+
+
+def _spread(values: np.ndarray) -> float:
+    """How much an output varies across the batch (axis 0)."""
+    if values.ndim == 0 or values.shape[0] < 2:
+        return 0.0
+    finite = np.where(np.isfinite(values), values, 0.0)
+    return float(np.max(np.max(finite, axis=0) - np.min(finite, axis=0)))
 
 
 def _check_cut(
@@ -463,6 +615,29 @@ def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.M
             )
         sources.append(model)
     return sources
+
+
+def _with_unique_names(model: keras.Model, branch: str, keras: Any) -> keras.Model:
+    """A copy of `model` named `branch`, its layers renamed `<branch>_<name>` at every depth (as
+    in the files `fuse_to_file` writes), so that the fused model's variable paths are unique.
+
+    The copy is rebuilt from the model's own config, which this process just serialized, and
+    takes the model's weights; a model that cannot be rebuilt so (a subclassed one) is only
+    renamed itself.
+    """
+    from fusecli.fusion.assemble import rename_layers
+
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        rename_layers(config, branch)
+        with runtime.quiet():
+            copy = keras.saving.deserialize_keras_object(config, safe_mode=False)
+        copy.set_weights(model.get_weights())
+    except Exception:  # Keras raises many types for models it cannot rebuild from config
+        if model.name != branch:
+            model.name = branch
+        return model
+    return copy
 
 
 def _check_finite(model: keras.Model, path: str | os.PathLike[str]) -> None:

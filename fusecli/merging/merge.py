@@ -17,10 +17,8 @@ input.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
+from fusecli.files import archive
 from fusecli.files.legacy import check_keras2_layout
 from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
@@ -204,17 +203,15 @@ def _write(
         tensors = _merged_tensors(layouts, groups, plan)
         with open_weights(template.path) as template_group:
             if fmt == "h5":
-                with h5py.File(tmp, "w") as out:
+                source = template_group.file
+                attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
+                with archive.h5_model(tmp, attrs) as out:
                     return _write_h5(out, template, template_group, tensors, progress)
-            weights_file = tmp.with_name(tmp.name + ".weights.h5")
-            try:
-                with h5py.File(weights_file, "w") as out:
-                    digests = _fill(out, template, template_group, tensors, progress)
-                _zip_keras(tmp, template.path, weights_file)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    weights_file.unlink()
-            return digests
+            with (
+                zipfile.ZipFile(template.path) as source,
+                archive.keras_archive(tmp, _template_members(source)) as out,
+            ):
+                return _fill(out, template, template_group, tensors, progress)
 
 
 def _merged_tensors(
@@ -260,11 +257,8 @@ def _write_h5(
     tensors: Iterator[np.ndarray],
     progress: Progress | None,
 ) -> list[bytes]:
-    """A legacy .h5 file: the template's attributes and groups, the merged weights."""
+    """A legacy .h5 file: the template's groups, the merged weights."""
     source = template_group.file
-    for key, value in source.attrs.items():
-        if key not in _H5_TRAINING_ATTRS:
-            out.attrs[key] = value
     weights_name = template_group.name.strip("/")
     for key in source:
         if key in TRAINING_STATE_GROUPS or key == weights_name:
@@ -288,10 +282,8 @@ def _fill(
     done = 0
     digests = []
     for variable, values in zip(template.variables, tensors, strict=True):
-        dataset = out.create_dataset(variable.dataset, data=values)
-        for key, value in template_group[variable.dataset].attrs.items():
-            dataset.attrs[key] = value
-        digests.append(_digest(values))
+        digests.append(archive.write_tensor(out, variable.dataset, values))
+        archive.copy_attrs(template_group[variable.dataset], out[variable.dataset])
         done += variable.nbytes
         if progress is not None:
             progress(done, total)
@@ -315,23 +307,20 @@ def _copy_structure(source: h5py.Group, out: h5py.Group, skip: set[str], root: s
             source.copy(node, out, name=key)
 
 
-def _zip_keras(tmp: Path, template_path: Path, weights_file: Path) -> None:
-    """The .keras archive: the template's members, its weights replaced, compile config dropped."""
-    with (
-        zipfile.ZipFile(template_path) as source,
-        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as out,
-    ):
-        for info in source.infolist():
-            if info.filename == WEIGHTS_MEMBER:
-                out.write(weights_file, WEIGHTS_MEMBER)
-            elif info.filename == CONFIG_MEMBER:
-                config = json.loads(source.read(info))
-                if isinstance(config, dict):
-                    config.pop("compile_config", None)
-                out.writestr(CONFIG_MEMBER, json.dumps(config))
-            else:
-                with source.open(info) as src, out.open(info.filename, "w") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+def _template_members(source: zipfile.ZipFile) -> list[tuple[str, archive.MemberSource | None]]:
+    """The template's members, its weights to be replaced, its compile config dropped."""
+    members: list[tuple[str, archive.MemberSource | None]] = []
+    for info in source.infolist():
+        if info.filename == WEIGHTS_MEMBER:
+            members.append((WEIGHTS_MEMBER, None))
+        elif info.filename == CONFIG_MEMBER:
+            config = json.loads(source.read(info))
+            if isinstance(config, dict):
+                config.pop("compile_config", None)
+            members.append((CONFIG_MEMBER, archive.config_member(config)))
+        else:
+            members.append((info.filename, lambda info=info: source.open(info)))
+    return members
 
 
 # -- verification ----------------------------------------------------------------------------
@@ -350,12 +339,8 @@ def _verify(path: Path, template: Layout, digests: list[bytes]) -> None:
         )
     with open_weights(path) as group:
         for k, (variable, digest) in enumerate(zip(written.variables, digests, strict=True)):
-            if _digest(read_tensor(path, group, variable)) != digest:
+            if archive.tensor_digest(read_tensor(path, group, variable)) != digest:
                 raise VerificationError(
                     f"Weight {k} (layer {variable.layer!r}) reads back different from what was "
                     "computed; the file was not kept"
                 )
-
-
-def _digest(values: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()

@@ -1,0 +1,323 @@
+"""Proving a written fused file without Keras: re-open it and compare it with what was asked.
+
+- the config parses and is exactly the one composed; each branch in it is its model's config as
+  given (the renames undone), called on the fused model's inputs;
+- the head is what was asked: per output, one scaling layer per branch with that branch's weight
+  (offset 0), an `Add` of exactly those, and the activation asked for;
+- every tensor equals its source bit for bit, read from the written file and from the input file
+  (or from the values Keras loaded, for branches Keras converted): compared byte for byte, or by
+  SHA-256 digests where a tensor is not one plain block on disk; every source tensor placed once
+  and nothing else written;
+- the written file passes the same scan as every input (`fusecli.files.safety`).
+Any difference raises `VerificationError`; the caller deletes the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from fusecli.errors import FusecliError, ModelFileError, VerificationError
+from fusecli.files import archive
+from fusecli.files.modelfile import open_weights, read_model_file
+from fusecli.files.safety import scan
+from fusecli.files.tensors import TRAINING_STATE_GROUPS
+from fusecli.fusion.assemble import Assembly, layer_entries, layer_name, undo_renames
+from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
+
+
+def prove(
+    path: Path,
+    fmt: str,
+    assembly: Assembly,
+    given: list[dict[str, Any]],
+    sources: list[Source],
+    written: Written,
+    *,
+    weights: tuple[float, ...],
+    scale: str,
+    activation: str,
+    axes: list[int] | None,
+    trust: bool,
+) -> dict[str, Any]:
+    """Check the file at `path` (see the module's docstring); returns what was checked."""
+    try:
+        model_file = read_model_file(path)
+    except ModelFileError as e:
+        raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
+    config = model_file.config
+    if config != assembly.config:
+        raise VerificationError("The written file's config differs from the composed one")
+    by_name = {layer_name(e): e for e in layer_entries(config)}
+    for branch, original in zip(assembly.branches, given, strict=True):
+        skip = ("inbound_nodes", "name", "compile_config")
+        entry = {k: v for k, v in by_name[branch.name].items() if k not in skip}
+        restored = undo_renames(entry, branch.renames)
+        restored["config"]["name"] = original["config"].get("name")
+        if restored != original:
+            raise VerificationError(
+                f"Branch {branch.name!r} in the written file is not its model's config"
+            )
+    _check_wiring(by_name, assembly)
+    _check_head(config, by_name, assembly, weights, scale, activation, axes)
+    findings = [] if trust else _unexpected_findings(model_file, scale, assembly)
+    if findings:
+        raise VerificationError(
+            f"The written file does not pass the scan: {findings[0].describe()}"
+        )
+    tensors, nbytes = _check_tensors(path, fmt, sources, written)
+    _check_assets(path, written)
+    return {
+        "config": "as composed; each branch holds its model's config (layers renamed)",
+        "head": _formula(assembly, weights, activation),
+        "tensors": tensors,
+        "bytes": nbytes,
+        "scan": "passed" if not trust else "skipped (--trust)",
+        "layer_names_unique": _names_unique(config),
+    }
+
+
+def _check_wiring(by_name: dict[str, dict[str, Any]], assembly: Assembly) -> None:
+    """Each branch is called once, on the fused model's inputs its slot names, in order."""
+    for branch, slot in zip(assembly.branches, assembly.input_slots, strict=True):
+        nodes = by_name[branch.name].get("inbound_nodes") or []
+        wanted = [assembly.inputs[k]["name"] for k in slot]
+        if len(nodes) != 1 or _sources(by_name[branch.name]) != wanted:
+            raise VerificationError(
+                f"Branch {branch.name!r} is not called once on the inputs {wanted}"
+            )
+        for name in wanted:
+            if by_name.get(name, {}).get("class_name") != "InputLayer":
+                raise VerificationError(f"{name!r} is not an input of the written model")
+
+
+def _check_head(
+    config: dict[str, Any],
+    by_name: dict[str, dict[str, Any]],
+    assembly: Assembly,
+    weights: tuple[float, ...],
+    scale: str,
+    activation: str,
+    axes: list[int] | None,
+) -> None:
+    expected_class = "Lambda" if scale == "lambda" else "Rescaling"
+    outputs = config["config"]["output_layers"]
+    refs = [outputs] if outputs and isinstance(outputs[0], str) else outputs
+    if len(refs) != len(assembly.outputs):
+        raise VerificationError("The written model has the wrong number of outputs")
+    for j, ref in enumerate(refs):
+        last = by_name[ref[0]]
+        add = last
+        if activation == "softmax":
+            axis = axes[j] if axes else -1
+            if last["class_name"] != "Softmax" or last["config"].get("axis") != axis:
+                raise VerificationError(
+                    f"Output {j} of the written model is not softmax(axis={axis})"
+                )
+            add = by_name[_sources(last)[0]]
+        elif last["class_name"] != "Add":
+            raise VerificationError(
+                f"Output {j} of the written model is not the Add of the branches"
+            )
+        if add["class_name"] != "Add":
+            raise VerificationError(f"Output {j} of the written model does not come from an Add")
+        scaled = _sources(add)
+        if len(scaled) != len(assembly.branches):
+            raise VerificationError(f"The Add of output {j} does not take every branch once")
+        for k, (name, branch, w) in enumerate(zip(scaled, assembly.branches, weights, strict=True)):
+            layer = by_name[name]
+            conf = layer["config"]
+            if layer["class_name"] != expected_class:
+                raise VerificationError(
+                    f"Branch {k} of output {j} is not scaled by {expected_class}"
+                )
+            got = conf.get("arguments", {}).get("w") if scale == "lambda" else conf.get("scale")
+            if got != w or (scale != "lambda" and conf.get("offset") != 0.0):
+                raise VerificationError(
+                    f"Branch {branch.name!r} is scaled by {got!r} in output {j}, not {w!r}"
+                )
+            history = layer["inbound_nodes"][0]["args"][0]["config"]["keras_history"]
+            if history != [branch.name, 0, j]:
+                raise VerificationError(
+                    f"Output {j} scales {history[0]!r}'s output {history[2]}, not {branch.name!r}'s"
+                )
+
+
+def _sources(entry: dict[str, Any]) -> list[str]:
+    args = entry["inbound_nodes"][0]["args"][0]
+    tensors = args if isinstance(args, list) else [args]
+    return [t["config"]["keras_history"][0] for t in tensors]
+
+
+def _check_tensors(
+    path: Path, fmt: str, sources: list[Source], written: Written
+) -> tuple[int, int]:
+    """Every placed tensor against its source, read from both files: byte for byte where both
+    are plain blocks on disk (what Keras and fusecli write), else by SHA-256 digests (the
+    source's in a second thread); every source tensor placed, nothing else written. A
+    non-finite tensor is its input's fault: `ModelFileError` naming the input."""
+    nbytes = 0
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        out_root = stack.enter_context(_weights_root(path, fmt))
+        out_raw = stack.enter_context(archive.RawTensors(path))
+        raws: dict[Path, archive.RawTensors] = {}
+        out_names = set(_datasets(out_root))
+        placed_out = [p.output for p in written.placed]
+        extra = sorted(out_names - set(placed_out))
+        if extra:
+            raise VerificationError(f"The written file holds a tensor nobody asked for: {extra[0]}")
+        if len(set(placed_out)) != len(placed_out):
+            raise VerificationError("The writer placed two tensors at one path")
+        roots: dict[Path, h5py.Group] = {}
+        expected: dict[int, set[str]] = {}
+        legacy = _legacy_values(sources, written)
+        for p in written.placed:
+            source = sources[p.branch]
+            if p.output not in out_names:
+                raise VerificationError(f"Tensor {p.output!r} is missing from the written file")
+            got = out_root[p.output]
+            if p.source is None:  # from the values Keras loaded
+                if p.output not in legacy:
+                    raise VerificationError(f"Tensor {p.output!r} has no source")
+                pending = pool.submit(archive.tensor_digest, legacy[p.output])
+            else:
+                if source.path not in roots:
+                    roots[source.path] = stack.enter_context(open_weights(source.path))
+                    raws[source.path] = stack.enter_context(archive.RawTensors(source.path))
+                if p.branch not in expected:
+                    expected[p.branch] = set(_datasets(roots[source.path], skip_training=True))
+                origin = roots[source.path][p.source]
+                if origin.shape != got.shape or origin.dtype != got.dtype:
+                    raise VerificationError(f"Tensor {p.output!r} has the wrong shape or dtype")
+                expected[p.branch].discard(p.source)
+                raw = raws[source.path]
+                blocks = out_raw.block(got), raw.block(origin)
+                if blocks[0] is not None and blocks[1] is not None:
+                    same, finite = out_raw.same_values(blocks[0], raw, blocks[1], got.dtype)
+                    _judge(same, finite, p, source)
+                    nbytes += got.nbytes
+                    continue
+                pending = pool.submit(archive.dataset_digest, origin)
+            digest, finite = archive.digest_and_finite(got)
+            _judge(digest == pending.result(), finite, p, source)
+            nbytes += got.nbytes
+        for branch, missing in expected.items():
+            if missing:
+                raise VerificationError(
+                    f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
+                )
+    return len(written.placed), nbytes
+
+
+def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
+    if not same:
+        raise VerificationError(
+            f"Tensor {placed.output!r} of the written file differs from its source in "
+            f"{source.given}; the file was not kept"
+        )
+    if not finite:  # the same as its source: the input holds it
+        raise ModelFileError(
+            source.given,
+            f"weight {_describe(placed.source or placed.output)} holds NaN or infinite values",
+        )
+
+
+def _check_assets(path: Path, written: Written) -> None:
+    """Every asset file of a branch is in the written archive, byte for byte."""
+    if not written.assets:
+        return
+    with zipfile.ZipFile(path) as out:
+        for name, source_name, source_path in written.assets:
+            with zipfile.ZipFile(source_path) as source:
+                if _member_digest(out, name) != _member_digest(source, source_name):
+                    raise VerificationError(f"Asset {name!r} differs from its source")
+
+
+def _member_digest(archive_file: zipfile.ZipFile, name: str) -> bytes:
+    digest = hashlib.sha256()
+    try:
+        with archive_file.open(name) as member:
+            while chunk := member.read(1 << 20):
+                digest.update(chunk)
+    except KeyError:
+        raise VerificationError(f"Asset {name!r} is missing from the written file") from None
+    return digest.digest()
+
+
+def _describe(path: str) -> str:
+    """'layers/dense/vars/0' -> "0 of layer 'dense' (layers/dense/vars/0)"."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[-2] == "vars":
+        layer = "/".join(p for p in parts[:-2] if p != "layers")
+        return f"{parts[-1]} of layer {layer!r} ({path})"
+    return repr(path)
+
+
+def _legacy_values(sources: list[Source], written: Written) -> dict[str, Any]:
+    """For branches Keras loaded: output dataset path -> the values it must hold, named as
+    `writer.write_h5` names them, derived here independently of what the writer recorded."""
+    groups = {p.branch: p.output.split("/", 1)[0] for p in written.placed if p.source is None}
+    values: dict[str, Any] = {}
+    for branch, group in groups.items():
+        used: set[str] = set()
+        for name, tensor in sources[branch].legacy or []:
+            candidate, n = f"{group}_{name}", 1
+            while candidate in used:
+                n += 1
+                candidate = f"{group}_{name}_{n}"
+            used.add(candidate)
+            values[f"{group}/{candidate}"] = tensor
+    return values
+
+
+@contextlib.contextmanager
+def _weights_root(path: Path, fmt: str) -> Any:
+    if fmt == "keras":
+        with open_weights(path) as root:
+            yield root
+    else:
+        with h5py.File(path, "r") as h5:
+            yield h5[H5_WEIGHTS]
+
+
+def _datasets(root: h5py.Group, *, skip_training: bool = False) -> list[str]:
+    names = archive.dataset_names(root)
+    if skip_training:
+        names = [n for n in names if n.split("/")[0] not in TRAINING_STATE_GROUPS]
+    return names
+
+
+def _unexpected_findings(model_file: Any, scale: str, assembly: Assembly) -> list[Any]:
+    try:
+        findings = scan(model_file)
+    except FusecliError as e:
+        raise VerificationError(f"The written file cannot be scanned: {e}") from None
+    if scale != "lambda":
+        return findings
+    scale_layers = {name for class_name, name in assembly.layer_order if class_name == "Lambda"}
+    return [f for f in findings if f.path.split("/")[-1] not in scale_layers]
+
+
+def _names_unique(config: dict[str, Any]) -> bool:
+    names: list[str] = []
+
+    def walk(conf: dict[str, Any]) -> None:
+        for entry in layer_entries(conf):
+            names.append(layer_name(entry))
+            if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
+                walk(entry)
+
+    walk(config)
+    return len(names) == len(set(names))
+
+
+def _formula(assembly: Assembly, weights: tuple[float, ...], activation: str) -> str:
+    total = " + ".join(f"{w:g}*{b.name}" for b, w in zip(assembly.branches, weights, strict=True))
+    return f"softmax({total})" if activation == "softmax" else total

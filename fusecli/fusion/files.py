@@ -1,0 +1,268 @@
+"""Fusing model files as files: read the configs, compose the fused config, copy the tensors,
+prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output.
+
+Keras is imported only where the file alone cannot say enough:
+- Keras 2 era `.h5` inputs, legacy `.h5` inputs going into a `.keras` output, and every input of
+  a `.h5` output: Keras loads the model (through `fusecli.files.loading`, the one door) and its
+  own saver lays its tensors out; the fused file is then assembled from that copy, and checked
+  against it;
+- a model whose output shape its config does not state (a last layer outside the common ones):
+  Keras builds it, without weights, to read the shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusecli.errors import FusecliError, ModelFileError
+from fusecli.files.loading import CheckedFile, checked_files, load_checked
+from fusecli.files.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
+from fusecli.files.outputfile import atomic_output
+from fusecli.files.safety import refuse_unsafe
+from fusecli.fusion import writer
+from fusecli.fusion.assemble import (
+    Assembly,
+    assemble,
+    common_axes,
+    identifier,
+    layer_entries,
+    prepare_branch,
+    unique,
+)
+from fusecli.fusion.check import prove
+from fusecli.termination import cleanup_on_termination
+
+# Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
+# loader cannot rebuild them.
+_OP_MODULES = ("keras.src.ops",)
+
+
+@dataclass
+class FileFusion:
+    """What `fuse_files` wrote."""
+
+    assembly: Assembly
+    weights: tuple[float, ...]
+    activation: str
+    params: int
+    check: dict[str, Any]
+    converted: list[str]  # inputs Keras had to load
+
+
+def fuse_files(
+    paths: Sequence[str | os.PathLike[str]],
+    output: Path,
+    fmt: str,
+    weights: tuple[float, ...],
+    *,
+    scale: str,
+    inputs: str,
+    at: str,
+    activation: str,
+    trust: bool,
+    force: bool,
+    after_write: Any = None,
+) -> FileFusion:
+    """Fuse model files into `output` (checked, atomically). `after_write(tmp)` runs on the
+    written, checked file before it is moved into place (the numeric `--verify`)."""
+    names = _branch_names(paths)
+    for path in paths:
+        _check_name(Path(path))
+    # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
+    # written file is scanned again, and its tensors compared with theirs, before it is kept).
+    # The others go through the door into Keras, which scans and loads a private copy.
+    native = {
+        i: refuse_unsafe(p, trust=trust)
+        for i, p in enumerate(paths)
+        if fmt == "keras" and _looks_native(Path(p))
+    }
+    native = {i: f for i, f in native.items() if _native(f)}
+    others = [i for i in range(len(paths)) if i not in native]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
+        sources: list[writer.Source | None] = [None] * len(paths)
+        configs: list[dict[str, Any]] = [{}] * len(paths)
+        for i, model_file in native.items():
+            sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
+            configs[i] = model_file.config
+        if others:
+            scratch = Path(
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
+                )
+            )
+            checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
+            for i, one in zip(others, checked, strict=True):
+                sources[i], configs[i] = _through_keras(
+                    one, scratch / f"{names[i]}.keras", fmt, trust
+                )
+        branches = [
+            prepare_branch(config, name, at=at) for config, name in zip(configs, names, strict=True)
+        ]
+        _fill_unknown_shapes(branches, configs, trust)
+        axes = common_axes(branches) if at == "logits" else None
+        if fmt == "h5":
+            _check_h5_limits(configs, names)
+        assembly = assemble(
+            branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
+        )
+        given = [b.given for b in branches]
+        with atomic_output(output, force=force) as tmp:
+            write = writer.write_keras if fmt == "keras" else writer.write_h5
+            ready = [s for s in sources if s is not None]
+            written = write(tmp, assembly, ready)
+            check = prove(
+                tmp,
+                fmt,
+                assembly,
+                given,
+                ready,
+                written,
+                weights=weights,
+                scale=scale,
+                activation=activation,
+                axes=axes,
+                trust=trust,
+            )
+            if after_write is not None:
+                after_write(tmp)
+    return FileFusion(
+        assembly=assembly,
+        weights=weights,
+        activation=activation,
+        params=written.params,
+        check=check,
+        converted=[str(s.given) for s in sources if s is not None and s.converted],
+    )
+
+
+def _looks_native(path: Path) -> bool:
+    """A `.keras` name on a zip: worth reading as a Keras 3 archive."""
+    try:
+        with open(path, "rb") as f:
+            return path.suffix.lower() == ".keras" and f.read(2) == b"PK"
+    except OSError:
+        return False  # the door reports it
+
+
+def _native(model_file: ModelFile) -> bool:
+    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are."""
+    return model_file.format == "keras" and WEIGHTS_MEMBER in model_file.members
+
+
+def _check_name(path: Path) -> None:
+    if path.suffix != path.suffix.lower():
+        raise ModelFileError(
+            path,
+            f"Keras loads only files whose name ends in lower case; rename it to "
+            f"{path.stem}{path.suffix.lower()}",
+        )
+
+
+def _branch_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    taken: set[str] = set()
+    return [unique(identifier(Path(p).stem), taken) for p in paths]
+
+
+def _through_keras(
+    checked: CheckedFile, copy: Path, fmt: str, trust: bool
+) -> tuple[writer.Source, dict[str, Any]]:
+    """Load a model in Keras (from the door's private copy) and save it as `.keras`: its config
+    and tensors then come from that copy (and, for a `.h5` output, its tensors in Keras' legacy
+    order)."""
+    from fusecli import runtime
+
+    model = load_checked(checked, trust=trust)
+    for variable in model.weights:
+        values = np.asarray(variable)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ModelFileError(
+                checked.source, f"weight {variable.path!r} holds NaN or infinite values"
+            )
+    with runtime.quiet():
+        model.save(copy)
+    legacy = None
+    if fmt == "h5":
+        legacy = [
+            (str(v.path), np.asarray(v))
+            for v in model.trainable_weights + model.non_trainable_weights
+        ]
+    config = read_model_file(copy).config
+    source = writer.Source(given=checked.source, path=copy, converted=True, legacy=legacy)
+    return source, config
+
+
+def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], trust: bool) -> None:
+    """Where the quick look at a model's last layers does not give an output's shape, the
+    config-wide computation of `fusecli.files.shapes` may; failing that, Keras builds the model
+    (without weights) to find it."""
+    for branch, config in zip(branches, configs, strict=True):
+        if all(shape is not None for shape in branch.output_shapes):
+            continue
+        shapes = _shapes_from_config(branch.given)
+        if shapes is None or len(shapes) != len(branch.output_shapes):
+            shapes = _shapes_from_keras(config, branch.name, trust)
+        if len(shapes) != len(branch.output_shapes):
+            continue
+        branch.output_shapes = [
+            known if known is not None else shape
+            for known, shape in zip(branch.output_shapes, shapes, strict=True)
+        ]
+
+
+def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
+    """Every output's shape from `fusecli.files.shapes`, or None unless all are known."""
+    from fusecli.files.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return None
+    shapes = [spec.shape for spec in specs]
+    if any(shape is None or UNKNOWN in shape for shape in shapes):
+        return None
+    return [list(shape) for shape in shapes]
+
+
+def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[list[int | None]]:
+    from fusecli import runtime
+
+    keras = runtime.keras()
+    try:
+        with runtime.quiet():
+            model = keras.saving.deserialize_keras_object(config, safe_mode=not trust)
+        return [list(t.shape) for t in keras.tree.flatten(model.outputs)]
+    except Exception as e:  # Keras raises many types; the message says which layer
+        raise FusecliError(f"Model {name!r} cannot be built to read its output shapes: {e}") from e
+
+
+def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:
+    """Keras 3 cannot rebuild from `.h5` a functional config holding operation nodes."""
+    for name, config in zip(names, configs, strict=True):
+        op = _first_op(config)
+        if op is not None:
+            raise FusecliError(
+                f"Model {name!r} holds an operation node ({op}) in its config, which Keras 3 "
+                "cannot load back from a .h5 file (a plain model.save('x.h5') fails the same "
+                "way); write a .keras file instead"
+            )
+
+
+def _first_op(config: dict[str, Any]) -> str | None:
+    for entry in layer_entries(config):
+        module = str(entry.get("module") or "")
+        if module.startswith(_OP_MODULES):
+            return f"{entry.get('class_name')} {entry.get('name')!r}"
+        if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
+            found = _first_op(entry)
+            if found is not None:
+                return found
+    return None
