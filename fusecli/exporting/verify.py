@@ -1,0 +1,149 @@
+"""Checking an exported artifact against the Keras model it came from, in the artifact's runtime.
+
+The batch is random and large enough in spread that every output varies across its rows by more
+than the format's round-off; a check on near-constant outputs (an untrained softmax) would pass
+even if the artifact ignored its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusecli.errors import VerificationError
+from fusecli.exporting.formats import ExportFormat
+from fusecli.exporting.signature import Signature
+
+# Rows in the check batch when the batch size is free; free dimensions other than the batch.
+_ROWS = 4
+_FREE_DIM = 8
+# Input spreads tried in turn until every output varies across rows.
+_SPREADS = (1.0, 10.0, 100.0)
+_ROUNDING_ULPS = 4  # for half-precision outputs, below which 1e-5 would be less than one ulp
+
+Runner = Callable[[Path, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Check:
+    rows: int
+    max_abs_diff: float
+    tolerance: float
+    outputs_vary: bool
+
+
+def check_export(signature: Signature, fmt: ExportFormat, run: Runner, path: Path) -> Check:
+    """Run the artifact at `path` with `run` and compare with the Keras model; raise
+    `VerificationError` beyond `fmt.round_off` (relative to the outputs' magnitude)."""
+    feeds, expected, varies, tolerance = _varying_batches(signature, fmt)
+    worst = 0.0
+    for feed, want in zip(feeds, expected, strict=True):
+        try:
+            got = run(path, feed)
+        except Exception as e:
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise VerificationError(
+                f"The exported {fmt.title} does not run in {fmt.runtime}: {detail}; it was not kept"
+            ) from e
+        worst = max(worst, _largest_difference(got, want, fmt))
+    if worst > tolerance:
+        raise VerificationError(
+            f"The exported {fmt.title} differs from the Keras model by up to {worst:.3g} "
+            f"(tolerance {tolerance:.3g}, run in {fmt.runtime}); it was not kept"
+        )
+    rows = sum(len(next(iter(f.values()))) for f in feeds)
+    return Check(rows=rows, max_abs_diff=worst, tolerance=tolerance, outputs_vary=varies)
+
+
+def _varying_batches(
+    signature: Signature, fmt: ExportFormat
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], bool, float]:
+    """Feeds and the Keras outputs for them, with the widest spread needed for the outputs to
+    vary; a fixed batch size of 1 gets two feeds, so that there are rows to compare."""
+    rows = signature.batch_size or _ROWS
+    count = 2 if rows == 1 else 1
+    first = None
+    for spread in _SPREADS:
+        feeds = [_random_feed(signature, rows, spread, seed) for seed in range(count)]
+        expected = [signature.call(feed) for feed in feeds]
+        tolerance = _tolerance(expected, fmt)
+        if _all_vary(expected, tolerance):
+            return feeds, expected, True, tolerance
+        first = first or (feeds, expected, False, tolerance)
+    return first
+
+
+def _random_feed(
+    signature: Signature, rows: int, spread: float, seed: int
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for t in signature.inputs:
+        shape = [rows, *(_FREE_DIM if d is None else d for d in t.shape[1:])]
+        dtype = np.dtype(t.dtype)
+        if dtype.kind == "f":
+            feed[t.name] = (spread * rng.standard_normal(shape)).astype(dtype)
+        elif dtype.kind in "iu":  # 0s and 1s: valid indices for any embedding
+            feed[t.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[t.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise VerificationError(
+                f"Cannot make random input of dtype {dtype} for input {t.name!r} to check the "
+                "export; use --no-verify"
+            )
+    return feed
+
+
+def _tolerance(expected: list[dict[str, np.ndarray]], fmt: ExportFormat) -> float:
+    magnitude, rounding = 1.0, fmt.round_off
+    for outputs in expected:
+        for values in outputs.values():
+            finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+            if finite.size:
+                magnitude = max(magnitude, float(np.max(np.abs(finite))))
+            if values.dtype.kind == "f":
+                rounding = max(rounding, _ROUNDING_ULPS * float(np.finfo(values.dtype).eps))
+    return rounding * magnitude
+
+
+def _all_vary(expected: list[dict[str, np.ndarray]], tolerance: float) -> bool:
+    names = expected[0].keys()
+    for name in names:
+        rows = np.concatenate([outputs[name] for outputs in expected]).astype(np.float64)
+        rows = rows.reshape(len(rows), -1)
+        if not np.isfinite(rows).all() or np.max(np.ptp(rows, axis=0)) <= 10 * tolerance:
+            return False
+    return True
+
+
+def _largest_difference(
+    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], fmt: ExportFormat
+) -> float:
+    missing = [name for name in expected if name not in got]
+    if missing:
+        raise VerificationError(
+            f"The exported {fmt.title} has no output named {missing[0]!r}. "
+            f"Received: outputs {sorted(got)}; it was not kept"
+        )
+    worst = 0.0
+    for name, want in expected.items():
+        have = np.asarray(got[name])
+        if have.shape != want.shape:
+            raise VerificationError(
+                f"Output {name!r} of the exported {fmt.title} has shape {have.shape}, the Keras "
+                f"model's {want.shape}; it was not kept"
+            )
+        want64, have64 = want.astype(np.float64), have.astype(np.float64)
+        if not np.array_equal(np.isfinite(want64), np.isfinite(have64)):
+            raise VerificationError(
+                f"Output {name!r} of the exported {fmt.title} is not finite where the Keras "
+                "model's is (or the other way round); it was not kept"
+            )
+        finite = np.isfinite(want64)
+        if finite.any():
+            worst = max(worst, float(np.max(np.abs(have64[finite] - want64[finite]))))
+    return worst
