@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,45 @@ def models(tmp_path_factory, keras) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="module")
+def cli_runs(models, tmp_path_factory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """The CLI runs that convert, started together at the module's first test so that they run
+    while the in-process round trips do; each test then waits for its own."""
+    runs = {
+        "gru_tflite": ("fused", "fused.tflite"),
+        "saved_model": ("multi", "served"),
+        "onnx_json": ("fused", "fused.onnx", "--json"),
+    }
+    if not HAVE_ONNX:
+        del runs["onnx_json"]
+    started = {}
+    for key, (model, out, *flags) in runs.items():
+        d = tmp_path_factory.mktemp(key)
+        started[key] = (_start_cli("export", models[model], "-o", d / out, *flags), d / out)
+    yield started
+    for proc, _ in started.values():  # those a deselected test did not wait for
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _start_cli(*args: object) -> subprocess.Popen:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "fusecli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+
+
+def _finished(run: tuple[subprocess.Popen, Path]) -> tuple[subprocess.CompletedProcess, Path]:
+    proc, out = run
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
+
+
 # -- what a client of each runtime sees, read without fusecli ---------------------------------
 
 
@@ -141,6 +182,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("cli_runs")
 @pytest.mark.parametrize(("name", "fmt"), CASES)
 def test_each_format_round_trips_with_the_models_own_names(models, tmp_path, keras, name, fmt):
     out = tmp_path / {"saved-model": "served", "tflite": "m.tflite", "onnx": "m.onnx"}[fmt]
@@ -165,35 +207,31 @@ def test_each_format_round_trips_with_the_models_own_names(models, tmp_path, ker
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
 
 
-def test_the_gru_needs_a_batch_size_for_tflite_and_the_error_says_so(models, tmp_path):
-    out = tmp_path / "fused.tflite"
-    r = run_cli("export", models["fused"], "-o", out)
+def test_the_gru_needs_a_batch_size_for_tflite_and_the_error_says_so(cli_runs):
+    r, out = _finished(cli_runs["gru_tflite"])
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("Error: The model cannot be converted to TFLite with a free batch")
     assert "--batch-size N" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert r.stdout == "" and list(tmp_path.iterdir()) == []
+    assert r.stdout == "" and list(out.parent.iterdir()) == []
 
 
-def test_cli_prints_only_the_path_and_names_on_stderr(models, tmp_path):
-    out = tmp_path / "served"
-    r = run_cli("export", models["multi"], "-o", out)
+def test_cli_prints_only_the_path_and_names_on_stderr(cli_runs, models):
+    r, out = _finished(cli_runs["saved_model"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{out}\n"
     assert "Input feats: float32 (None, 4)" in r.stderr
     assert "Output fused_cls: float32 (None, 3)" in r.stderr
     assert "Output fused_reg: float32 (None, 2)" in r.stderr
     assert (out / "saved_model.pb").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     r = run_cli("export", models["multi"], "-o", out)
-    assert (
-        r.returncode == 1
-        and r.stderr == f"Error: {out}: already exists (use --force to replace it)\n"
-    )
+    assert r.returncode == 1
+    assert r.stderr == f"Error: {out}: already exists (use --force to replace it)\n"
 
 
 @needs_onnx
-def test_cli_json_is_the_only_thing_on_stdout(models, tmp_path):
-    out = tmp_path / "fused.onnx"
-    r = run_cli("export", models["fused"], "-o", out, "--json")
+def test_cli_json_is_the_only_thing_on_stdout(cli_runs):
+    r, out = _finished(cli_runs["onnx_json"])
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["output"] == str(out) and report["format"] == "onnx"
@@ -248,8 +286,6 @@ def test_without_the_onnx_extra_the_error_names_the_install_command(models, tmp_
     hide = "import sys; sys.modules.update(tf2onnx=None, onnxruntime=None); "
     code = hide + "from fusecli.cli import main; sys.argv[0] = 'fusecli'; main()"
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    import subprocess
-
     r = subprocess.run(
         [
             sys.executable,

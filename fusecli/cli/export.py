@@ -112,6 +112,6 @@ def _describe(report: Any) -> str:
     if not report.verified:
         return f"{title}; not verified"
     return (
-        f"{title}; run in {report.runtime} on {report.rows} random rows: largest difference "
+        f"{title}; checked in {report.runtime} on {report.rows} random rows: largest difference "
         f"from Keras {report.max_abs_diff:.3g}, tolerance {report.tolerance:.3g}"
     )

@@ -41,7 +41,7 @@ FORMATS = {
             "SavedModel",
             None,
             "fusecli.exporting.saved_model",
-            "TensorFlow (its serving_default signature)",
+            "TensorFlow, through serving_default",
             1e-5,
         ),
         ExportFormat(
