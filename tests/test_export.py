@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run_cli
-from filesupport import marker_model
+from filesupport import keras2_files, marker_model
 
 import fusecli
 from fusecli.errors import FusecliError, InvalidRequest, VerificationError
@@ -205,6 +205,15 @@ def test_each_format_round_trips_with_the_models_own_names(models, tmp_path, ker
         spread = max(spread, float(np.ptp(np.asarray(want), axis=0).max()))
     assert spread > 1e-3  # the outputs vary with the input, so the comparison means something
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
+
+
+def test_a_keras2_era_h5_goes_through_the_door_and_exports(tmp_path_factory, tmp_path):
+    # GRU + LSTM over an Embedding, written by tf-keras: converted on load, then exported.
+    path = keras2_files(tmp_path_factory)["k2_rnn"]
+    report = fusecli.export(path, tmp_path / "rnn.tflite", batch_size=2)
+    assert [t["name"] for t in report.inputs] == ["tokens"]
+    assert report.inputs[0]["dtype"] == "int32" and report.outputs[0]["name"] == "probs"
+    assert report.verified and report.rows == 2 and report.max_abs_diff <= report.tolerance
 
 
 def test_the_gru_needs_a_batch_size_for_tflite_and_the_error_says_so(cli_runs):

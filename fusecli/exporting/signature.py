@@ -89,7 +89,7 @@ def signature_of(model: keras.Model, batch_size: int | None = None) -> Signature
         TensorInfo(_unique(_input_name(t, i), taken), _shape(t, batch_size), _dtype(t))
         for i, t in enumerate(inputs)
     ]
-    out_names = _output_names(model, len(outputs))
+    out_names = _output_names(model, outputs)
     out_info = [
         TensorInfo(_unique(name, taken), _shape(t, batch_size), _dtype(t))
         for name, t in zip(out_names, outputs, strict=True)
@@ -110,10 +110,12 @@ def _input_name(tensor: Any, index: int) -> str:
     return _identifier(name or f"input_{index}")
 
 
-def _output_names(model: keras.Model, count: int) -> list[str]:
+def _output_names(model: keras.Model, outputs: list[Any]) -> list[str]:
+    """The model's `output_names`, else the layers that make the outputs (a Sequential's)."""
     names = list(getattr(model, "output_names", None) or [])
-    if len(names) != count:
-        names = ["output"] if count == 1 else [f"output_{j}" for j in range(count)]
+    if len(names) != len(outputs):
+        histories = [getattr(t, "_keras_history", None) for t in outputs]
+        names = [h.operation.name if h else f"output_{j}" for j, h in enumerate(histories)]
     return [_identifier(n) for n in names]
 
 
