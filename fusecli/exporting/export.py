@@ -47,6 +47,7 @@ class ExportReport:
     max_abs_diff: float | None
     tolerance: float | None
     outputs_vary: bool | None
+    per_output: list[dict[str, Any]] | None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,6 +99,7 @@ def export(
         max_abs_diff=check.max_abs_diff if check else None,
         tolerance=check.tolerance if check else None,
         outputs_vary=check.outputs_vary if check else None,
+        per_output=check.per_output if check else None,
     )
 
 

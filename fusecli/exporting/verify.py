@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ _FREE_DIM = 8
 # Input spreads tried in turn until every output varies across rows.
 _SPREADS = (1.0, 10.0, 100.0)
 _ROUNDING_ULPS = 4  # for half-precision outputs, below which 1e-5 would be less than one ulp
+# Outputs all smaller than this are held to round-off at this scale (exact zeros stay checkable).
+_SMALLEST_SCALE = 1e-6
 
 Runner = Callable[[Path, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -30,16 +33,17 @@ Runner = Callable[[Path, dict[str, np.ndarray]], dict[str, np.ndarray]]
 @dataclass
 class Check:
     rows: int
-    max_abs_diff: float
-    tolerance: float
+    max_abs_diff: float  # over all outputs
+    tolerance: float  # of the output that came closest to its own tolerance
     outputs_vary: bool
+    per_output: list[dict[str, Any]]  # name, max_abs_diff, tolerance
 
 
 def check_export(signature: Signature, fmt: ExportFormat, run: Runner, path: Path) -> Check:
     """Run the artifact at `path` with `run` and compare with the Keras model; raise
-    `VerificationError` beyond `fmt.round_off` (relative to the outputs' magnitude)."""
-    feeds, expected, varies, tolerance = _varying_batches(signature, fmt)
-    worst = 0.0
+    `VerificationError` if an output differs by more than `fmt.round_off` times its magnitude."""
+    feeds, expected, varies, tolerances = _varying_batches(signature, fmt)
+    worst = dict.fromkeys(tolerances, 0.0)
     for feed, want in zip(feeds, expected, strict=True):
         try:
             got = run(path, feed)
@@ -48,31 +52,42 @@ def check_export(signature: Signature, fmt: ExportFormat, run: Runner, path: Pat
             raise VerificationError(
                 f"The exported {fmt.title} does not run in {fmt.runtime}: {detail}; it was not kept"
             ) from e
-        worst = max(worst, _largest_difference(got, want, fmt))
-    if worst > tolerance:
+        for name, diff in _differences(got, want, fmt).items():
+            worst[name] = max(worst[name], diff)
+    closest = max(worst, key=lambda name: worst[name] / tolerances[name])
+    if worst[closest] > tolerances[closest]:
         raise VerificationError(
-            f"The exported {fmt.title} differs from the Keras model by up to {worst:.3g} "
-            f"(tolerance {tolerance:.3g}, run in {fmt.runtime}); it was not kept"
+            f"The exported {fmt.title} differs from the Keras model by up to "
+            f"{worst[closest]:.3g} in output {closest!r} (tolerance {tolerances[closest]:.3g}, "
+            f"run in {fmt.runtime}); it was not kept"
         )
-    rows = sum(len(next(iter(f.values()))) for f in feeds)
-    return Check(rows=rows, max_abs_diff=worst, tolerance=tolerance, outputs_vary=varies)
+    return Check(
+        rows=sum(len(next(iter(f.values()))) for f in feeds),
+        max_abs_diff=max(worst.values()),
+        tolerance=tolerances[closest],
+        outputs_vary=varies,
+        per_output=[
+            {"name": n, "max_abs_diff": worst[n], "tolerance": tolerances[n]} for n in worst
+        ],
+    )
 
 
 def _varying_batches(
     signature: Signature, fmt: ExportFormat
-) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], bool, float]:
-    """Feeds and the Keras outputs for them, with the widest spread needed for the outputs to
-    vary; a fixed batch size of 1 gets two feeds, so that there are rows to compare."""
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], bool, dict[str, float]]:
+    """Feeds, the Keras outputs for them and each output's tolerance, with the narrowest input
+    spread that makes every output vary; a fixed batch size of 1 gets two feeds, so that there
+    are rows to compare."""
     rows = signature.batch_size or _ROWS
     count = 2 if rows == 1 else 1
     first = None
     for spread in _SPREADS:
         feeds = [_random_feed(signature, rows, spread, seed) for seed in range(count)]
         expected = [signature.call(feed) for feed in feeds]
-        tolerance = _tolerance(expected, fmt)
-        if _all_vary(expected, tolerance):
-            return feeds, expected, True, tolerance
-        first = first or (feeds, expected, False, tolerance)
+        tolerances = {name: _tolerance(expected, name, fmt) for name in expected[0]}
+        if _all_vary(expected, tolerances):
+            return feeds, expected, True, tolerances
+        first = first or (feeds, expected, False, tolerances)
     return first
 
 
@@ -101,21 +116,20 @@ def _random_feed(
     return feed
 
 
-def _tolerance(expected: list[dict[str, np.ndarray]], fmt: ExportFormat) -> float:
-    magnitude, rounding = 1.0, fmt.round_off
-    for outputs in expected:
-        for values in outputs.values():
-            finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-            if finite.size:
-                magnitude = max(magnitude, float(np.max(np.abs(finite))))
-            if values.dtype.kind == "f":
-                rounding = max(rounding, _ROUNDING_ULPS * float(np.finfo(values.dtype).eps))
-    return rounding * magnitude
+def _tolerance(expected: list[dict[str, np.ndarray]], name: str, fmt: ExportFormat) -> float:
+    """Round-off for one output: relative to its own largest value, so that a softmax over 1000
+    classes (values near 0.001) is held to its own scale, not to 1."""
+    values = np.concatenate([outputs[name].reshape(-1) for outputs in expected])
+    rounding = fmt.round_off
+    if values.dtype.kind == "f":
+        rounding = max(rounding, _ROUNDING_ULPS * float(np.finfo(values.dtype).eps))
+        values = values[np.isfinite(values)]
+    magnitude = float(np.max(np.abs(values.astype(np.float64)))) if values.size else 0.0
+    return rounding * max(magnitude, _SMALLEST_SCALE)
 
 
-def _all_vary(expected: list[dict[str, np.ndarray]], tolerance: float) -> bool:
-    names = expected[0].keys()
-    for name in names:
+def _all_vary(expected: list[dict[str, np.ndarray]], tolerances: dict[str, float]) -> bool:
+    for name, tolerance in tolerances.items():
         rows = np.concatenate([outputs[name] for outputs in expected]).astype(np.float64)
         rows = rows.reshape(len(rows), -1)
         if not np.isfinite(rows).all() or np.max(np.ptp(rows, axis=0)) <= 10 * tolerance:
@@ -123,16 +137,17 @@ def _all_vary(expected: list[dict[str, np.ndarray]], tolerance: float) -> bool:
     return True
 
 
-def _largest_difference(
+def _differences(
     got: dict[str, np.ndarray], expected: dict[str, np.ndarray], fmt: ExportFormat
-) -> float:
+) -> dict[str, float]:
+    """The largest absolute difference of each output."""
     missing = [name for name in expected if name not in got]
     if missing:
         raise VerificationError(
             f"The exported {fmt.title} has no output named {missing[0]!r}. "
             f"Received: outputs {sorted(got)}; it was not kept"
         )
-    worst = 0.0
+    worst = {}
     for name, want in expected.items():
         have = np.asarray(got[name])
         if have.shape != want.shape:
@@ -147,6 +162,6 @@ def _largest_difference(
                 "model's is (or the other way round); it was not kept"
             )
         finite = np.isfinite(want64)
-        if finite.any():
-            worst = max(worst, float(np.max(np.abs(have64[finite] - want64[finite]))))
+        diffs = np.abs(have64[finite] - want64[finite])
+        worst[name] = float(np.max(diffs)) if diffs.size else 0.0
     return worst
