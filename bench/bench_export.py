@@ -120,6 +120,11 @@ def main() -> None:
         found = _DIFF.search(m.stderr)
         if found:
             print(f"  {label:<40} {float(found.group(1)):.3g}")
+    print("\nfusecli's own report")
+    for label, m in results.items():
+        for line in m.stderr.splitlines():
+            if line.startswith(("Wrote", "Note")):
+                print(f"  {label}: {line}")
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
