@@ -354,3 +354,24 @@ def test_force_replaces_a_saved_model_but_never_another_directory_or_an_input(mo
     with pytest.raises(FusecliError, match="is one of the input files"):
         fusecli.export(models["merged"], alias, force=True)
     assert models["merged"].read_bytes() == before
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from fusecli.cli import cli\n"
+        "assert CliRunner().invoke(cli, ['export', '--help']).exit_code == 0\n"
+        "heavy = ['tensorflow', 'keras', 'numpy', 'h5py', 'tf2onnx', 'fusecli.exporting.export']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[]\n"
