@@ -4,9 +4,10 @@ pair.
     python bench/bench_export.py [--repeat 2] [--formats saved-model,tflite,onnx]
 
 Makes two MobileNetV2 .keras files (keras.applications, weights=None, 224x224) whose batch
-norms get random statistics, so that the fused model's outputs vary with the input (with
-untrained statistics every image gets ~1/1000 per class and any check passes), and fuses them
-with `fusecli fuse --w 0.8 0.2`. Then, in its own process each:
+norms get random scales and shifts and the statistics of one batch of random images, so that the
+fused model's outputs vary with the input (with untrained statistics the activations saturate,
+every image gets ~1/1000 per class, and any check passes), and fuses them with
+`fusecli fuse --w 0.8 0.2`. Then, in its own process each:
 
 - the floor: importing Keras and loading the fused file, which every variant does first;
 - by hand: Keras' own `model.export` (tf_saved_model, litert, onnx; a careful user calls the
@@ -38,15 +39,22 @@ _MAKE = textwrap.dedent(
         keras.utils.set_random_seed(seed)
         model = keras.applications.MobileNetV2(weights=None)
         rng = np.random.default_rng(seed)
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
-                layer.set_weights([
-                    rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
-                    rng.normal(0, 0.2, beta.shape).astype("float32"),
-                    rng.normal(0, 0.2, mean.shape).astype("float32"),
-                    rng.uniform(0.5, 1.5, var.shape).astype("float32"),
-                ])
+        norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+        for layer in norms:
+            gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                rng.normal(0, 0.2, beta.shape).astype("float32"),
+                mean,
+                var,
+            ])
+            layer.momentum = 0.0
+        # One pass in training mode sets every moving mean and variance to the statistics of
+        # its input on random images: without it, activations saturate and every image gets
+        # nearly the same output.
+        model(rng.uniform(-1, 1, (32, 224, 224, 3)).astype("float32"), training=True)
+        for layer in norms:
+            layer.momentum = 0.999
         model.save(path)
     """
 )
