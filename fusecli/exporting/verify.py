@@ -23,7 +23,7 @@ _ROWS = 4
 _FREE_DIM = 8
 # Input spreads tried in turn until every output varies across rows.
 _SPREADS = (1.0, 10.0, 100.0)
-_ROUNDING_ULPS = 4  # for half-precision outputs, below which 1e-5 would be less than one ulp
+_ROUNDING_ULPS = 4  # for half-precision outputs, whose one ulp is already more than 1e-4
 # Outputs all smaller than this are held to round-off at this scale (exact zeros stay checkable).
 _SMALLEST_SCALE = 1e-6
 
