@@ -25,6 +25,7 @@ _LAZY = {
     "fuse_to_file": "fusecli.fusion.build",
     "load_model": "fusecli.files.loading",
     "merge": "fusecli.merging.merge",
+    "export": "fusecli.exporting.export",
     "combine_scores": "fusecli.scores.arrays",
     "predict_to_file": "fusecli.scores.prediction",
     "predict_array": "fusecli.scores.prediction",

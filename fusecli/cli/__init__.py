@@ -6,6 +6,7 @@ import click
 
 from fusecli import __version__
 from fusecli.cli.combine import combine_command
+from fusecli.cli.export import export_command
 from fusecli.cli.fuse import fuse_command
 from fusecli.cli.inspect import inspect_command
 from fusecli.cli.merge import merge_command
@@ -32,6 +33,7 @@ cli.add_command(predict_command)
 cli.add_command(combine_command)
 cli.add_command(tune_command)
 cli.add_command(inspect_command)
+cli.add_command(export_command)
 
 
 def main() -> None:

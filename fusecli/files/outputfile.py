@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -87,3 +88,54 @@ def _move_no_clobber(tmp: Path, path: Path) -> None:
         if path.exists():
             raise FusecliError(f"{path}: already exists (use --force to replace it)") from None
         os.replace(tmp, path)
+
+
+def check_output_dir(
+    path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]], force: bool
+) -> Path:
+    """`check_output_path` for an output that is a directory (a SavedModel)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FusecliError(f"{path}: the folder {str(path.parent)!r} does not exist")
+    if path.exists() and not path.is_dir():
+        raise FusecliError(f"{path}: exists and is not a directory")
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            inside = Path(source).resolve().is_relative_to(path.resolve())
+            if inside:
+                raise FusecliError(f"{path}: holds one of the input files; choose another output")
+    if path.exists() and not force:
+        raise FusecliError(f"{path}: already exists (use --force to replace it)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path]:
+    """`atomic_output` for a directory: yield an empty temporary directory beside `path`; move it
+    into place only if the block succeeds (with `force`, the old directory is removed after)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _move_dir(tmp, path, force=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_dir(tmp: Path, path: Path, *, force: bool) -> None:
+    if not path.exists():
+        os.rename(tmp, path)  # fails rather than replace a directory that is not empty
+        return
+    if not force:
+        raise FusecliError(f"{path}: already exists (use --force to replace it)")
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.replace(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
