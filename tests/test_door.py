@@ -408,6 +408,43 @@ def test_sigterm_during_merge_removes_the_soup_and_its_weights(model_files, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+_DIR_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from fusecli.files.outputfile import atomic_output_dir
+
+    with atomic_output_dir(sys.argv[1], force=False) as tmp:
+        (tmp / "saved_model.pb").write_bytes(b"half written")
+        print("writing", flush=True)
+        time.sleep(600)  # stopped here, in the middle of writing, until the signal comes
+    """
+)
+
+
+def test_sigterm_while_writing_a_directory_removes_it(tmp_path):
+    """A directory output (export's SavedModel) written from Python, not the CLI: SIGTERM
+    mid-write must take the temporary directory with it."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _DIR_SCRIPT, tmp_path / "model"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    try:
+        assert process.stdout.readline() == "writing\n", process.stderr.read()
+        during = [p.name for p in tmp_path.iterdir()]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert len(during) == 1 and during[0].startswith(".model.")
+    assert process.returncode == -signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- one error family --------------------------------------------------------------------------
 
 

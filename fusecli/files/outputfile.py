@@ -114,15 +114,16 @@ def atomic_output_dir(path: str | os.PathLike[str], *, force: bool) -> Iterator[
     """`atomic_output` for a directory: yield an empty temporary directory beside `path`; move it
     into place only if the block succeeds (with `force`, the old directory is removed after)."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        _move_dir(tmp, path, force=force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with cleanup_on_termination():
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _move_dir(tmp, path, force=force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _move_dir(tmp: Path, path: Path, *, force: bool) -> None:
