@@ -154,12 +154,13 @@ def _run(
     with _lock:
         if _fork_is_safe():
             return _forked(job, time.monotonic() + limit, on_progress)
+        request = _pickle_deep(job)
         for attempt in range(2):
             if _helper is None or not _helper.usable():
                 _helper = _Helper.start()
             helper = _helper
             try:
-                return helper.call(pickle.dumps(job), limit, on_progress)
+                return helper.call(request, limit, on_progress)
             except _HelperGone:
                 helper.stop()
                 _helper = None
@@ -171,6 +172,17 @@ def _run(
                 _helper = None
                 raise
     raise AssertionError("unreachable")
+
+
+def _pickle_deep(value: Any) -> bytes:
+    """A request for the helper: configs as deep as a file may hold (json parsed them) need more
+    depth to pickle than the usual limit leaves once they sit inside a fusion's assembly."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, _PICKLE_RECURSION_LIMIT))
+    try:
+        return pickle.dumps(value)
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 def _progress_receiver(progress: Progress) -> Callable[[bytes], None]:
