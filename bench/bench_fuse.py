@@ -1,7 +1,7 @@
 """`fusecli fuse` against the same fusion written by hand in Keras 3, and against a plain copy of
 the input files (the floor for any job that reads and writes them), in one run.
 
-    python bench/bench_fuse.py [--repeat 1]
+    python bench/bench_fuse.py [--repeat 1] [--previous CHECKOUT]
 
 Two pairs of models, made in a temporary folder: two ResNet50 .keras files (keras.applications,
 weights=None, ~100 MB each) and two ~1 GB models (4 x Dense(8192)). Each variant runs in its own
@@ -50,8 +50,14 @@ for seed, path in enumerate(sys.argv[1:]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="a checkout of earlier fusecli code, measured in the same run (e.g. `git archive`)",
+    )
     parser.add_argument("--repeat", type=int, default=1)
-    repeat = parser.parse_args().repeat
+    args = parser.parse_args()
+    repeat, previous = args.repeat, args.previous
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         pairs = {
@@ -72,18 +78,22 @@ def main() -> None:
         for title, (a, b) in pairs.items():
             out = d / "out.keras"
             fuse = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2"]
-            results = best_of(
-                {
-                    "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
-                    "fusecli fuse (checks the file)": [*fuse, "-o", out, "--force"],
-                    "cat a b > out": ["sh", "-c", f"cat '{a}' '{b}' > '{d / 'cat.bin'}'"],
-                },
-                repeat=repeat,
-            )
+            variants = {
+                "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
+                "fusecli fuse (checks the file)": [*fuse, "-o", out, "--force"],
+                "cat a b > out": ["sh", "-c", f"cat '{a}' '{b}' > '{d / 'cat.bin'}'"],
+            }
+            if previous is not None:
+                earlier = ["env", f"PYTHONPATH={previous}", *fuse, "-o", d / "p.keras", "--force"]
+                variants["fusecli fuse, previous code"] = earlier
+            results = best_of(variants, repeat=repeat)
             print(f"\n{title}; best wall time of {repeat}, largest peak RSS")
             print(table(results, "by hand in Keras"))
             print("as ratios to the copy:")
             print(table(results, "cat a b > out"))
+            if previous is not None:
+                print("as ratios to the previous code:")
+                print(table(results, "fusecli fuse, previous code"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`fusecli merge` against the same merge written by hand in Keras 3, on two ResNet50 files.
 
-    python bench/bench_merge.py
+    python bench/bench_merge.py [--repeat 3] [--previous CHECKOUT]
 
 Makes two ResNet50 .keras files (keras.applications, weights=None, different seeds, ~100 MB
 each) in a temporary folder, then runs each variant in its own process and prints wall time,
@@ -44,25 +44,36 @@ COMPARE = textwrap.dedent(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="a checkout of earlier fusecli code, measured in the same run (e.g. `git archive`)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
-    repeat = parser.parse_args().repeat
+    args = parser.parse_args()
+    repeat, previous = args.repeat, args.previous
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         a, b = d / "a.keras", d / "b.keras"
         make_resnet50s(a, b)
         fusecli = [sys.executable, "-m", "fusecli", "merge", a, b, "--force"]
-        results = best_of(
-            {
-                "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
-                "fusecli merge --no-verify": [*fusecli, "-o", d / "m2.keras", "--no-verify"],
-                "fusecli merge (reads back, checks)": [*fusecli, "-o", d / "m1.keras"],
-            },
-            repeat=repeat,
-        )
+        variants = {
+            "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
+            "fusecli merge --no-verify": [*fusecli, "-o", d / "m2.keras", "--no-verify"],
+            "fusecli merge (reads back, checks)": [*fusecli, "-o", d / "m1.keras"],
+        }
+        if previous is not None:
+            earlier = ["env", f"PYTHONPATH={previous}", *fusecli]
+            variants["previous code, --no-verify"] = [*earlier, "-o", d / "p2.keras", "--no-verify"]
+            variants["previous code (reads back, checks)"] = [*earlier, "-o", d / "p1.keras"]
+        results = best_of(variants, repeat=repeat)
         compare = [sys.executable, "-c", COMPARE, d / "m1.keras", d / "h.keras"]
         same = subprocess.run(compare, check=True, capture_output=True, text=True).stdout
     print(f"two ResNet50 .keras files; best wall time of {repeat}, largest peak RSS")
     print(table(results, "by hand in Keras"))
+    if previous is not None:
+        print("as ratios to the previous code (reads back, checks):")
+        print(table(results, "previous code (reads back, checks)"))
     print(same, end="")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, dense_model, predict
+from faults import AddOne, FlipOneBit
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, VerificationError
@@ -225,35 +226,18 @@ def test_the_keras_path_gives_unique_paths_too(keras, x4):
 def test_a_writer_fault_in_one_byte_is_caught_and_leaves_no_file(
     tmp_path, model_files, monkeypatch
 ):
-    hits = []
-
-    def flip_one_byte(name: str, values: np.ndarray) -> np.ndarray:
-        if hits or not name.endswith("vars/0"):
-            return values
-        hits.append(name)
-        damaged = values.copy()
-        damaged.reshape(-1).view(np.uint8)[3] ^= 0x01  # one bit of one byte of one tensor
-        return damaged
-
-    monkeypatch.setattr(archive, "fault", flip_one_byte)
+    # One bit of one byte of one tensor; the fault travels to the process that writes.
+    monkeypatch.setattr(archive, "fault", FlipOneBit("vars/0"))
     out = tmp_path / "f.keras"
-    with pytest.raises(VerificationError, match="differs from its source"):
+    with pytest.raises(VerificationError, match="differs from its source") as info:
         fuse_to_file([model_files["a"], model_files["b"]], out, [0.8, 0.2])
-    assert len(hits) == 1
+    assert str(info.value).startswith("Tensor 'layers/functional/layers/dense/vars/0' ")
     assert list(tmp_path.iterdir()) == []  # no output, no temporary
 
 
 def test_the_cli_reports_a_caught_fault_in_one_line(tmp_path, model_files, monkeypatch):
     # In a .h5 output too (its writer writes tensors Keras loaded): one tensor off by one.
-    hits = []
-
-    def add_one(name: str, values: np.ndarray) -> np.ndarray:
-        if hits or not name.endswith("bias"):
-            return values
-        hits.append(name)
-        return values + 1
-
-    monkeypatch.setattr(archive, "fault", add_one)
+    monkeypatch.setattr(archive, "fault", AddOne("bias"))
     out = tmp_path / "f.h5"
     result = CliRunner().invoke(
         cli, ["fuse", str(model_files["a"]), str(model_files["b"]), "-o", str(out)]

@@ -13,6 +13,12 @@ only what reading needs and runs no other thread (a fork of a process running Te
 threads is unsafe). Starting the helper costs the start of an interpreter that imports h5py,
 once per process. Children and helper die with the process that started them (Linux's
 PR_SET_PDEATHSIG), so killing the CLI leaves nothing spinning.
+
+Writing a result from untrusted inputs reads their tensors, which the scan never touched (a
+corrupt chunk index or filter pipeline crashes HDF5 only then): `call_isolated_write` runs that
+work the same way, with a time limit that grows with the bytes to copy, progress reported back
+over the pipe, and the work's own errors re-raised here as they were raised there. The caller
+keeps the temporary output and alone removes it or moves it into place.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fusecli.errors import FusecliError, ModelFileError
 
 T = TypeVar("T")
+Progress = Callable[[int, int], None]
 
 TIMEOUT_VARIABLE = "FUSECLI_READ_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
@@ -52,6 +59,13 @@ _PICKLE_RECURSION_LIMIT = 100_000
 # Starting the helper is not part of a read's time limit; this bounds it on its own.
 _START_TIMEOUT = 120.0
 
+# A write may take longer than a read: this many input bytes per second more than the read
+# limit (a slow disk reads each byte several times: copy, check, read back).
+WRITE_BYTES_PER_SECOND = 4 << 20
+# A progress frame: this byte, then (done, total); every other frame is a pickle (b"\x80"...).
+_PROGRESS = b"P"
+_COUNTS = struct.Struct("<QQ")
+
 # Imported, they run threads of their own: the caller is then no longer safe to fork.
 _THREADED_FRAMEWORKS = ("tensorflow", "jax", "torch")
 
@@ -66,39 +80,116 @@ def call_isolated(fn: Callable[[Path], T], path: Path, *, timeout: float | None 
     longer than `timeout` seconds (default: `read_timeout()`), becomes a `ModelFileError` naming
     `path`; so does any other exception `fn` raises, since the file caused it.
     """
-    global _helper
     limit = read_timeout() if timeout is None else timeout
     path = Path(path)
+    try:
+        reply = _run(("read", fn, path), limit, None)
+    except _TimedOut:
+        raise _timed_out(path, limit) from None
+    except _HelperGone:
+        raise ModelFileError(
+            path, "could not be read: the process reading it ended unexpectedly"
+        ) from None
+    return _unpack(reply, path)
+
+
+def call_isolated_write(
+    fn: Callable[..., T],
+    *args: Any,
+    inputs: Sequence[Path],
+    nbytes: int,
+    progress: Progress | None = None,
+) -> T:
+    """`fn(*args, report)` in a child process, for work that reads untrusted inputs' tensors.
+
+    `report(done, total)` reaches `progress` here (it is None without `progress`). Whatever `fn`
+    raises is raised here with its type and message (a `FusecliError` as it is); a crash of the
+    child, or work longer than `write_timeout(nbytes)`, is a `FusecliError` naming `inputs`.
+    `fn` must be a module-level function, `args` picklable (they are sent to the helper when
+    this process cannot fork).
+    """
+    limit = write_timeout(nbytes)
+    named = ", ".join(str(p) for p in inputs)
+    try:
+        reply = _run(("write", fn, (args, progress is not None)), limit, progress)
+    except _TimedOut:
+        raise FusecliError(
+            f"Reading the inputs' tensors was still going on after {limit:g} s, the limit set "
+            f"by {TIMEOUT_VARIABLE} plus 1 s per {WRITE_BYTES_PER_SECOND >> 20} MiB of input; "
+            f"an input is corrupt or hostile (or the disk slower than that limit allows). "
+            f"Received: {named}"
+        ) from None
+    except _HelperGone:
+        raise FusecliError(
+            f"The process reading the inputs' tensors ended unexpectedly. Received: {named}"
+        ) from None
+    kind, value = pickle.loads(reply)
+    if kind in ("ok", "error"):
+        if kind == "error":
+            raise value
+        return value
+    if kind == "crashed":
+        reason = f"crashed the HDF5 library (exit code {value})"
+    else:
+        type_name, message, _details = value
+        reason = f"failed ({type_name}: {' '.join(message.split())})"
+    raise FusecliError(
+        f"Reading the inputs' tensors {reason}; an input is corrupt or hostile. Received: {named}"
+    )
+
+
+def write_timeout(nbytes: int) -> float:
+    """Seconds `call_isolated_write` allows for `nbytes` of input: the read limit, plus 1 s per
+    `WRITE_BYTES_PER_SECOND` bytes."""
+    return read_timeout() + max(nbytes, 0) / WRITE_BYTES_PER_SECOND
+
+
+def _run(
+    job: tuple[str, Callable[..., Any], Any], limit: float, progress: Progress | None
+) -> bytes:
+    """Run `job` in a fork of this process or of the helper: its reply frame. Raises _TimedOut,
+    or _HelperGone when the helper died twice."""
+    global _helper
+    on_progress = None if progress is None else _progress_receiver(progress)
     with _lock:
         if _fork_is_safe():
-            try:
-                return _unpack(_forked(fn, path, time.monotonic() + limit), path)
-            except _TimedOut:
-                raise _timed_out(path, limit) from None
+            return _forked(job, time.monotonic() + limit, on_progress)
+        request = _pickle_deep(job)
         for attempt in range(2):
             if _helper is None or not _helper.usable():
                 _helper = _Helper.start()
             helper = _helper
             try:
-                reply = helper.call(pickle.dumps((fn, path)), limit)
+                return helper.call(request, limit, on_progress)
             except _HelperGone:
                 helper.stop()
                 _helper = None
                 if attempt == 0:
                     continue  # the helper died between two reads (killed, or its thread ended)
-                raise ModelFileError(
-                    path, "could not be read: the process reading it ended unexpectedly"
-                ) from None
-            except _TimedOut:
-                helper.stop()  # and with it the child still reading
-                _helper = None
-                raise _timed_out(path, limit) from None
-            except BaseException:  # a signal while waiting (Ctrl-C, SIGTERM): the child must go
+                raise
+            except BaseException:  # out of time, or a signal while waiting: the child must go
                 helper.stop()
                 _helper = None
                 raise
-            return _unpack(reply, path)
     raise AssertionError("unreachable")
+
+
+def _pickle_deep(value: Any) -> bytes:
+    """A request for the helper: configs as deep as a file may hold (json parsed them) need more
+    depth to pickle than the usual limit leaves once they sit inside a fusion's assembly."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, _PICKLE_RECURSION_LIMIT))
+    try:
+        return pickle.dumps(value)
+    finally:
+        sys.setrecursionlimit(previous)
+
+
+def _progress_receiver(progress: Progress) -> Callable[[bytes], None]:
+    def receive(frame: bytes) -> None:
+        progress(*_COUNTS.unpack(frame[len(_PROGRESS) :]))
+
+    return receive
 
 
 def read_timeout() -> float:
@@ -183,9 +274,17 @@ class _Helper:
     def usable(self) -> bool:
         return self.owner == os.getpid() and self.process.poll() is None
 
-    def call(self, request: bytes, limit: float) -> bytes:
+    def call(
+        self, request: bytes, limit: float, on_progress: Callable[[bytes], None] | None
+    ) -> bytes:
         self.send(request)
-        return self.receive(time.monotonic() + limit)
+        deadline = time.monotonic() + limit
+        while True:
+            reply = self.receive(deadline)
+            if not reply.startswith(_PROGRESS):
+                return reply
+            if on_progress is not None:
+                on_progress(reply)
 
     def send(self, data: bytes) -> None:
         assert self.process.stdin is not None
@@ -273,7 +372,7 @@ def _serve() -> None:
             request = _read_frame(requests)
         except EOFError:
             return
-        _write_frame(replies, _run_in_child(request))
+        _write_frame(replies, _run_in_child(request, replies))
 
 
 def _private_channels() -> tuple[int, int]:
@@ -287,9 +386,9 @@ def _private_channels() -> tuple[int, int]:
     return requests, replies
 
 
-def _run_in_child(request: bytes) -> bytes:
-    fn, path = pickle.loads(request)  # imports fn's module here, once, for every later child
-    return _forked(fn, path, None)
+def _run_in_child(request: bytes, replies: int) -> bytes:
+    job = pickle.loads(request)  # imports fn's module here, once, for every later child
+    return _forked(job, None, lambda frame: _write_frame(replies, frame))
 
 
 def _fork_is_safe() -> bool:
@@ -301,8 +400,13 @@ def _fork_is_safe() -> bool:
     )
 
 
-def _forked(fn: Callable[[Path], Any], path: Path, deadline: float | None) -> bytes:
-    """`fn(path)` in a fork of this process: its pickled reply, or a pickled "crashed"."""
+def _forked(
+    job: tuple[str, Callable[..., Any], Any],
+    deadline: float | None,
+    on_progress: Callable[[bytes], None] | None,
+) -> bytes:
+    """`job` in a fork of this process: its pickled reply, or a pickled "crashed". Progress
+    frames the child sends on the way go to `on_progress`."""
     receiver, sender = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -313,12 +417,18 @@ def _forked(fn: Callable[[Path], Any], path: Path, deadline: float | None) -> by
             for signum in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
-            _write_frame(sender, _call(fn, path))
+            _forget_parent_state()
+            _write_frame(sender, _perform(job, sender))
         finally:
             os._exit(0)
     os.close(sender)
     try:
-        reply = _read_frame(receiver, deadline)
+        while True:
+            reply = _read_frame(receiver, deadline)
+            if not reply.startswith(_PROGRESS):
+                break
+            if on_progress is not None:
+                on_progress(reply)
     except EOFError:
         reply = None
     except BaseException:  # out of time, or a signal: the child must not outlive the wait
@@ -334,6 +444,26 @@ def _forked(fn: Callable[[Path], Any], path: Path, deadline: float | None) -> by
     return reply
 
 
+def _forget_parent_state() -> None:
+    """In a fresh child: the lock (held by the parent while it forked) and the helper are the
+    parent's; an isolated call from the child starts its own."""
+    global _lock, _helper
+    _lock = threading.Lock()
+    _helper = None
+
+
+def _perform(job: tuple[str, Callable[..., Any], Any], sender: int) -> bytes:
+    kind, fn, argument = job
+    if kind == "read":
+        return _call(fn, argument)
+    args, wants_progress = argument
+
+    def report(done: int, total: int) -> None:
+        _write_frame(sender, _PROGRESS + _COUNTS.pack(done, total))
+
+    return _call_write(fn, (*args, report if wants_progress else None))
+
+
 def _call(fn: Callable[[Path], Any], path: Path) -> bytes:
     try:
         try:
@@ -346,6 +476,23 @@ def _call(fn: Callable[[Path], Any], path: Path) -> bytes:
     except BaseException as e:  # anything else the file made happen, told by name and message
         failure = (type(e).__name__, str(e)[:2000], traceback.format_exc(limit=-8))
         return pickle.dumps(("failed", failure))
+
+
+def _call_write(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """The work's value, or the exception it raised, as it was raised (when it pickles)."""
+    try:
+        value = fn(*args)
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), _PICKLE_RECURSION_LIMIT))
+        return pickle.dumps(("ok", value))
+    except BaseException as e:
+        details = traceback.format_exc(limit=-8)
+        with contextlib.suppress(Exception):
+            if not isinstance(e, FusecliError):
+                e.add_note(f"In the process that read the inputs:\n{details}")
+            reply = pickle.dumps(("error", e))
+            pickle.loads(reply)  # it must come back as it left
+            return reply
+        return pickle.dumps(("failed", (type(e).__name__, str(e)[:2000], details)))
 
 
 def _die_with(parent: int) -> None:

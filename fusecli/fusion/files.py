@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from fusecli.errors import FusecliError, ModelFileError
+from fusecli.files import archive
+from fusecli.files.isolation import call_isolated_write
 from fusecli.files.loading import CheckedFile, checked_files, load_checked
 from fusecli.files.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.files.outputfile import atomic_output
@@ -115,22 +117,21 @@ def fuse_files(
             branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
         )
         given = [b.given for b in branches]
+        ready = [s for s in sources if s is not None]
         with atomic_output(output, force=force) as tmp:
-            write = writer.write_keras if fmt == "keras" else writer.write_h5
-            ready = [s for s in sources if s is not None]
-            written = write(tmp, assembly, ready)
-            check = prove(
+            # The inputs' tensors are read here for the first time: in a child process, so
+            # that a file whose data crashes or hangs HDF5 costs an error, not this process.
+            written, check = call_isolated_write(
+                _write_and_prove,
                 tmp,
                 fmt,
                 assembly,
                 given,
                 ready,
-                written,
-                weights=weights,
-                scale=scale,
-                activation=activation,
-                axes=axes,
-                trust=trust,
+                dict(weights=weights, scale=scale, activation=activation, axes=axes, trust=trust),
+                archive.fault,
+                inputs=[s.given for s in ready],
+                nbytes=_source_bytes(ready),
             )
             if after_write is not None:
                 after_write(tmp)
@@ -142,6 +143,33 @@ def fuse_files(
         check=check,
         converted=[str(s.given) for s in sources if s is not None and s.converted],
     )
+
+
+def _write_and_prove(
+    tmp: Path,
+    fmt: str,
+    assembly: Assembly,
+    given: list[dict[str, Any]],
+    sources: list[writer.Source],
+    options: dict[str, Any],
+    fault: Any,
+    _report: Any,
+) -> tuple[writer.Written, dict[str, Any]]:
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
+    archive.fault = fault  # the tests' fault injection, carried into the helper's child
+    write = writer.write_keras if fmt == "keras" else writer.write_h5
+    written = write(tmp, assembly, sources)
+    return written, prove(tmp, fmt, assembly, given, sources, written, **options)
+
+
+def _source_bytes(sources: list[writer.Source]) -> int:
+    """The bytes the writer copies: what the time limit of `_write_and_prove` scales with."""
+    total = 0
+    for path in {s.path for s in sources}:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    legacy = (values for s in sources for _, values in s.legacy or [])
+    return total + sum(values.nbytes for values in legacy)
 
 
 def _looks_native(path: Path) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.files import archive
+from fusecli.files.isolation import call_isolated, call_isolated_write
 from fusecli.files.legacy import check_keras2_layout
 from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
@@ -112,10 +113,24 @@ def merge(
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
 
+    request = dict(
+        method=method, weights=weights, t=t, has_base=base is not None, normalize=normalize
+    )
     with atomic_output(output, force=force) as tmp:
-        digests = _write(tmp, fmt, template, layouts, plan, progress)
-        if verify:
-            _verify(tmp, template, digests)
+        # The inputs' tensors are read here for the first time: in a child process, so that a
+        # file whose data crashes or hangs HDF5 costs an error, not this process.
+        call_isolated_write(
+            _write_and_verify,
+            tmp,
+            fmt,
+            template,
+            layouts,
+            (len(models), request),
+            verify,
+            inputs=sources,
+            nbytes=sum(_size(p) for p in sources),
+            progress=progress,
+        )
         check_written(tmp, trust=trust)
 
     variables = template.variables
@@ -145,7 +160,7 @@ def _read_input(path: Path, *, trust: bool) -> Layout:
     """Config and variable list of one input; reads no tensor. A file that carries code is
     refused (unless `trust`): the merged file would carry it on."""
     refuse_unsafe(path, trust=trust)
-    layout = read_layout(path)
+    layout = call_isolated(read_layout, path)
     check_keras2_layout(layout)  # refuse what load_model and fuse refuse
     return layout
 
@@ -188,6 +203,31 @@ def _check_pairing(layouts: list[Layout]) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
+
+
+def _write_and_verify(
+    tmp: Path,
+    fmt: str,
+    template: Layout,
+    layouts: list[Layout],
+    plan_request: tuple[int, dict[str, Any]],
+    verify: bool,
+    progress: Progress | None,
+) -> None:
+    """Write the merged file at `tmp` and read it back (run isolated: see `merge`). The plan is
+    made again here: its `combine` is a closure, which cannot be sent to another process."""
+    n_models, options = plan_request
+    plan = plan_merge(options.pop("method"), n_models, **options)
+    digests = _write(tmp, fmt, template, layouts, plan, progress)
+    if verify:
+        _verify(tmp, template, digests)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _write(
