@@ -243,6 +243,14 @@ def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Fin
         return
     if class_name in _UNSAFE_CLASSES:
         yield Finding(where, class_name, _UNSAFE_CLASSES[class_name])
+    config = node.get("config")
+    if isinstance(config, dict) and isinstance(config.get("vocabulary"), str):
+        yield Finding(
+            where,
+            class_name,
+            f"reads its vocabulary from the file {config['vocabulary']!r}, outside the model "
+            "file (any file the loading user can read would become part of the model)",
+        )
     registered = node.get("registered_name")
     custom = next((n for n in (registered, class_name) if isinstance(n, str) and ">" in n), None)
     module = node.get("module")
