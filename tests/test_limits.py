@@ -335,6 +335,34 @@ def test_a_stored_member_whose_sizes_differ_is_refused(model_files, tmp_path, ke
     )
 
 
+def test_two_members_of_one_name_are_refused(model_files, tmp_path, keras):
+    """A hostile config.json, then a plain one of the same name: zipfile (Keras, the scan) reads
+    the last, other readers (unzip) the first; the file is two models at once."""
+    with zipfile.ZipFile(model_files["a"]) as src:
+        members = {n: src.read(n) for n in src.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][1]["config"]["activation"] = {
+        "module": "os",
+        "class_name": "function",
+        "config": "system",
+        "registered_name": None,
+    }
+    path = tmp_path / "twice.keras"
+    with zipfile.ZipFile(path, "w") as dst, pytest.warns(UserWarning, match="Duplicate name"):
+        dst.writestr("config.json", json.dumps(config))
+        for name, data in members.items():
+            dst.writestr(name, data)
+    assert keras.saving.load_model(path).count_params() == 67  # Keras reads the plain one
+    message = (
+        f"{path}: has 2 members named 'config.json'; readers would disagree on which one is "
+        "the file's"
+    )
+    with pytest.raises(ModelFileError) as caught:
+        load_model(path)
+    assert str(caught.value) == message
+    _one_error_line(CliRunner().invoke(cli, ["inspect", str(path)]), message)
+
+
 def _find_header(data: bytearray, signature: bytes, name: bytes) -> int:
     """The offset of the local (or central) header of member `name`."""
     name_at = 26 if signature == b"PK\x03\x04" else 28
