@@ -101,6 +101,9 @@ class DataFile:
         name = key if key in archive.namelist() else f"{key}.npy"
         info = archive.getinfo(name)
         with archive.open(info) as f:
+            if f.read(len(npy_format.MAGIC_PREFIX)) != npy_format.MAGIC_PREFIX:
+                return  # not a .npy: numpy returns its bytes, which array() refuses
+            f.seek(0)
             version = npy_format.read_magic(f)
             if version not in ((1, 0), (2, 0)):
                 return  # np.load gives the error
