@@ -225,7 +225,7 @@ def test_a_lookup_layer_reading_a_vocabulary_file_is_refused(tmp_path, keras):
     secret.write_text("alpha\nbeta\n")
     text = keras.Input((1,), dtype="string")
     lookup = keras.layers.StringLookup(vocabulary=["a", "b"], name="lookup")
-    keras.Model(text, lookup(text)).save(tmp_path / "lookup.keras")
+    keras.Model(text, lookup(text), name="m").save(tmp_path / "lookup.keras")
 
     def edit(config):
         config["config"]["layers"][1]["config"]["vocabulary"] = str(secret)
@@ -233,7 +233,7 @@ def test_a_lookup_layer_reading_a_vocabulary_file_is_refused(tmp_path, keras):
 
     path = rewrite_keras_config(tmp_path / "lookup.keras", tmp_path / "vocab.keras", edit)
     expected = (
-        f"layer 'functional/lookup' reads its vocabulary from the file {str(secret)!r}, outside "
+        f"layer 'm/lookup' reads its vocabulary from the file {str(secret)!r}, outside "
         "the model file (any file the loading user can read would become part of the model)"
     )
     assert [f.describe() for f in scan(path)] == [expected]
