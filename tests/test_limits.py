@@ -149,6 +149,40 @@ def test_a_config_declaring_absurd_sizes_is_refused(model_files, tmp_path, key):
     _one_error_line(CliRunner().invoke(cli, ["inspect", str(path)]), message)
 
 
+@pytest.mark.parametrize("attack", ["embedding", "wide inputs"])
+def test_sizes_that_multiply_past_the_weights_are_refused(model_files, tmp_path, attack):
+    """Each size under the floor, their product 81 million values (324 MB when Keras builds
+    the layer, for a 13 KB file): an Embedding's table, or a Dense kernel on wide inputs."""
+
+    def edit(config):
+        inputs, dense = config["config"]["layers"][:2]
+        if attack == "embedding":
+            kept = {k: dense["config"][k] for k in ("name", "trainable", "dtype")}
+            dense.update(class_name="Embedding", registered_name=None)
+            dense["config"] = {**kept, "input_dim": 9000, "output_dim": 9000}
+        else:
+            inputs["config"]["batch_shape"] = [None, 9000]
+            dense["config"]["units"] = 9000
+            del dense["build_config"]  # Keras builds it on the Input's shape
+        return config
+
+    path = rewrite_keras_config(model_files["a"], tmp_path / "wide.keras", edit)
+    declared = (
+        "input_dim=9000 and output_dim=9000 (81000000 values)"
+        if attack == "embedding"
+        else "units=9000 on inputs of 9000 channels (81000000 values)"
+    )
+    message = (
+        f"{path}: layer 'dense' declares {declared}, more than the 67 values the file's "
+        "weights hold; building it would allocate memory out of proportion to the file"
+    )
+    for reader in (scan, load_model):
+        with pytest.raises(ModelFileError) as caught:
+            reader(path)
+        assert str(caught.value) == message
+    _one_error_line(CliRunner().invoke(cli, ["inspect", str(path)]), message)
+
+
 # -- bounded, iterative walks ----------------------------------------------------------------
 
 
@@ -299,6 +333,34 @@ def test_a_stored_member_whose_sizes_differ_is_refused(model_files, tmp_path, ke
         f"{path}: member 'model.weights.h5' is stored uncompressed but declares {len(weights)} "
         f"bytes and stores {len(weights) + 100}; readers would disagree on its content"
     )
+
+
+def test_two_members_of_one_name_are_refused(model_files, tmp_path, keras):
+    """A hostile config.json, then a plain one of the same name: zipfile (Keras, the scan) reads
+    the last, other readers (unzip) the first; the file is two models at once."""
+    with zipfile.ZipFile(model_files["a"]) as src:
+        members = {n: src.read(n) for n in src.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][1]["config"]["activation"] = {
+        "module": "os",
+        "class_name": "function",
+        "config": "system",
+        "registered_name": None,
+    }
+    path = tmp_path / "twice.keras"
+    with zipfile.ZipFile(path, "w") as dst, pytest.warns(UserWarning, match="Duplicate name"):
+        dst.writestr("config.json", json.dumps(config))
+        for name, data in members.items():
+            dst.writestr(name, data)
+    assert keras.saving.load_model(path).count_params() == 67  # Keras reads the plain one
+    message = (
+        f"{path}: has 2 members named 'config.json'; readers would disagree on which one is "
+        "the file's"
+    )
+    with pytest.raises(ModelFileError) as caught:
+        load_model(path)
+    assert str(caught.value) == message
+    _one_error_line(CliRunner().invoke(cli, ["inspect", str(path)]), message)
 
 
 def _find_header(data: bytearray, signature: bytes, name: bytes) -> int:

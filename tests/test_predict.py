@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -100,6 +101,13 @@ def _bad_data(tmp_path, x_data):
     np.savez(tmp_path / "nan.npz", x=bad)
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
     (tmp_path / "text.txt").write_text("1 2 3 4\n")
+    header = io.BytesIO()  # a .npy header promising 4 TiB, then 64 bytes: numpy allocates first
+    shape = {"descr": "<f4", "fortran_order": False, "shape": (2**38, 4)}
+    np.lib.format.write_array_header_1_0(header, shape)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue() + bytes(64))
+    with h5py.File(tmp_path / "lazy.h5", "w") as f:  # 8 MiB of rows declared, none stored
+        f.create_dataset("x", shape=(2**19, 4), dtype="f4", chunks=(1024, 4), compression="gzip")
 
 
 @pytest.mark.parametrize(
@@ -119,6 +127,16 @@ def _bad_data(tmp_path, x_data):
         ("junk.npz", "{d}/junk.npz: cannot be read as npz data"),
         ("text.txt", "{d}/text.txt: is not a .npy, .npz or .h5 data file"),
         ("missing.npz", "{d}/missing.npz: no such file"),
+        (
+            "huge.npz",
+            "{d}/huge.npz: array 'x' is truncated (its header promises 4398046511104 bytes of "
+            "data for shape (274877906944, 4), the member holds 64)",
+        ),
+        (
+            "lazy.h5",
+            "{d}/lazy.h5: array 'x' declares 8388608 bytes but stores 0 (more than 1000 times "
+            "less); refusing a possible decompression bomb",
+        ),
     ],
 )
 def test_bad_data_is_one_clean_error_and_writes_nothing(

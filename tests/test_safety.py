@@ -217,6 +217,31 @@ def test_scan_finds_keras_objects_outside_modeling_code(
     assert finding.reason.startswith(reason)
 
 
+def test_a_lookup_layer_reading_a_vocabulary_file_is_refused(tmp_path, keras):
+    """StringLookup, IntegerLookup and TextVectorization read a string `vocabulary` as a path
+    when loaded; a crafted file can point it at any file the user can read (whether Keras
+    refuses it depends on its version and safe mode; tf-keras reads it)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("alpha\nbeta\n")
+    text = keras.Input((1,), dtype="string")
+    lookup = keras.layers.StringLookup(vocabulary=["a", "b"], name="lookup")
+    keras.Model(text, lookup(text), name="m").save(tmp_path / "lookup.keras")
+
+    def edit(config):
+        config["config"]["layers"][1]["config"]["vocabulary"] = str(secret)
+        return config
+
+    path = rewrite_keras_config(tmp_path / "lookup.keras", tmp_path / "vocab.keras", edit)
+    expected = (
+        f"layer 'm/lookup' reads its vocabulary from the file {str(secret)!r}, outside "
+        "the model file (any file the loading user can read would become part of the model)"
+    )
+    assert [f.describe() for f in scan(path)] == [expected]
+    with pytest.raises(UnsafeModelError) as caught:
+        load_model(path)
+    assert expected in str(caught.value)
+
+
 def test_scan_finds_bytecode_hidden_outside_a_lambda(tmp_path, model_files, made):
     lam = read_model_file(made["nested.keras"]).config["config"]["layers"][1]["config"]["layers"]
     code = next(x for x in lam if x["class_name"] == "Lambda")["config"]["function"]

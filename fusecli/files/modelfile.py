@@ -235,8 +235,9 @@ def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
 def open_archive(path: Path) -> Iterator[zipfile.ZipFile]:
     """A .keras archive, checked so that every reader sees the same bytes, within bounds.
 
-    Refused: data before the first member (zipfile finds an archive from its end), a stored
-    member whose two sizes differ (readers disagree on where it ends), and a member that
+    Refused: data before the first member (zipfile finds an archive from its end), two members
+    of one name (zipfile, so Keras and the scan, read the last; other readers the first), a
+    stored member whose two sizes differ (readers disagree on where it ends), and a member that
     inflates more than MAX_INFLATION times (a decompression bomb).
     """
     try:
@@ -247,6 +248,14 @@ def open_archive(path: Path) -> Iterator[zipfile.ZipFile]:
         infos = archive.infolist()
         if infos and min(i.header_offset for i in infos) != 0:
             raise ModelFileError(path, _prefixed(min(i.header_offset for i in infos)))
+        names = [info.filename for info in infos]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ModelFileError(
+                path,
+                f"has {names.count(twice)} members named {twice!r}; readers would disagree on "
+                "which one is the file's",
+            )
         for info in infos:
             check_inflation(path, info)
         yield archive

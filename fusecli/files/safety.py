@@ -42,6 +42,7 @@ from fusecli.files.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
+from fusecli.files.shapes import OutputShapes, Shape
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -242,6 +243,14 @@ def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Fin
         return
     if class_name in _UNSAFE_CLASSES:
         yield Finding(where, class_name, _UNSAFE_CLASSES[class_name])
+    config = node.get("config")
+    if isinstance(config, dict) and isinstance(config.get("vocabulary"), str):
+        yield Finding(
+            where,
+            class_name,
+            f"reads its vocabulary from the file {config['vocabulary']!r}, outside the model "
+            "file (any file the loading user can read would become part of the model)",
+        )
     registered = node.get("registered_name")
     custom = next((n for n in (registered, class_name) if isinstance(n, str) and ">" in n), None)
     module = node.get("module")
@@ -518,35 +527,108 @@ _SIZE_KEYS = {
     "depth_multiplier",
     "kernel_size",  # its product
 }
+# Keys whose values one variable holds the product of (an Embedding's table, a kernel...).
+_SIZE_PRODUCTS = (
+    ("input_dim", "output_dim"),
+    ("filters", "kernel_size"),
+    ("depth_multiplier", "kernel_size"),
+    ("depth_multiplier", "filters"),  # a separable convolution's pointwise kernel, per channel
+    ("num_heads", "key_dim"),
+    ("num_heads", "value_dim"),
+)
 _SIZE_FLOOR = 1 << 16  # below this, a declared size is never questioned
 
 
 def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
     """Refuse a config whose layers declare more units (filters, heads...) than the file's
     weights hold values: building it would allocate memory out of all proportion to the file
-    (a `Dense(units=2**31)` asks for gigabytes), and its weights could not match anyway."""
+    (a `Dense(units=2**31)` asks for gigabytes, and so do an `Embedding(60000, 60000)` and a
+    `Dense(60000)` on inputs of 60000 features), and its weights could not match anyway.
+
+    Input channels come from the shapes the config gives (`fusecli.files.shapes`), for the
+    layers whose shapes it can follow."""
     limit = max(values, _SIZE_FLOOR)
+    first_inputs = OutputShapes(model_file.config).first_inputs
     stack: list[Any] = [model_file.config]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
-            stack.extend(node)
+            stack.extend(reversed(node))
             continue
         if not isinstance(node, dict):
             continue
         config = node.get("config")
         if "class_name" in node and isinstance(config, dict):
-            for key in _SIZE_KEYS.intersection(config):
-                size = _declared_size(config[key])
-                if size is not None and size > limit:
-                    raise ModelFileError(
-                        model_file.path,
-                        f"layer {_text(config.get('name'))!r} declares {key}="
-                        f"{_text(config.get(key))}, more than the {values} values the file's "
-                        "weights hold; building it would allocate memory out of proportion to "
-                        "the file",
-                    )
-        stack.extend(node.values())
+            declared = _declared_values(config, first_inputs.get(id(config), []))
+            too_many = next((said for size, said in declared if size > limit), None)
+            if too_many is not None:
+                raise ModelFileError(
+                    model_file.path,
+                    f"layer {_text(config.get('name'))!r} declares {too_many}, more than the "
+                    f"{values} values the file's weights hold; building it would allocate "
+                    "memory out of proportion to the file",
+                )
+        stack.extend(reversed(node.values()))  # layers in the file's order: causes first
+
+
+def _declared_values(
+    config: dict[str, Any], input_shapes: list[Shape | None]
+) -> list[tuple[int, str]]:
+    """Values the layer's variables must hold, by its config and the inputs it is called on,
+    each with how the config says so: single keys, their products, then per input channel."""
+    sizes = {key: _declared_size(config[key]) for key in config if key in _SIZE_KEYS}
+    sizes = {key: size for key, size in sizes.items() if size is not None}
+    candidates = [(size, f"{key}={_text(config[key])}") for key, size in sizes.items()]
+    for keys in _SIZE_PRODUCTS:
+        if keys == ("filters", "kernel_size") and "depth_multiplier" in sizes:
+            continue  # a separable convolution has no kernel of that size
+        if all(key in sizes for key in keys):
+            product = math.prod(sizes[key] for key in keys)
+            said = " and ".join(f"{key}={_text(config[key])}" for key in keys)
+            candidates.append((product, f"{said} ({product} values)"))
+    channels = max((_channels(config, shape) for shape in input_shapes), default=1)
+    kernel = _per_channel_kernel(sizes)
+    if channels > 1 and kernel is not None:
+        key, size = kernel
+        candidates.append(
+            (
+                size * channels,
+                f"{key}={_text(config[key])} on inputs of {channels} channels "
+                f"({size * channels} values)",
+            )
+        )
+    return candidates
+
+
+def _per_channel_kernel(sizes: dict[str, int]) -> tuple[str, int] | None:
+    """The key naming the layer's first kernel, and that kernel's values per input channel
+    (Dense: units; a convolution: filters x kernel size; attention: heads x key size)."""
+    if "input_dim" in sizes:
+        return None  # an Embedding: its inputs are indices, not channels
+    kernel = sizes.get("kernel_size", 1)
+    if "num_heads" in sizes:
+        return "num_heads", sizes["num_heads"] * sizes.get("key_dim", 1)
+    if "depth_multiplier" in sizes:
+        return "depth_multiplier", sizes["depth_multiplier"] * kernel
+    if "filters" in sizes:
+        return "filters", sizes["filters"] * kernel
+    if "units" in sizes:
+        return "units", sizes["units"]
+    return None
+
+
+def _channels(config: dict[str, Any], shape: Shape | None) -> int:
+    """The input channels a layer's kernel spans (the last axis, the first for channels_first),
+    divided among its groups; 1 where the shape does not say."""
+    if not shape:
+        return 1
+    axis = 1 if config.get("data_format") == "channels_first" and len(shape) > 2 else -1
+    channels, groups = shape[axis], config.get("groups", 1)
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        return 1
+    if isinstance(groups, int) and not isinstance(groups, bool) and groups > 1:
+        return max(channels // groups, 1)
+    return channels
 
 
 def _declared_size(value: Any) -> int | None:

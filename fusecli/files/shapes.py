@@ -99,10 +99,13 @@ def model_outputs(model: dict[str, Any]) -> list[tuple[str, Spec]]:
 
 
 class OutputShapes:
-    """Evaluates a model config's layers; `evaluations` counts the layer calls computed."""
+    """Evaluates a model config's layers; `evaluations` counts the layer calls computed, and
+    `first_inputs` holds, by `id` of each evaluated layer's config dict, the shapes of the first
+    input it was called on (what sizes its variables)."""
 
     def __init__(self, model: dict[str, Any]) -> None:
         self.evaluations = 0
+        self.first_inputs: dict[int, list[Shape | None]] = {}
         self._memo: dict[tuple[int, tuple[Spec, ...]], list[Spec]] = {}
         self._budget = _EVALUATIONS_PER_LAYER * (_count_layer_entries(model) + 1)
         specs = self._run(model, [])
@@ -151,6 +154,9 @@ class OutputShapes:
         self, layer: dict[str, Any], inputs: list[Spec], call_kwargs: dict[str, Any]
     ) -> _Evaluation:
         self.evaluations += 1
+        if isinstance(layer.get("config"), dict):
+            shape = inputs[0].shape if inputs else None
+            self.first_inputs.setdefault(id(layer["config"]), []).append(shape)
         class_name = _str(layer.get("class_name")) or ""
         class_name = _ALIASES.get(class_name, class_name)
         config = _dict(layer.get("config"))

@@ -29,10 +29,13 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
+from fusecli.files.modelfile import GUARD_FLOOR, MAX_EXPANSION
 
 DEFAULT_INPUT_KEY = "x"
 DEFAULT_LABELS_KEY = "y"
 NUMERIC_KINDS = "biuf"
+# Deflate, which numpy's savez_compressed uses, inflates at most 1032 times.
+_NPZ_INFLATION = 2000
 
 DataFormat = Literal["npy", "npz", "h5"]
 
@@ -68,12 +71,16 @@ class DataFile:
                 listing = ", ".join(self.names()) or "nothing"
                 raise FusecliError(f"{self.path}: has no array {key!r} (it holds: {listing})")
             try:
+                if self.format == "npz":
+                    self._check_npz_member(key)
                 values = self._handle[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 # an object array in a .npz (allow_pickle is off), or a damaged member
                 raise FusecliError(
                     f"{self.path}: array {key!r} cannot be read ({_short(e)})"
                 ) from None
+            if isinstance(values, h5py.Dataset):
+                self._check_h5_dataset(key, values)
         label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
         if not hasattr(values, "dtype") or not hasattr(values, "shape"):
             # np.load returns the raw bytes of a .npz member that is not a .npy
@@ -86,6 +93,52 @@ class DataFile:
         if len(values.shape) == 0:
             raise FusecliError(f"{label} is a single number, not an array with rows first")
         return values
+
+    def _check_npz_member(self, key: str) -> None:
+        """numpy allocates what a member's header declares before reading it: a header that
+        promises more than the member holds is refused first (a 300-byte file asked for 4 TiB)."""
+        archive = self._handle.zip
+        name = key if key in archive.namelist() else f"{key}.npy"
+        info = archive.getinfo(name)
+        with archive.open(info) as f:
+            if f.read(len(npy_format.MAGIC_PREFIX)) != npy_format.MAGIC_PREFIX:
+                return  # not a .npy: numpy returns its bytes, which array() refuses
+            f.seek(0)
+            version = npy_format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                return  # np.load gives the error
+            read_header = (
+                npy_format.read_array_header_1_0
+                if version == (1, 0)
+                else npy_format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+            header = f.tell()
+        if info.file_size > GUARD_FLOOR and info.file_size > _NPZ_INFLATION * info.compress_size:
+            raise FusecliError(
+                f"{self.path}: array {key!r} inflates to {info.file_size} bytes from "
+                f"{info.compress_size} (more than {_NPZ_INFLATION} times, beyond what numpy's "
+                "deflate can reach); refusing a possible decompression bomb"
+            )
+        expected = np.dtype(dtype).itemsize * math.prod(shape)
+        if not np.dtype(dtype).hasobject and header + expected > info.file_size:
+            raise FusecliError(
+                f"{self.path}: array {key!r} is truncated (its header promises {expected} bytes "
+                f"of data for shape {tuple(shape)}, the member holds "
+                f"{max(info.file_size - header, 0)})"
+            )
+
+    def _check_h5_dataset(self, key: str, dataset: h5py.Dataset) -> None:
+        """A dataset declaring far more than it stores (a few KB promising a terabyte of zeros)
+        would have every command run over it for hours and write outputs as large: refused, as
+        in model files."""
+        declared = math.prod(dataset.shape or ()) * dataset.dtype.itemsize
+        stored = dataset.id.get_storage_size()
+        if declared > GUARD_FLOOR and declared > MAX_EXPANSION * stored:
+            raise FusecliError(
+                f"{self.path}: array {key!r} declares {declared} bytes but stores {stored} (more "
+                f"than {MAX_EXPANSION} times less); refusing a possible decompression bomb"
+            )
 
 
 @contextlib.contextmanager
