@@ -243,6 +243,25 @@ def test_a_writer_fault_in_one_byte_is_caught_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == []  # no output, no temporary
 
 
+def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files, monkeypatch):
+    # Alike branches swapped: every tensor still equals a source, but Keras would load A's
+    # weights into B and compute 0.8 B(x) + 0.2 A(x).
+    from fusecli.fusion import writer
+
+    right = writer.keras_keys
+
+    def swapped(layer_order):
+        keys = right(layer_order)
+        first, second = [i for i, k in enumerate(keys) if k.startswith("functional")][:2]
+        keys[first], keys[second] = keys[second], keys[first]
+        return keys
+
+    monkeypatch.setattr(writer, "keras_keys", swapped)
+    with pytest.raises(VerificationError, match="is not where Keras loads that branch"):
+        fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.keras", [0.8, 0.2])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_cli_reports_a_caught_fault_in_one_line(tmp_path, model_files, monkeypatch):
     # In a .h5 output too (its writer writes tensors Keras loaded): one tensor off by one.
     hits = []

@@ -29,7 +29,7 @@ from fusecli.files.modelfile import open_weights, read_model_file
 from fusecli.files.safety import scan
 from fusecli.files.tensors import TRAINING_STATE_GROUPS
 from fusecli.fusion.assemble import Assembly, layer_entries, layer_name, undo_renames
-from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
+from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
 
 
 def prove(
@@ -71,6 +71,7 @@ def prove(
         raise VerificationError(
             f"The written file does not pass the scan: {findings[0].describe()}"
         )
+    _check_places(config, fmt, assembly, written)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
     _check_assets(path, written)
     return {
@@ -153,6 +154,31 @@ def _sources(entry: dict[str, Any]) -> list[str]:
     args = entry["inbound_nodes"][0]["args"][0]
     tensors = args if isinstance(args, list) else [args]
     return [t["config"]["keras_history"][0] for t in tensors]
+
+
+def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written: Written) -> None:
+    """Each branch's tensors are where Keras will load that branch from, found from the written
+    config alone (not from the writer's layer keys): a swap of two alike branches' groups keeps
+    every tensor equal to a source, yet computes another function."""
+    index = {b.name: i for i, b in enumerate(assembly.branches)}
+    counts: dict[str, int] = {}
+    groups: dict[int, str] = {}
+    for entry in layer_entries(config):
+        key = snake_case(str(entry.get("class_name")))
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        name = layer_name(entry)
+        if name in index:
+            groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
+            if fmt != "keras":
+                groups[index[name]] = f"{name}/"
+    for p in written.placed:
+        if not p.output.startswith(groups.get(p.branch, "\0")):
+            name = assembly.branches[p.branch].name
+            raise VerificationError(
+                f"Tensor {p.output!r} of branch {name!r} is not where Keras loads that branch's "
+                f"weights from ({groups.get(p.branch)!r})"
+            )
 
 
 def _check_tensors(
