@@ -262,6 +262,32 @@ def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_input_replaced_while_fusing_leaves_no_file(tmp_path, model_files, monkeypatch):
+    # Another process saves a different model (same tensor shapes) over an input after it was
+    # read: the copied tensors equal the file as it now is, but not the config composed.
+    import keras
+
+    from fusecli.fusion import writer
+
+    victim = tmp_path / "b.keras"
+    victim.write_bytes(model_files["b"].read_bytes())
+    other = tmp_path / "other.keras"
+    model = keras.models.load_model(model_files["c"])
+    model.layers[-1].activation = keras.activations.get("linear")  # tensors alike, config not
+    model.save(other)
+    right = writer.write_keras
+
+    def replaced_first(*args):
+        os.replace(other, victim)
+        return right(*args)
+
+    monkeypatch.setattr(writer, "write_keras", replaced_first)
+    out = tmp_path / "f.keras"
+    with pytest.raises(FusecliError, match="changed while it was being fused"):
+        fuse_to_file([model_files["a"], victim], out, [0.8, 0.2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.keras"]
+
+
 def test_the_cli_reports_a_caught_fault_in_one_line(tmp_path, model_files, monkeypatch):
     # In a .h5 output too (its writer writes tensors Keras loaded): one tensor off by one.
     hits = []

@@ -28,7 +28,13 @@ from fusecli.files import archive
 from fusecli.files.modelfile import open_weights, read_model_file
 from fusecli.files.safety import scan
 from fusecli.files.tensors import TRAINING_STATE_GROUPS
-from fusecli.fusion.assemble import Assembly, layer_entries, layer_name, undo_renames
+from fusecli.fusion.assemble import (
+    Assembly,
+    layer_entries,
+    layer_name,
+    prepare_branch,
+    undo_renames,
+)
 from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
 
 
@@ -74,6 +80,7 @@ def prove(
     _check_places(config, fmt, assembly, written)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
     _check_assets(path, written)
+    _check_sources_unchanged(assembly, given, sources, axes)
     return {
         "config": "as composed; each branch holds its model's config (layers renamed)",
         "head": _formula(assembly, weights, activation),
@@ -240,6 +247,29 @@ def _check_tensors(
                     f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
                 )
     return len(written.placed), nbytes
+
+
+def _check_sources_unchanged(
+    assembly: Assembly,
+    given: list[dict[str, Any]],
+    sources: list[Source],
+    axes: list[int] | None,
+) -> None:
+    """Inputs read as files still hold the config the fused one was composed from. Their tensors
+    were just compared with the file as it is now; an input replaced in between (by a training
+    job saving a checkpoint, say) would give one model's config with another's weights."""
+    at = "output" if axes is None else "logits"
+    for branch, original, source in zip(assembly.branches, given, sources, strict=True):
+        if source.converted:  # Keras' private copy: nobody else writes it
+            continue
+        try:
+            now = prepare_branch(read_model_file(source.path).config, branch.name, at=at).given
+        except FusecliError:
+            now = None
+        if now != original:
+            raise ModelFileError(
+                source.given, "changed while it was being fused; the fused file was not kept"
+            )
 
 
 def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
