@@ -262,6 +262,27 @@ def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_h5_branches_listed_out_of_order_are_caught(tmp_path, model_files, monkeypatch):
+    # Keras' .h5 loader pairs groups with layers by their place in `layer_names`, not by name.
+    import h5py
+
+    from fusecli.fusion import writer
+
+    right = writer.write_h5
+
+    def reversed_list(tmp, *args):
+        written = right(tmp, *args)
+        with h5py.File(tmp, "r+") as h5:
+            group = h5[writer.H5_WEIGHTS]
+            group.attrs["layer_names"] = group.attrs["layer_names"][::-1]
+        return written
+
+    monkeypatch.setattr(writer, "write_h5", reversed_list)
+    with pytest.raises(VerificationError, match="Keras would load one branch's weights"):
+        fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.h5", [0.8, 0.2])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_input_replaced_while_fusing_leaves_no_file(tmp_path, model_files, monkeypatch):
     # Another process saves a different model (same tensor shapes) over an input after it was
     # read: the copied tensors equal the file as it now is, but not the config composed.

@@ -78,6 +78,8 @@ def prove(
             f"The written file does not pass the scan: {findings[0].describe()}"
         )
     _check_places(config, fmt, assembly, written)
+    if fmt == "h5":
+        _check_h5_layer_order(path, config, assembly)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
     _check_assets(path, written)
     _check_sources_unchanged(assembly, given, sources, axes)
@@ -186,6 +188,27 @@ def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written:
                 f"Tensor {p.output!r} of branch {name!r} is not where Keras loads that branch's "
                 f"weights from ({groups.get(p.branch)!r})"
             )
+
+
+def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly) -> None:
+    """Keras' legacy loader gives the k-th layer listed in `layer_names` (among those with
+    weights) to the model's k-th layer with weights, whatever the groups are called: the branches
+    must be listed in the written config's order."""
+    branches = {b.name for b in assembly.branches}
+    wanted = [layer_name(e) for e in layer_entries(config) if layer_name(e) in branches]
+    with h5py.File(path, "r") as h5:
+        group = h5[H5_WEIGHTS]
+        listed = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]
+        ]
+        loaded = [n for n in listed if n in group and len(group[n].attrs.get("weight_names", []))]
+    if [n for n in loaded if n in branches] != [n for n in wanted if n in loaded] or any(
+        n not in branches for n in loaded
+    ):
+        raise VerificationError(
+            f"The written file lists its layers' weights in the order {loaded}, not the "
+            f"model's {wanted}: Keras would load one branch's weights into another"
+        )
 
 
 def _check_tensors(
