@@ -127,6 +127,8 @@ def test_lambda_scale_warns(runner, tmp_path, model_files):
         (["--w", "1", "-1", "--normalize"], "Cannot normalize weights that sum to 0."),
         (["--w", "a,b"], "Invalid value for '--w'"),
         (["-o", "{tmp}/f.onnx"], "The output must end in .keras, .h5 or .hdf5"),
+        (["-o", "{tmp}/F.KERAS"], "The output's extension must be lower case"),
+        (["-o", "{tmp}/f.H5"], "Keras loads only files whose name ends in .h5."),
         (["--inputs", "both"], "Invalid value for '--inputs'"),
     ],
 )

@@ -24,6 +24,11 @@ def model_format(path: str | os.PathLike[str]) -> str:
             "The output must end in .keras, .h5 or .hdf5 (that picks the format). "
             f"Received: output={str(path)!r}"
         )
+    if Path(path).suffix != suffix:  # Keras refuses OUT.KERAS: "File format not supported"
+        raise InvalidRequest(
+            "The output's extension must be lower case: Keras loads only files whose name ends "
+            f"in {suffix}. Received: output={str(path)!r}"
+        )
     return MODEL_FORMATS[suffix]
 
 

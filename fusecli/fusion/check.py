@@ -28,8 +28,14 @@ from fusecli.files import archive
 from fusecli.files.modelfile import open_weights, read_model_file
 from fusecli.files.safety import scan
 from fusecli.files.tensors import TRAINING_STATE_GROUPS
-from fusecli.fusion.assemble import Assembly, layer_entries, layer_name, undo_renames
-from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
+from fusecli.fusion.assemble import (
+    Assembly,
+    layer_entries,
+    layer_name,
+    prepare_branch,
+    undo_renames,
+)
+from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
 
 
 def prove(
@@ -71,8 +77,12 @@ def prove(
         raise VerificationError(
             f"The written file does not pass the scan: {findings[0].describe()}"
         )
+    _check_places(config, fmt, assembly, written)
+    if fmt == "h5":
+        _check_h5_layer_order(path, config, assembly)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
     _check_assets(path, written)
+    _check_sources_unchanged(assembly, given, sources, axes)
     return {
         "config": "as composed; each branch holds its model's config (layers renamed)",
         "head": _formula(assembly, weights, activation),
@@ -155,6 +165,52 @@ def _sources(entry: dict[str, Any]) -> list[str]:
     return [t["config"]["keras_history"][0] for t in tensors]
 
 
+def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written: Written) -> None:
+    """Each branch's tensors are where Keras will load that branch from, found from the written
+    config alone (not from the writer's layer keys): a swap of two alike branches' groups keeps
+    every tensor equal to a source, yet computes another function."""
+    index = {b.name: i for i, b in enumerate(assembly.branches)}
+    counts: dict[str, int] = {}
+    groups: dict[int, str] = {}
+    for entry in layer_entries(config):
+        key = snake_case(str(entry.get("class_name")))
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        name = layer_name(entry)
+        if name in index:
+            groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
+            if fmt != "keras":
+                groups[index[name]] = f"{name}/"
+    for p in written.placed:
+        if not p.output.startswith(groups.get(p.branch, "\0")):
+            name = assembly.branches[p.branch].name
+            raise VerificationError(
+                f"Tensor {p.output!r} of branch {name!r} is not where Keras loads that branch's "
+                f"weights from ({groups.get(p.branch)!r})"
+            )
+
+
+def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly) -> None:
+    """Keras' legacy loader gives the k-th layer listed in `layer_names` (among those with
+    weights) to the model's k-th layer with weights, whatever the groups are called: the branches
+    must be listed in the written config's order."""
+    branches = {b.name for b in assembly.branches}
+    wanted = [layer_name(e) for e in layer_entries(config) if layer_name(e) in branches]
+    with h5py.File(path, "r") as h5:
+        group = h5[H5_WEIGHTS]
+        listed = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]
+        ]
+        loaded = [n for n in listed if n in group and len(group[n].attrs.get("weight_names", []))]
+    if [n for n in loaded if n in branches] != [n for n in wanted if n in loaded] or any(
+        n not in branches for n in loaded
+    ):
+        raise VerificationError(
+            f"The written file lists its layers' weights in the order {loaded}, not the "
+            f"model's {wanted}: Keras would load one branch's weights into another"
+        )
+
+
 def _check_tensors(
     path: Path, fmt: str, sources: list[Source], written: Written
 ) -> tuple[int, int]:
@@ -214,6 +270,29 @@ def _check_tensors(
                     f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
                 )
     return len(written.placed), nbytes
+
+
+def _check_sources_unchanged(
+    assembly: Assembly,
+    given: list[dict[str, Any]],
+    sources: list[Source],
+    axes: list[int] | None,
+) -> None:
+    """Inputs read as files still hold the config the fused one was composed from. Their tensors
+    were just compared with the file as it is now; an input replaced in between (by a training
+    job saving a checkpoint, say) would give one model's config with another's weights."""
+    at = "output" if axes is None else "logits"
+    for branch, original, source in zip(assembly.branches, given, sources, strict=True):
+        if source.converted:  # Keras' private copy: nobody else writes it
+            continue
+        try:
+            now = prepare_branch(read_model_file(source.path).config, branch.name, at=at).given
+        except FusecliError:
+            now = None
+        if now != original:
+            raise ModelFileError(
+                source.given, "changed while it was being fused; the fused file was not kept"
+            )
 
 
 def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
