@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import faults
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from faults import AddOne, FlipOneBit
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, VerificationError
 from fusecli.files import archive
+from fusecli.fusion import files as fusion_files
 from fusecli.fusion.build import fuse_to_file
 
 
@@ -238,17 +240,7 @@ def test_a_writer_fault_in_one_byte_is_caught_and_leaves_no_file(
 def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files, monkeypatch):
     # Alike branches swapped: every tensor still equals a source, but Keras would load A's
     # weights into B and compute 0.8 B(x) + 0.2 A(x).
-    from fusecli.fusion import writer
-
-    right = writer.keras_keys
-
-    def swapped(layer_order):
-        keys = right(layer_order)
-        first, second = [i for i, k in enumerate(keys) if k.startswith("functional")][:2]
-        keys[first], keys[second] = keys[second], keys[first]
-        return keys
-
-    monkeypatch.setattr(writer, "keras_keys", swapped)
+    monkeypatch.setattr(fusion_files, "_write_and_prove", faults.swap_alike_branches)
     with pytest.raises(VerificationError, match="is not where Keras loads that branch"):
         fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.keras", [0.8, 0.2])
     assert list(tmp_path.iterdir()) == []
@@ -256,20 +248,7 @@ def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files,
 
 def test_h5_branches_listed_out_of_order_are_caught(tmp_path, model_files, monkeypatch):
     # Keras' .h5 loader pairs groups with layers by their place in `layer_names`, not by name.
-    import h5py
-
-    from fusecli.fusion import writer
-
-    right = writer.write_h5
-
-    def reversed_list(tmp, *args):
-        written = right(tmp, *args)
-        with h5py.File(tmp, "r+") as h5:
-            group = h5[writer.H5_WEIGHTS]
-            group.attrs["layer_names"] = group.attrs["layer_names"][::-1]
-        return written
-
-    monkeypatch.setattr(writer, "write_h5", reversed_list)
+    monkeypatch.setattr(fusion_files, "_write_and_prove", faults.list_h5_branches_reversed)
     with pytest.raises(VerificationError, match="Keras would load one branch's weights"):
         fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.h5", [0.8, 0.2])
     assert list(tmp_path.iterdir()) == []
@@ -280,21 +259,14 @@ def test_an_input_replaced_while_fusing_leaves_no_file(tmp_path, model_files, mo
     # read: the copied tensors equal the file as it now is, but not the config composed.
     import keras
 
-    from fusecli.fusion import writer
-
     victim = tmp_path / "b.keras"
     victim.write_bytes(model_files["b"].read_bytes())
     other = tmp_path / "other.keras"
     model = keras.models.load_model(model_files["c"])
     model.layers[-1].activation = keras.activations.get("linear")  # tensors alike, config not
     model.save(other)
-    right = writer.write_keras
-
-    def replaced_first(*args):
-        os.replace(other, victim)
-        return right(*args)
-
-    monkeypatch.setattr(writer, "write_keras", replaced_first)
+    replace = faults.ReplaceBeforeWriting(str(other), str(victim))
+    monkeypatch.setattr(fusion_files, "_write_and_prove", replace)
     out = tmp_path / "f.keras"
     with pytest.raises(FusecliError, match="changed while it was being fused"):
         fuse_to_file([model_files["a"], victim], out, [0.8, 0.2])
