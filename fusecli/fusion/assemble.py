@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusecli.errors import FusecliError
+from fusecli.fusion.naming import identifier, unique
 
 # Input names Keras makes up; the fused model says "input" instead.
 _GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
@@ -149,11 +150,11 @@ def assemble(
         shape = branches[0].output_shapes[j]
         scaled = []
         for branch, w in zip(branches, weights, strict=True):
-            scale_name = _unique(f"{branch.name}_scale{suffix}", taken)
+            scale_name = unique(f"{branch.name}_scale{suffix}", taken)
             source = _tensor(branch.output_shapes[j], "float32", branch.name, tensor=j)
             scales.append(_scale_layer(scale, w, scale_name, source, shape))
             scaled.append(_tensor(shape, "float32", scale_name))
-        add_name = out_name if activation == "none" else _unique(f"{out_name}_logits", taken)
+        add_name = out_name if activation == "none" else unique(f"{out_name}_logits", taken)
         adds.append(_layer("Add", add_name, {}, [scaled], {}, [shape] * len(scaled)))
         if activation != "none":
             axis = axes[j] if axes else -1
@@ -232,15 +233,6 @@ def layer_name(entry: dict[str, Any]) -> str:
     inner = entry.get("config")
     name = inner.get("name") if isinstance(inner, dict) else None
     return str(name if name is not None else entry.get("name"))
-
-
-def identifier(text: str) -> str:
-    name = re.sub(r"\W+", "_", text).strip("_") or "model"
-    return f"m_{name}" if name[0].isdigit() else name
-
-
-def unique(name: str, taken: set[str]) -> str:
-    return _unique(name, taken)
 
 
 # -- renaming --------------------------------------------------------------------------------
@@ -629,7 +621,7 @@ def _fused_inputs(
     if mode == "shared":
         new_inputs = [
             BranchInput(
-                _unique("input" if _GENERIC_INPUT.fullmatch(i.name) else i.name, taken),
+                unique("input" if _GENERIC_INPUT.fullmatch(i.name) else i.name, taken),
                 i.shape,
                 i.dtype,
             )
@@ -642,7 +634,7 @@ def _fused_inputs(
         for i in branch.inputs:
             label = f"{branch.name}_{'input' if _GENERIC_INPUT.fullmatch(i.name) else i.name}"
             slots[-1].append(len(new_inputs))
-            new_inputs.append(BranchInput(_unique(label, taken), i.shape, i.dtype))
+            new_inputs.append(BranchInput(unique(label, taken), i.shape, i.dtype))
     return new_inputs, slots
 
 
@@ -667,10 +659,10 @@ def _check_outputs_match(branches: list[Branch]) -> None:
 def _fused_output_names(branch: Branch, taken: set[str]) -> list[str]:
     count = len(branch.output_shapes)
     if count == 1:
-        return [_unique("fused", taken)]
+        return [unique("fused", taken)]
     names = branch.output_names if len(branch.output_names) == count else []
     names = names or [str(j) for j in range(count)]
-    return [_unique(f"fused_{identifier(n)}", taken) for n in names]
+    return [unique(f"fused_{identifier(n)}", taken) for n in names]
 
 
 # -- layer entries ---------------------------------------------------------------------------
@@ -734,15 +726,6 @@ def _scale_layer(
         return _layer("Lambda", name, settings, [source], {"mask": None}, shape)
     settings = {"scale": weight, "offset": 0.0}
     return _layer("Rescaling", name, settings, [source], {}, shape)
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def fmt_shape(shape: Any) -> str:

@@ -25,6 +25,7 @@ from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, Verific
 from fusecli.files.loading import checked_files, load_checked
 from fusecli.files.outputfile import atomic_output, check_output_path, model_format
 from fusecli.fusion.logits import cut_before_softmax
+from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.weights import resolve_weights
 
@@ -338,13 +339,13 @@ def _build(
     for j, out_name in enumerate(out_names):
         suffix = "" if len(out_names) == 1 else f"_{j}"
         scaled = [
-            _scale_layer(keras, scale, w, _unique(f"{branch}_scale{suffix}", taken))(outs[j])
+            _scale_layer(keras, scale, w, unique(f"{branch}_scale{suffix}", taken))(outs[j])
             for branch, w, outs in zip(branches, weights, branch_outputs, strict=True)
         ]
         if activation == "none":
             fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
         else:
-            total = keras.layers.Add(name=_unique(f"{out_name}_logits", taken))(scaled)
+            total = keras.layers.Add(name=unique(f"{out_name}_logits", taken))(scaled)
             axis = axes[j] if axes else -1
             fused_outputs.append(keras.layers.Softmax(axis=axis, name=out_name)(total))
 
@@ -652,22 +653,8 @@ def _branch_names(models: Sequence[ModelSource], sources: list[keras.Model]) -> 
     names = []
     for item, model in zip(models, sources, strict=True):
         base = Path(item).stem if isinstance(item, str | os.PathLike) else model.name
-        names.append(_unique(_identifier(base), taken))
+        names.append(unique(identifier(base), taken))
     return names
-
-
-def _identifier(text: str) -> str:
-    name = re.sub(r"\W+", "_", text).strip("_") or "model"
-    return f"m_{name}" if name[0].isdigit() else name
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def _input_signature(model: keras.Model, branch: str) -> list[tuple[str, tuple, str]]:
@@ -683,7 +670,7 @@ def _input_signature(model: keras.Model, branch: str) -> list[tuple[str, tuple, 
 def _tensor_name(tensor: Any) -> str:
     history = getattr(tensor, "_keras_history", None)
     name = history.operation.name if history else getattr(tensor, "name", "tensor")
-    return _identifier(name)
+    return identifier(name)
 
 
 def _choose_inputs_mode(
@@ -727,7 +714,7 @@ def _fused_inputs(
     """The fused model's Input layers, and for each branch the positions of its inputs."""
     if mode == "shared":
         new_inputs = [
-            keras.Input(batch_shape=shape, dtype=dtype, name=_unique(name, taken))
+            keras.Input(batch_shape=shape, dtype=dtype, name=unique(name, taken))
             for name, shape, dtype in _shared_input_names(signatures[0])
         ]
         return new_inputs, [list(range(len(new_inputs))) for _ in branches]
@@ -738,7 +725,7 @@ def _fused_inputs(
             label = f"{branch}_{'input' if _GENERIC_INPUT.fullmatch(name) else name}"
             slots[-1].append(len(new_inputs))
             new_inputs.append(
-                keras.Input(batch_shape=shape, dtype=dtype, name=_unique(label, taken))
+                keras.Input(batch_shape=shape, dtype=dtype, name=unique(label, taken))
             )
     return new_inputs, slots
 
@@ -773,11 +760,11 @@ def _call(model: keras.Model, args: list[Any], keras: Any) -> list[Any]:
 
 def _output_names(model: keras.Model, count: int, taken: set[str]) -> list[str]:
     if count == 1:
-        return [_unique("fused", taken)]
+        return [unique("fused", taken)]
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != count:
         names = [str(j) for j in range(count)]
-    return [_unique(f"fused_{_identifier(n)}", taken) for n in names]
+    return [unique(f"fused_{identifier(n)}", taken) for n in names]
 
 
 def _check_outputs_match(branch_outputs: list[list[Any]], branches: list[str]) -> None:

@@ -34,12 +34,11 @@ from fusecli.fusion.assemble import (
     Assembly,
     assemble,
     common_axes,
-    identifier,
     layer_entries,
     prepare_branch,
-    unique,
 )
 from fusecli.fusion.check import prove
+from fusecli.fusion.naming import identifier, unique
 from fusecli.termination import cleanup_on_termination
 
 # Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5

@@ -29,6 +29,7 @@ from fusecli.files import archive
 from fusecli.files.modelfile import open_weights
 from fusecli.files.tensors import TRAINING_STATE_GROUPS
 from fusecli.fusion.assemble import Assembly
+from fusecli.fusion.naming import unique
 
 H5_WEIGHTS = "model_weights"
 ASSETS = "assets/"
@@ -136,7 +137,7 @@ def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
             used: set[str] = set()
             dataset_names = []
             for path, values in legacy:
-                dataset = _unique_path(f"{name}_{path}", used)
+                dataset = unique(f"{name}_{path}", used)
                 archive.write_tensor(group, dataset, values)
                 dataset_names.append(dataset)
                 written.placed.append(Placed(i, f"{name}/{dataset}", None))
@@ -182,12 +183,3 @@ def _copy_branch(
     for name in names:
         written.placed.append(Placed(i, f"{base}/{name}", name))
         written.params += int(target[name].size)
-
-
-def _unique_path(name: str, used: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}_{n}"
-    used.add(candidate)
-    return candidate
