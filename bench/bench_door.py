@@ -31,7 +31,9 @@ from pathlib import Path
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import keras
 import fusecli
-from fusecli.files import isolation, loading, safety
+from fusecli.safety import isolation
+from fusecli.safety import loading
+from fusecli.safety import scan
 
 repeat = int(sys.argv[1])
 out = {}
@@ -47,12 +49,12 @@ def best(fn):
 for path in map(Path, sys.argv[2:]):
     r = out[path.name] = {"mb": path.stat().st_size / 1e6}
     r["cat"] = best(lambda: subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL))
-    r["in_process"] = best(lambda: safety._read_and_scan(path))
+    r["in_process"] = best(lambda: scan._read_and_scan(path))
     isolation.stop_helper()
     start = time.perf_counter()
-    safety.refuse_unsafe(path)
+    scan.refuse_unsafe(path)
     r["first_isolated"] = time.perf_counter() - start
-    r["isolated"] = best(lambda: safety.refuse_unsafe(path))
+    r["isolated"] = best(lambda: scan.refuse_unsafe(path))
 
     def copy():
         folder = Path(tempfile.mkdtemp())

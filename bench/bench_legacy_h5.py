@@ -42,7 +42,7 @@ np.save(sys.argv[3], model(np.load(sys.argv[2])["x"], training=False).numpy())
 
 FUSECLI = """
 import sys, numpy as np
-from fusecli.files.loading import load_model
+from fusecli.safety.loading import load_model
 model = load_model(sys.argv[1])
 np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2])["x"], training=False)))
 """

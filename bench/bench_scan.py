@@ -28,8 +28,10 @@ with h5py.File(source, "r") as h5:
     h5.visititems(lambda name, obj: (obj.shape, obj.dtype) if isinstance(obj, h5py.Dataset) else 0)
 """
 START = "import h5py, zipfile, json"
-SCAN = "import sys; from fusecli.files.safety import scan; assert scan(sys.argv[1]) == []"
-LAYOUT = "import sys; from fusecli.files.tensors import read_layout; read_layout(sys.argv[1])"
+SCAN = "import sys; from fusecli.safety.scan import scan; assert scan(sys.argv[1]) == []"
+LAYOUT = (
+    "import sys; from fusecli.formats.weights_layout import read_layout; read_layout(sys.argv[1])"
+)
 
 
 def main() -> None:

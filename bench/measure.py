@@ -6,6 +6,7 @@ machine hurts every variant alike; the best wall time counts, and the largest pe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -99,3 +100,25 @@ def make_resnet50s(*paths: Path) -> None:
         capture_output=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
+
+
+def save_results(name: str, text: str, argv: Sequence[str] | None = None) -> Path:
+    """Write `text` (the printed tables) to bench/results/NAME.txt, headed by the date, the
+    machine and the command that produced it, so that every figure quoted in the README and
+    docs/ can be traced to a committed run."""
+    import datetime
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
+    command = " ".join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]])
+    header = (
+        f"date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}\n"
+        f"command: python bench/{command}\n\n"
+    )
+    path = REPO / "bench" / "results" / f"{name}.txt"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(header + text.rstrip() + "\n")
+    return path

@@ -21,9 +21,9 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _LAZY = {
-    "fuse": "fusecli.fusion.build",
-    "fuse_to_file": "fusecli.fusion.build",
-    "load_model": "fusecli.files.loading",
+    "fuse": "fusecli.fusion.fuse",
+    "fuse_to_file": "fusecli.fusion.fuse",
+    "load_model": "fusecli.safety.loading",
     "merge": "fusecli.merging.merge",
     "export": "fusecli.exporting.export",
     "combine_scores": "fusecli.scores.arrays",

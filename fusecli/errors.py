@@ -25,7 +25,7 @@ class ModelFileError(FusecliError):
         self.reason = message
         super().__init__(f"{self.path}: {message}")
 
-    def __reduce__(self) -> tuple:  # survives a trip between processes (fusecli.files.isolation)
+    def __reduce__(self) -> tuple:  # survives a trip between processes (fusecli.safety.isolation)
         return type(self), (self.path, self.reason)
 
 

@@ -1,7 +1,7 @@
 """Writer faults, defined at module level: the tensors are written in a child process (of the
 helper, once Keras is imported), which gets these by name. The first ones go in
-`fusecli.files.archive.fault`; the last ones stand in for
-`fusecli.fusion.files._write_and_prove`."""
+`fusecli.formats.archive.fault`; the last ones stand in for
+`fusecli.fusion.file_fusion._write_and_prove`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fusecli.fusion import files, writer
+from fusecli.fusion import file_fusion as files
+from fusecli.fusion import writer
 
 
 @dataclass
@@ -47,7 +48,8 @@ class AddOne:
         return values + 1
 
 
-# Faults in the writer itself, for `fusecli.fusion.files._write_and_prove` (what the child runs):
+# Faults in the writer itself, for `fusecli.fusion.file_fusion._write_and_prove` (what the child
+# runs):
 # each runs the real one with one writer function replaced, in the process that writes.
 _REAL_WRITE_AND_PROVE = files._write_and_prove
 

@@ -13,9 +13,9 @@ from conftest import run_cli
 
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError
-from fusecli.files.loading import load_model
-from fusecli.files.modelfile import read_model_file
-from fusecli.files.safety import scan
+from fusecli.formats.modelfile import read_model_file
+from fusecli.safety.loading import load_model
+from fusecli.safety.scan import scan
 
 BROKEN = {
     "missing.keras": "no such file",

@@ -18,10 +18,10 @@ from filesupport import marker_model, rewrite_h5_config, rewrite_keras_config
 
 from fusecli.cli import cli
 from fusecli.errors import UnsafeModelError
-from fusecli.files.inspection import inspect_file
-from fusecli.files.loading import load_model
-from fusecli.files.safety import Finding, scan
+from fusecli.inspection import inspect_file
 from fusecli.merging.merge import merge
+from fusecli.safety.loading import load_model
+from fusecli.safety.scan import Finding, scan
 
 REFUSING = "; refusing (use --trust to load it anyway)"
 BYTECODE = "is a Lambda layer with Python bytecode, which would run when loaded"

@@ -238,8 +238,8 @@ def test_help_imports_nothing_heavy():
         "from fusecli.cli import cli\n"
         'for args in (["--help"], ["fuse", "--help"], ["merge", "--help"], ["tune", "--help"]):\n'
         "    assert CliRunner().invoke(cli, args).exit_code == 0\n"
-        "heavy = ['tensorflow', 'keras', 'numpy', 'h5py', 'fusecli.fusion.build',\n"
-        "         'fusecli.merging.merge', 'fusecli.scores.tuning', 'fusecli.files.modelfile']\n"
+        "heavy = ['tensorflow', 'keras', 'numpy', 'h5py', 'fusecli.fusion.fuse',\n"
+        "         'fusecli.merging.merge', 'fusecli.scores.tuning', 'fusecli.formats.modelfile']\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )
     import subprocess

@@ -26,7 +26,7 @@ from filesupport import keras2_files
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError
-from fusecli.files.isolation import TIMEOUT_VARIABLE, read_timeout
+from fusecli.safety.isolation import TIMEOUT_VARIABLE, read_timeout
 
 # A subprocess that loads through the door, with the attacker's move made at the worst moment:
 # right after the scan, before Keras reads anything. A custom layer registered by the calling
@@ -39,7 +39,7 @@ _SWAP_SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     import fusecli
-    from fusecli.files import loading
+    from fusecli.safety import loading
 
     work, benign, other, keras2, keras2_other = map(os.path.abspath, sys.argv[1:6])
     marker = os.path.join(work, "payload-ran")
@@ -411,7 +411,7 @@ def test_sigterm_during_merge_removes_the_soup_and_its_weights(model_files, tmp_
 _DIR_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from fusecli.files.outputfile import atomic_output_dir
+    from fusecli.output import atomic_output_dir
 
     with atomic_output_dir(sys.argv[1], force=False) as tmp:
         (tmp / "saved_model.pb").write_bytes(b"half written")
@@ -496,12 +496,12 @@ def test_fuse_of_models_with_string_inputs(tmp_path, keras):
 def test_an_unexpected_error_is_said_as_a_bug_without_its_class_name(monkeypatch, model_files):
     """The one error place: what a file does arrives as a `FusecliError`; anything else is a
     bug, and is said so, in one line, without a Python exception's class name."""
-    import fusecli.files.inspection
+    import fusecli.inspection
 
     def broken(*_args, **_kwargs):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(fusecli.files.inspection, "inspect_paths", broken)
+    monkeypatch.setattr(fusecli.inspection, "inspect_paths", broken)
     result = CliRunner().invoke(cli, ["inspect", str(model_files["a"])])
     assert result.exit_code == 1
     assert result.stderr == (

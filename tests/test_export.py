@@ -271,7 +271,7 @@ def test_the_check_fails_when_the_artifact_computes_something_else(models, tmp_p
     from fusecli.exporting.formats import FORMATS
     from fusecli.exporting.signature import signature_of
     from fusecli.exporting.verify import check_export
-    from fusecli.files.loading import load_model
+    from fusecli.safety.loading import load_model
 
     other = tmp_path / "other"
     fusecli.export(models["cnn_b"], other, verify=False)  # same names and shapes, other weights

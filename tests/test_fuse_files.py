@@ -18,9 +18,9 @@ from faults import AddOne, FlipOneBit
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, VerificationError
-from fusecli.files import archive
-from fusecli.fusion import files as fusion_files
-from fusecli.fusion.build import fuse_to_file
+from fusecli.formats import archive
+from fusecli.fusion import file_fusion as fusion_files
+from fusecli.fusion.fuse import fuse_to_file
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def _unique_paths(model) -> bool:
 _NO_KERAS = textwrap.dedent(
     """
     import json, sys
-    from fusecli.fusion.build import fuse_to_file
+    from fusecli.fusion.fuse import fuse_to_file
     a, b, c, out = sys.argv[1:]
     cases = {
         "plain": ([a, b], {}),
@@ -440,7 +440,7 @@ def test_asset_files_go_under_their_branch(tmp_path, keras, model_files, x4):
 
 
 def test_output_shapes_beyond_the_last_layer_rule_need_no_keras(tmp_path, keras):
-    """Models ending in a GRU: the shapes come from fusecli.files.shapes, not from Keras."""
+    """Models ending in a GRU: the shapes come from fusecli.config.shapes, not from Keras."""
     paths = []
     for seed in (1, 2):
         keras.utils.set_random_seed(seed)
@@ -450,7 +450,7 @@ def test_output_shapes_beyond_the_last_layer_rule_need_no_keras(tmp_path, keras)
     out = tmp_path / "f.keras"
     code = (
         "import sys\n"
-        "from fusecli.fusion.build import fuse_to_file\n"
+        "from fusecli.fusion.fuse import fuse_to_file\n"
         "fuse_to_file(sys.argv[1:3], sys.argv[3], [0.4, 0.6])\n"
         "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
     )

@@ -8,8 +8,8 @@ from conftest import dense_model, predict
 
 import fusecli
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files.modelfile import read_model_file
-from fusecli.fusion.build import build_fusion, fuse_to_file, verify_file
+from fusecli.formats.modelfile import read_model_file
+from fusecli.fusion.fuse import build_fusion, fuse_to_file, verify_file
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusecli.errors import ModelFileError
-from fusecli.files.inspection import inspect_file
-from fusecli.files.modelfile import read_model_file
-from fusecli.files.safety import scan
+from fusecli.formats.modelfile import read_model_file
+from fusecli.inspection import inspect_file
+from fusecli.safety.scan import scan
 
 SETTINGS = settings(
     max_examples=30,

@@ -13,8 +13,8 @@ from conftest import REPO, dense_model
 from filesupport import keras2_files, marker_model
 
 from fusecli.cli import cli
-from fusecli.files.inspection import inspect_file
-from fusecli.files.modelfile import open_weights
+from fusecli.formats.modelfile import open_weights
+from fusecli.inspection import inspect_file
 
 KEYS = {"path", "format", "keras_version", "name", "inputs", "outputs", "params", "layers",
         "unsafe", "size"}  # fmt: skip

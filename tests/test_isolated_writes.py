@@ -119,7 +119,7 @@ _SWAP_SCRIPT = textwrap.dedent(
     import os, sys
     {before}
     from fusecli.cli import cli
-    from fusecli.fusion import files
+    from fusecli.fusion import file_fusion as files
     from fusecli.merging import merge
 
     link, bad = sys.argv[1:3]

@@ -16,9 +16,9 @@ from conftest import predict, run_cli
 from keras2support import expected, keras2_reference_dir
 
 from fusecli.errors import ModelFileError
-from fusecli.files import legacy
-from fusecli.files.loading import load_model
+from fusecli.formats import keras2
 from fusecli.merging.merge import merge
+from fusecli.safety.loading import load_model
 
 # name -> what Keras 3 alone would get wrong (or "" where it already agreed), all compared
 # with tf-keras.
@@ -66,7 +66,7 @@ def test_loaded_model_computes_what_tf_keras_computed(keras2_dir, name):
 
 
 def test_the_masks_are_rebuilt_with_standard_weightless_layers(keras2_dir):
-    converted = legacy.convert_config(config_of(keras2_dir / "s2s_masked.h5"))
+    converted = keras2.convert_config(config_of(keras2_dir / "s2s_masked.h5"))
     added = [s for s in converted["config"]["layers"] if s["name"].endswith("_keras2_mask")]
     assert [(s["class_name"], s["config"]) for s in added] == [
         (
@@ -128,7 +128,7 @@ def refusal(keras2_dir, name: str) -> str:
     import re
 
     with pytest.raises(ModelFileError) as info:
-        legacy.convert_config(config_of(keras2_dir / f"{name}.h5"), keras2_dir / f"{name}.h5")
+        keras2.convert_config(config_of(keras2_dir / f"{name}.h5"), keras2_dir / f"{name}.h5")
     message = str(info.value)
     pattern = re.escape(f"{keras2_dir / name}.h5: " + REFUSED[name])
     pattern = re.sub(r"\\\{(n|m|m2)\\\}", r"\\d+", pattern)
@@ -169,7 +169,7 @@ def test_rnn_constants_are_refused(keras2_dir, tmp_path):
     ]
     layer["inbound_nodes"][0][0][3]["constants"] = ["source", 0, 0]
     with pytest.raises(ModelFileError) as info:
-        legacy.convert_config(config, "m.h5")
+        keras2.convert_config(config, "m.h5")
     assert str(info.value) == (
         f"m.h5: cannot convert Keras 2 layer {layer['name']!r} (Bidirectional): it is called "
         "with constants, which Keras 3 RNN layers do not take"

@@ -22,8 +22,8 @@ from keras2support import MARKER, expected, keras2_reference_dir
 
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.files import legacy
-from fusecli.files.loading import load_model
+from fusecli.formats import keras2
+from fusecli.safety.loading import load_model
 
 # name -> what it covers (all compared against tf-keras' outputs)
 CONVERTED = {
@@ -100,9 +100,9 @@ def test_weights_are_not_left_at_their_initial_values(keras2_dir):
 
 
 def test_keras2_files_are_recognised_and_keras3_files_are_not(keras2_dir, model_files):
-    assert legacy.is_keras2_h5(keras2_dir / "gru.h5")
-    assert not legacy.is_keras2_h5(model_files["a_h5"])  # written by Keras 3
-    assert not legacy.is_keras2_h5(model_files["a"])  # .keras
+    assert keras2.is_keras2_h5(keras2_dir / "gru.h5")
+    assert not keras2.is_keras2_h5(model_files["a_h5"])  # written by Keras 3
+    assert not keras2.is_keras2_h5(model_files["a"])  # .keras
 
 
 def test_keras3_h5_still_loads_through_keras_itself(model_files, keras):
@@ -119,7 +119,7 @@ def test_convert_config_rewrites_a_copy(keras2_dir):
     with h5py.File(keras2_dir / "gru_old.h5", "r") as f:
         original = json.loads(f.attrs["model_config"])
     before = json.dumps(original)
-    converted = legacy.convert_config(original)
+    converted = keras2.convert_config(original)
     assert json.dumps(original) == before
     layers = converted["config"]["layers"]
     assert layers[0] == {
@@ -134,7 +134,7 @@ def test_convert_config_rewrites_a_copy(keras2_dir):
 def test_convert_config_renumbers_calls_of_nested_models(keras2_dir):
     with h5py.File(keras2_dir / "siamese.h5", "r") as f:
         original = json.loads(f.attrs["model_config"])
-    converted = legacy.convert_config(original)
+    converted = keras2.convert_config(original)
     # Keras 2 numbers the two calls of the shared encoder 1 and 2, Keras 3 numbers them 0 and 1;
     # for outputs Keras 3 shifts Functional models itself but not Sequential ones.
     assert original["config"]["output_layers"] == [["head", 1, 0], ["encoder", 2, 0]]
@@ -197,7 +197,7 @@ def test_convert_config_raises_only_model_file_errors_on_mutated_configs(keras2_
         else:
             parent[path[-1]] = data.draw(JSON)
     try:
-        converted = legacy.convert_config(config, "m.h5")
+        converted = keras2.convert_config(config, "m.h5")
     except ModelFileError as e:
         assert str(e).startswith("m.h5: ")
     else:
@@ -316,7 +316,7 @@ def test_lambda_bytecode_is_refused_and_never_runs(keras2_dir, tmp_path, monkeyp
     )
     assert not marker.exists()
     with pytest.raises(UnsafeModelError) as info:  # and the conversion refuses it on its own
-        legacy.load_keras2_h5(path)
+        keras2.load_keras2_h5(path)
     assert str(info.value) == (
         f"{path}: layer 'lambda' (Lambda) holds Python bytecode that would run when the model "
         "is built; refused (use --trust only for files you trust)"
@@ -330,9 +330,9 @@ def test_keras_safe_mode_backs_up_the_lambda_check(keras2_dir, tmp_path, monkeyp
     monkeypatch.setenv(MARKER, str(marker))
     path = keras2_dir / "lambda_code.h5"
     with h5py.File(path, "r") as f:
-        config = legacy.convert_config(json.loads(f.attrs["model_config"]), path, trust=True)
+        config = keras2.convert_config(json.loads(f.attrs["model_config"]), path, trust=True)
     with pytest.raises(ModelFileError, match=r"\(Lambda\): Requested the deserialization"):
-        legacy._build(config, path, trust=False)
+        keras2._build(config, path, trust=False)
     assert not marker.exists()
 
 

@@ -20,11 +20,11 @@ from filesupport import rewrite_h5_config, rewrite_keras_config
 
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.files.loading import load_model
-from fusecli.files.modelfile import read_model_file
-from fusecli.files.safety import scan
-from fusecli.files.tensors import read_layout
+from fusecli.formats.modelfile import read_model_file
+from fusecli.formats.weights_layout import read_layout
 from fusecli.merging.merge import merge
+from fusecli.safety.loading import load_model
+from fusecli.safety.scan import scan
 
 BOMB = "; refusing a possible decompression bomb"
 

@@ -11,7 +11,7 @@ from conftest import predict
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.fusion.build import fuse, fuse_to_file
+from fusecli.fusion.fuse import fuse, fuse_to_file
 
 
 def _softmax(z, axis=-1):

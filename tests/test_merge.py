@@ -16,8 +16,8 @@ from conftest import REPO, predict
 from test_merge_methods import mergekit_slerp
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, UnsafeModelError
-from fusecli.files.modelfile import open_weights
-from fusecli.files.tensors import read_layout, read_tensor
+from fusecli.formats.modelfile import open_weights
+from fusecli.formats.weights_layout import read_layout, read_tensor
 from fusecli.merging.merge import merge
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fusecli.errors import ModelFileError
-from fusecli.files.modelfile import (
+from fusecli.formats.modelfile import (
     file_format,
     open_hdf5,
     open_weights,

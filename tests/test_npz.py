@@ -17,10 +17,10 @@ from conftest import run_cli
 
 from fusecli.cli import cli
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.files.inspection import inspect_file
-from fusecli.files.loading import load_model
-from fusecli.files.safety import scan
+from fusecli.inspection import inspect_file
 from fusecli.merging.merge import merge
+from fusecli.safety.loading import load_model
+from fusecli.safety.scan import scan
 
 PICKLE = "is a NumPy object array, stored as a pickle, which runs code when loaded"
 REFUSING = "; refusing (use --trust to load it anyway)"

@@ -14,9 +14,9 @@ from filesupport import keras2_files, marker_model, rewrite_h5_config, rewrite_k
 
 from fusecli.cli import cli
 from fusecli.errors import UnsafeModelError, VerificationError
-from fusecli.files.loading import load_model
-from fusecli.files.modelfile import read_model_file
-from fusecli.files.safety import Finding, refuse_unsafe, scan
+from fusecli.formats.modelfile import read_model_file
+from fusecli.safety.loading import load_model
+from fusecli.safety.scan import Finding, refuse_unsafe, scan
 
 BYTECODE = "is a Lambda layer with Python bytecode, which would run when loaded"
 REFUSING = "; refusing (use --trust to load it anyway)"
@@ -364,7 +364,7 @@ def test_fuse_refuses_nested_lambda_and_its_code_never_runs(made, model_files, t
 
 
 def test_fused_lambda_models_are_refused_at_every_depth(model_files, tmp_path):
-    from fusecli.fusion.build import fuse_to_file
+    from fusecli.fusion.fuse import fuse_to_file
 
     lam = tmp_path / "lam.keras"
     fuse_to_file([model_files["a"], model_files["b"]], lam, scale="lambda")

@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from filesupport import rewrite_keras_config
 
 from fusecli.cli import cli
-from fusecli.files.inspection import inspect_file
-from fusecli.files.shapes import UNKNOWN, OutputShapes, model_outputs
+from fusecli.config.shapes import UNKNOWN, OutputShapes, model_outputs
+from fusecli.inspection import inspect_file
 
 TESTS = Path(__file__).resolve().parent
 

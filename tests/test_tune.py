@@ -229,7 +229,7 @@ def test_tune_models_runs_them_and_writes_the_fused_model(tmp_path, model_files,
 def test_tune_at_logits(tmp_path, model_files, keras):
     import inspect
 
-    from fusecli.fusion.build import fuse_to_file
+    from fusecli.fusion.fuse import fuse_to_file
     from fusecli.scores.prediction import predict_array
 
     if "at" not in inspect.signature(fuse_to_file).parameters:

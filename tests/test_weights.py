@@ -7,8 +7,8 @@ import math
 import pytest
 
 from fusecli.cli.common import join_weight_values
+from fusecli.coefficients import parse_weights, resolve_weights
 from fusecli.errors import InvalidRequest
-from fusecli.weights import parse_weights, resolve_weights
 
 
 @pytest.mark.parametrize(

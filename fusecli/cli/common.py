@@ -20,10 +20,10 @@ from typing import Any
 import click
 
 from fusecli import runtime
+from fusecli.coefficients import parse_weights
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.scores.options import DEFAULT_BATCH_SIZE
 from fusecli.termination import cleanup_on_termination
-from fusecli.weights import parse_weights
 
 WEIGHT_FLAGS = ("--w", "--weights")
 

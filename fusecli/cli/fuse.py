@@ -100,7 +100,7 @@ def fuse_command(
       fusecli fuse a.keras b.keras c.keras -o three.h5 --json
       fusecli fuse rgb.keras flow.keras --w 1 1.5 --at logits    # softmax(z_rgb + 1.5 z_flow)
     """
-    from fusecli.fusion.build import fuse_to_file
+    from fusecli.fusion.fuse import fuse_to_file
 
     if trust:
         say("Warning: --trust: model files may run code while they load.")

@@ -36,7 +36,7 @@ def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -
       fusecli inspect examples/
       fusecli inspect fused.keras --json
     """
-    from fusecli.files.inspection import inspect_paths
+    from fusecli.inspection import inspect_paths
 
     reports, failed = [], False
     for _path, result in inspect_paths(list(files)):

@@ -14,13 +14,13 @@ from fusecli.errors import FusecliError, InvalidRequest, ModelFileError
 from fusecli.exporting.formats import ExportFormat, format_for
 from fusecli.exporting.signature import signature_of
 from fusecli.exporting.verify import check_export
-from fusecli.files.loading import load_model
-from fusecli.files.outputfile import (
+from fusecli.output import (
     atomic_output,
     atomic_output_dir,
     check_output_dir,
     check_output_path,
 )
+from fusecli.safety.loading import load_model
 
 if TYPE_CHECKING:
     import keras

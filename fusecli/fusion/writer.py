@@ -25,10 +25,10 @@ import h5py
 import numpy as np
 
 from fusecli.errors import ModelFileError
-from fusecli.files import archive
-from fusecli.files.modelfile import open_weights
-from fusecli.files.tensors import TRAINING_STATE_GROUPS
-from fusecli.fusion.assemble import Assembly
+from fusecli.formats import archive
+from fusecli.formats.modelfile import open_weights
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
+from fusecli.fusion.graph import Assembly
 from fusecli.fusion.naming import unique
 
 H5_WEIGHTS = "model_weights"

@@ -29,13 +29,10 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files import archive
-from fusecli.files.isolation import call_isolated, call_isolated_write
-from fusecli.files.legacy import check_keras2_layout
-from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
-from fusecli.files.outputfile import atomic_output, check_output_path, model_format
-from fusecli.files.safety import check_written, refuse_unsafe
-from fusecli.files.tensors import (
+from fusecli.formats import archive
+from fusecli.formats.keras2 import check_keras2_layout
+from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
+from fusecli.formats.weights_layout import (
     TRAINING_STATE_GROUPS,
     Layout,
     architecture_difference,
@@ -43,6 +40,9 @@ from fusecli.files.tensors import (
     read_tensor,
 )
 from fusecli.merging.methods import MergePlan, plan_merge
+from fusecli.output import atomic_output, check_output_path, model_format
+from fusecli.safety.isolation import call_isolated, call_isolated_write
+from fusecli.safety.scan import check_written, refuse_unsafe
 
 Progress = Callable[[int, int], None]
 

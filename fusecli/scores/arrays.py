@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.lib.format as npy_format
 
+from fusecli.coefficients import resolve_weights
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.files.outputfile import atomic_output, check_output_path
-from fusecli.weights import resolve_weights
+from fusecli.output import atomic_output, check_output_path
 
 STDIO = "-"
 # Bytes of all inputs read per step: large enough for fast I/O, small against any RAM.

@@ -18,7 +18,7 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.files.loading import load_model
+from fusecli.safety.loading import load_model
 from fusecli.scores.arrays import check_score_output, score_output
 from fusecli.scores.datafile import DataFile, model_input_arrays, open_data
 from fusecli.scores.options import AT_CHOICES, DEFAULT_BATCH_SIZE

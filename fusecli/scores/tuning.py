@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.files.modelfile import MODEL_SUFFIXES
+from fusecli.formats.modelfile import MODEL_SUFFIXES
 from fusecli.scores import metrics
 from fusecli.scores.arrays import check_finite
 from fusecli.scores.options import DEFAULT_STEP
@@ -274,7 +274,7 @@ def tune(
             raise InvalidRequest(
                 "-o writes a fused model, so it needs model files, not score arrays"
             )
-        from fusecli.files.outputfile import check_output_path, model_format
+        from fusecli.output import check_output_path, model_format
 
         model_format(output)
         extra = [p for p in (data, labels) if p is not None]
@@ -320,7 +320,7 @@ def tune(
     )
     result.at = at
     if output is not None:
-        from fusecli.fusion.build import fuse_to_file
+        from fusecli.fusion.fuse import fuse_to_file
 
         extra = {"at": "logits"} if at == "logits" else {}
         report = fuse_to_file(

@@ -6,9 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fusecli.coefficients import resolve_weights
 from fusecli.errors import InvalidRequest
 from fusecli.merging.methods.base import MergePlan
-from fusecli.weights import resolve_weights
 
 NAME = "task-arithmetic"
 

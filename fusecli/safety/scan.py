@@ -30,19 +30,19 @@ from typing import Any
 
 import h5py
 
+from fusecli.config.shapes import OutputShapes, Shape
 from fusecli.errors import ModelFileError, UnsafeModelError, VerificationError
-from fusecli.files.isolation import call_isolated
-from fusecli.files.modelfile import (
+from fusecli.formats.modelfile import (
     NPZ_WEIGHTS_MEMBER,
     WEIGHTS_MEMBER,
     ModelFile,
-    check_dataset_size,
     open_hdf5,
     read_model_file,
     read_npz_members,
     walk_hdf5,
 )
-from fusecli.files.shapes import OutputShapes, Shape
+from fusecli.safety.isolation import call_isolated
+from fusecli.safety.limits import check_dataset_size
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -119,7 +119,7 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
     Returns the `ModelFile`, so a loader can look at its config without reading it twice. The
-    file is read in a child process, with a time limit (`fusecli.files.isolation`). A file
+    file is read in a child process, with a time limit (`fusecli.safety.isolation`). A file
     beyond the readers' limits (`ModelFileError`) is refused even with `trust`.
     """
     model_file, findings = call_isolated(_read_and_scan, Path(path))
@@ -545,7 +545,7 @@ def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
     (a `Dense(units=2**31)` asks for gigabytes, and so do an `Embedding(60000, 60000)` and a
     `Dense(60000)` on inputs of 60000 features), and its weights could not match anyway.
 
-    Input channels come from the shapes the config gives (`fusecli.files.shapes`), for the
+    Input channels come from the shapes the config gives (`fusecli.config.shapes`), for the
     layers whose shapes it can follow."""
     limit = max(values, _SIZE_FLOOR)
     first_inputs = OutputShapes(model_file.config).first_inputs

@@ -3,7 +3,7 @@ prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` out
 
 Keras is imported only where the file alone cannot say enough:
 - Keras 2 era `.h5` inputs, legacy `.h5` inputs going into a `.keras` output, and every input of
-  a `.h5` output: Keras loads the model (through `fusecli.files.loading`, the one door) and its
+  a `.h5` output: Keras loads the model (through `fusecli.safety.loading`, the one door) and its
   own saver lays its tensors out; the fused file is then assembled from that copy, and checked
   against it;
 - a model whose output shape its config does not state (a last layer outside the common ones):
@@ -23,22 +23,22 @@ from typing import Any
 import numpy as np
 
 from fusecli.errors import FusecliError, ModelFileError
-from fusecli.files import archive
-from fusecli.files.isolation import call_isolated_write
-from fusecli.files.loading import CheckedFile, checked_files, load_checked
-from fusecli.files.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
-from fusecli.files.outputfile import atomic_output
-from fusecli.files.safety import refuse_unsafe
+from fusecli.formats import archive
+from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.fusion import writer
-from fusecli.fusion.assemble import (
+from fusecli.fusion.graph import (
     Assembly,
     assemble,
     common_axes,
     layer_entries,
     prepare_branch,
 )
-from fusecli.fusion.check import prove
 from fusecli.fusion.naming import identifier, unique
+from fusecli.fusion.proof import prove
+from fusecli.output import atomic_output
+from fusecli.safety.isolation import call_isolated_write
+from fusecli.safety.loading import CheckedFile, checked_files, load_checked
+from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
 # Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
@@ -229,7 +229,7 @@ def _through_keras(
 
 def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], trust: bool) -> None:
     """Where the quick look at a model's last layers does not give an output's shape, the
-    config-wide computation of `fusecli.files.shapes` may; failing that, Keras builds the model
+    config-wide computation of `fusecli.config.shapes` may; failing that, Keras builds the model
     (without weights) to find it."""
     for branch, config in zip(branches, configs, strict=True):
         if all(shape is not None for shape in branch.output_shapes):
@@ -246,8 +246,8 @@ def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], tru
 
 
 def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
-    """Every output's shape from `fusecli.files.shapes`, or None unless all are known."""
-    from fusecli.files.shapes import UNKNOWN, model_outputs
+    """Every output's shape from `fusecli.config.shapes`, or None unless all are known."""
+    from fusecli.config.shapes import UNKNOWN, model_outputs
 
     try:
         specs = [spec for _, spec in model_outputs(config)]

@@ -51,7 +51,7 @@ DEFAULT_TIMEOUT = 60.0
 _FRAME = struct.Struct("<Q")  # every message: its length, then a pickle
 _PR_SET_PDEATHSIG = 1
 # The helper is started with `python -c`; it learns the caller's sys.path from its first message.
-_BOOT = "from fusecli.files.isolation import _serve; _serve()"
+_BOOT = "from fusecli.safety.isolation import _serve; _serve()"
 # Libraries that would start thread pools in the helper, which must stay single-threaded.
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Pickling a deeply nested config recurses once per level; the reading child allows that much.

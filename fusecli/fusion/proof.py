@@ -8,7 +8,7 @@
   (or from the values Keras loaded, for branches Keras converted): compared byte for byte, or by
   SHA-256 digests where a tensor is not one plain block on disk; every source tensor placed once
   and nothing else written;
-- the written file passes the same scan as every input (`fusecli.files.safety`).
+- the written file passes the same scan as every input (`fusecli.safety.scan`).
 Any difference raises `VerificationError`; the caller deletes the file.
 """
 
@@ -24,11 +24,10 @@ from typing import Any
 import h5py
 
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
-from fusecli.files import archive
-from fusecli.files.modelfile import open_weights, read_model_file
-from fusecli.files.safety import scan
-from fusecli.files.tensors import TRAINING_STATE_GROUPS
-from fusecli.fusion.assemble import (
+from fusecli.formats import archive
+from fusecli.formats.modelfile import open_weights, read_model_file
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
+from fusecli.fusion.graph import (
     Assembly,
     layer_entries,
     layer_name,
@@ -36,6 +35,7 @@ from fusecli.fusion.assemble import (
     undo_renames,
 )
 from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
+from fusecli.safety.scan import scan
 
 
 def prove(

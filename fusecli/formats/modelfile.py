@@ -28,6 +28,14 @@ import numpy as np
 from h5py import h5d, h5g, h5l, h5o
 
 from fusecli.errors import ModelFileError
+from fusecli.safety.limits import (
+    GUARD_FLOOR,
+    MAX_EXPANSION,
+    MAX_HDF5_DEPTH,
+    MAX_HDF5_OBJECTS,
+    check_config_depth,
+    check_inflation,
+)
 
 MODEL_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 MODEL_SUFFIXES = tuple(MODEL_FORMATS)
@@ -41,20 +49,6 @@ NPZ_WEIGHTS_MEMBER = "model.weights.npz"  # Keras 3.6+ can save weights so (NumP
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 Format = Literal["keras", "h5"]
-
-# Limits on what a file can make the readers do (docs/safety.md).
-# A config nested deeper than any Keras model is (28 nested Sequential models: about 90).
-MAX_CONFIG_DEPTH = 256
-# HDF5 groups nested deeper (a nested model adds two levels), or more objects, than a model has.
-MAX_HDF5_DEPTH = 128
-MAX_HDF5_OBJECTS = 200_000
-# Keras refuses a zip member that inflates more than 100 times (saving_lib's
-# _ZIP_MEMBER_MAX_EXPANSION) above 4 GiB; fusecli reads members into memory from 1 MiB on.
-MAX_INFLATION = 100
-# Keras refuses an HDF5 dataset that declares more than 1000 times what it stores (saving_lib's
-# _H5_DATASET_MAX_EXPANSION) above 4 GiB; fusecli from 1 MiB on, for every dataset and .npy.
-MAX_EXPANSION = 1000
-GUARD_FLOOR = 1 << 20
 
 
 @dataclass
@@ -174,24 +168,6 @@ def _prefixed(offset: int | None) -> str:
     )
 
 
-def check_config_depth(path: Path, config: Any, what: str) -> None:
-    """Refuse a config nested deeper than MAX_CONFIG_DEPTH, measured without recursion, so
-    that no reader (nor the pickling between processes) recurses without bound."""
-    stack = [(config, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_CONFIG_DEPTH:
-            raise ModelFileError(
-                path,
-                f"{what} is nested more than {MAX_CONFIG_DEPTH} levels deep; no Keras model "
-                "is, and such a file is refused",
-            )
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
 @contextlib.contextmanager
 def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
     """Open the HDF5 group that holds a model file's weights, read-only.
@@ -261,23 +237,6 @@ def open_archive(path: Path) -> Iterator[zipfile.ZipFile]:
         yield archive
 
 
-def check_inflation(path: Path, info: zipfile.ZipInfo, inside: str = "") -> None:
-    """Refuse a zip member whose declared size disagrees with, or far exceeds, what it stores."""
-    name = f"{inside}{info.filename}"
-    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-        raise ModelFileError(
-            path,
-            f"member {name!r} is stored uncompressed but declares {info.file_size} bytes and "
-            f"stores {info.compress_size}; readers would disagree on its content",
-        )
-    if info.file_size > GUARD_FLOOR and info.file_size > MAX_INFLATION * info.compress_size:
-        raise ModelFileError(
-            path,
-            f"member {name!r} inflates to {info.file_size} bytes from {info.compress_size} "
-            f"(more than {MAX_INFLATION} times); refusing a possible decompression bomb",
-        )
-
-
 def _h5_member(archive: zipfile.ZipFile, path: Path) -> str:
     names = archive.namelist()
     if WEIGHTS_MEMBER not in names and NPZ_WEIGHTS_MEMBER in names:
@@ -343,21 +302,6 @@ def walk_hdf5(root: h5py.Group, path: Path) -> Iterator[Hdf5Entry]:
             else:
                 yield Hdf5Entry(name, "other")
         stack.extend(reversed(children))
-
-
-def check_dataset_size(path: Path, dataset: h5py.Dataset, where: str) -> int:
-    """The number of values `dataset` declares; refused if it declares far more bytes than it
-    stores (a compressed or unallocated "shape bomb" that would fill memory when read)."""
-    count = math.prod(dataset.shape or ())
-    declared = count * dataset.dtype.itemsize
-    stored = dataset.id.get_storage_size()
-    if declared > GUARD_FLOOR and declared > MAX_EXPANSION * stored:
-        raise ModelFileError(
-            path,
-            f"HDF5 dataset {where!r} declares {declared} bytes but stores {stored} (more "
-            f"than {MAX_EXPANSION} times less); refusing a possible decompression bomb",
-        )
-    return count
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,18 @@ from typing import Any
 
 import h5py
 
+from fusecli.config.shapes import MODEL_CLASSES, Spec, model_inputs, model_outputs
 from fusecli.errors import ModelFileError
-from fusecli.files.isolation import call_isolated
-from fusecli.files.modelfile import (
+from fusecli.formats.modelfile import (
     MODEL_SUFFIXES,
     NPZ_WEIGHTS_MEMBER,
     ModelFile,
     open_hdf5,
     read_model_file,
 )
-from fusecli.files.safety import scan
-from fusecli.files.shapes import MODEL_CLASSES, Spec, model_inputs, model_outputs
-from fusecli.files.tensors import count_npz_params
+from fusecli.formats.weights_layout import count_npz_params
+from fusecli.safety.isolation import call_isolated
+from fusecli.safety.scan import scan
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:

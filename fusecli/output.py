@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.files.modelfile import MODEL_FORMATS
+from fusecli.formats.modelfile import MODEL_FORMATS
 from fusecli.termination import cleanup_on_termination
 
 

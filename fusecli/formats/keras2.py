@@ -29,13 +29,13 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.files import keras2_masks
-from fusecli.files.modelfile import ModelFile, file_format, read_model_file
+from fusecli.formats import keras2_masks
+from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
 
 if TYPE_CHECKING:
     import keras
 
-    from fusecli.files.tensors import Layout
+    from fusecli.formats.weights_layout import Layout
 
 # Retired Keras 2 arguments: the value that means "nothing special" (the argument is dropped),
 # per layer class. Any other value changes what the layer computes and cannot be converted.

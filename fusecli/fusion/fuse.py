@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 import numpy as np
 
 from fusecli import runtime
+from fusecli.coefficients import resolve_weights
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.files.loading import checked_files, load_checked
-from fusecli.files.outputfile import atomic_output, check_output_path, model_format
 from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
-from fusecli.weights import resolve_weights
+from fusecli.output import atomic_output, check_output_path, model_format
+from fusecli.safety.loading import checked_files, load_checked
 
 if TYPE_CHECKING:
     import keras
@@ -148,11 +148,12 @@ def fuse_to_file(
     """Fuse `models` (see `fuse` for the options) and write the result to `output` (.keras or
     .h5), atomically.
 
-    Model files are fused as files (`fusecli.fusion.files`): the written file is then re-opened
-    and proved, without Keras, to hold the models' configs, the head asked for and every tensor
-    bit for bit. `verify=True` adds the numeric check: the file is loaded in Keras and its output
-    on a random batch compared with what it should compute. Loaded `keras.Model`s are fused in
-    Keras and numerically verified unless `verify=False`. A file that fails is deleted.
+    Model files are fused as files (`fusecli.fusion.file_fusion`): the written file is then
+    re-opened and proved, without Keras, to hold the models' configs, the head asked for and
+    every tensor bit for bit. `verify=True` adds the numeric check: the file is loaded in Keras
+    and its output on a random batch compared with what it should compute. Loaded
+    `keras.Model`s are fused in Keras and numerically verified unless `verify=False`. A file
+    that fails is deleted.
     """
     fmt = model_format(output)
     checked = _check_request(
@@ -223,7 +224,7 @@ def _fuse_paths(
     verify: bool,
 ) -> FusionReport:
     """`fuse_to_file` on model files: at file level, proved; Keras only for `verify`."""
-    from fusecli.fusion.files import fuse_files
+    from fusecli.fusion.file_fusion import fuse_files
 
     activation = activation or ("softmax" if at == "logits" else "none")
     numeric: list[NumericCheck] = []
@@ -626,7 +627,7 @@ def _with_unique_names(model: keras.Model, branch: str, keras: Any) -> keras.Mod
     takes the model's weights; a model that cannot be rebuilt so (a subclassed one) is only
     renamed itself.
     """
-    from fusecli.fusion.assemble import rename_layers
+    from fusecli.fusion.graph import rename_layers
 
     try:
         config = keras.saving.serialize_keras_object(model)

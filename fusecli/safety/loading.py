@@ -2,14 +2,14 @@
 
 A file is read once, into a private copy: a folder only this user can open, which no one else
 can re-point or rewrite. The copy is read and scanned without Keras in a child process
-(`fusecli.files.safety`, `fusecli.files.isolation`), and Keras loads that same copy, so what Keras
+(`fusecli.safety.scan`, `fusecli.safety.isolation`), and Keras loads that same copy, so what Keras
 sees is exactly what was scanned, whatever happens to the path meanwhile. (Keras' own loaders
 take a path or a file object; a private path keeps to its public `load_model`, and lets the
 scanner, which reads paths, read the very same bytes.)
 
 A broken file raises `ModelFileError`, one that holds code `UnsafeModelError`, and whatever else
 a file makes Keras raise becomes a `ModelFileError` too. Keras 2 era `.h5` files go through
-`fusecli.files.legacy`, which rewrites their config for Keras 3.
+`fusecli.formats.keras2`, which rewrites their config for Keras 3.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 from fusecli import runtime
 from fusecli.errors import FusecliError, ModelFileError
-from fusecli.files import legacy
-from fusecli.files.modelfile import ModelFile, check_model_path
-from fusecli.files.safety import refuse_unsafe
+from fusecli.formats import keras2
+from fusecli.formats.modelfile import ModelFile, check_model_path
+from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
         )
     with _named_as_given({checked.copy: source}), keras_errors(source):
         if checked.model_file.written_by_keras2:
-            return legacy.load_keras2_h5(checked.model_file, trust=trust)
+            return keras2.load_keras2_h5(checked.model_file, trust=trust)
         keras = runtime.keras()
         model = keras.saving.load_model(checked.copy, compile=False, safe_mode=not trust)
         if not isinstance(model, keras.Model):

@@ -30,15 +30,15 @@ import h5py
 import numpy as np
 
 from fusecli.errors import ModelFileError
-from fusecli.files.modelfile import (
+from fusecli.formats.modelfile import (
     Format,
     ModelFile,
-    check_dataset_size,
     open_weights,
     read_model_file,
     read_npz_members,
     walk_hdf5,
 )
+from fusecli.safety.limits import check_dataset_size
 
 # Top-level groups of a weights file that hold training state, not the model.
 TRAINING_STATE_GROUPS = ("optimizer", "optimizer_weights")

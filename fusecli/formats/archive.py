@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from fusecli.files.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER
+from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER
 
 # A member of a .keras archive other than the weights: its bytes, or how to open them.
 MemberSource = bytes | Callable[[], BinaryIO]
