@@ -38,7 +38,7 @@ from fusecli.formats.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
-from fusecli.safety.limits import check_dataset_size
+from fusecli.limits import check_dataset_size
 
 # Top-level groups of a weights file that hold training state, not the model.
 TRAINING_STATE_GROUPS = ("optimizer", "optimizer_weights")
