@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from fusecli.cli.common import FusecliCommand, json_option, print_json, say, verbose_option
+from fusecli.cli.common import (
+    FusecliCommand,
+    json_option,
+    print_json,
+    printable,
+    say,
+    verbose_option,
+)
 from fusecli.errors import ModelFileError
 
 _COLUMNS = ("FILE", "FORMAT", "KERAS", "MODEL", "INPUTS", "OUTPUTS", "PARAMS", "LAYERS", "SIZE",
@@ -45,6 +52,7 @@ def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -
             failed = True
         else:
             reports.append(result)
+    reports = printable(reports)  # what the files say, never raw to the terminal: one place
     if as_json:
         print_json(reports)
     elif reports:
@@ -75,7 +83,7 @@ def format_table(reports: list[dict]) -> str:
              for row in rows]  # fmt: skip
     for r in reports:
         for f in r["unsafe"]:
-            lines.append(f"unsafe: {r['path']}: {f['what']} {f['path']!r} {f['reason']}")
+            lines.append(f"unsafe: {r['path']}: {f['what']} '{f['path']}' {f['reason']}")
     return "\n".join(lines)
 
 
