@@ -58,7 +58,6 @@ def check_output_path(
 ) -> Path:
     """Refuse, before any work is done, to write where we must not."""
     path = Path(path)
-    _refuse_link(path)
     if not path.parent.is_dir():
         raise FusecliError(f"{path}: the folder {str(path.parent)!r} does not exist")
     if path.is_dir():
@@ -68,8 +67,9 @@ def check_output_path(
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, source):
                     raise FusecliError(f"{path}: is one of the input files; choose another output")
-        if not force:
-            raise FusecliError(f"{path}: already exists (use --force to replace it)")
+    _refuse_link(path)
+    if path.exists() and not force:
+        raise FusecliError(f"{path}: already exists (use --force to replace it)")
     return path
 
 
