@@ -169,6 +169,12 @@ def print_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, allow_nan=False))
 
 
+def printable(text: str) -> str:
+    """File data made safe for a terminal: what Python does not print as it is (control and
+    format characters: escape sequences, bidi overrides, line breaks) shown as its escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def say(message: str) -> None:
     """A message for the human: stderr, never stdout."""
     click.echo(message, err=True)
