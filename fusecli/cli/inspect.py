@@ -55,6 +55,7 @@ def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -
             failed = True
         else:
             reports.append(result)
+    reports = printable(reports)  # what the files say, never raw to the terminal: one place
     if as_json:
         print_json(reports)
     elif reports:
@@ -85,10 +86,10 @@ def format_table(reports: list[dict]) -> str:
              for row in rows]  # fmt: skip
     for r in reports:
         for f in r["unsafe"]:
-            lines.append(f"unsafe: {r['path']}: {f['what']} {f['path']!r} {f['reason']}")
+            lines.append(f"unsafe: {r['path']}: {f['what']} '{f['path']}' {f['reason']}")
     for r in reports:
         if r.get("recipe") is not None:
-            lines.extend(f"recipe: {r['path']}: {printable(line)}" for line in recipe_lines(r))
+            lines.extend(f"recipe: {r['path']}: {line}" for line in recipe_lines(r))
     return "\n".join(lines)
 
 
