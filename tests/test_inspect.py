@@ -17,7 +17,7 @@ from fusecli.formats.modelfile import open_weights
 from fusecli.inspection import inspect_file
 
 KEYS = {"path", "format", "keras_version", "name", "inputs", "outputs", "params", "layers",
-        "unsafe", "size"}  # fmt: skip
+        "unsafe", "size", "recipe"}  # fmt: skip
 
 
 def mixed_model(keras):
