@@ -114,7 +114,7 @@ def fuse_command(
     if trust:
         say("Warning: --trust: model files may run code while they load.")
     if recipe is not None:
-        from fusecli.fusion.recipe import fuse_recipe_file
+        from fusecli.fusion.recipe_head import fuse_recipe_file
 
         if weights is not None or normalize or at != "output" or activation or scale != "rescaling":
             raise InvalidRequest(

@@ -313,7 +313,7 @@ def _build(
     """`build_fusion` for a request `_check_request` has passed (weights resolved).
 
     `head(keras, outputs, branches, taken, name)`, if given, joins the branches' outputs
-    instead of the weighted sum (a tune recipe's head, `fusecli.fusion.recipe`)."""
+    instead of the weighted sum (a tune recipe's head, `fusecli.fusion.recipe_head`)."""
     activation = activation or ("softmax" if at == "logits" else "none")
     originals = _load_sources(models, trust=trust)
     keras = runtime.keras()

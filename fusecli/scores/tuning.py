@@ -593,7 +593,7 @@ def tune(
 
         plot_tune(result, plot, force=force)
     if output is not None:
-        from fusecli.fusion.recipe import fuse_recipe_to_file
+        from fusecli.fusion.recipe_head import fuse_recipe_to_file
 
         report = fuse_recipe_to_file(list(sources), result.recipe, output, trust=trust, force=force)
         result.output = report.output
