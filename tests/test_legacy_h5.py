@@ -25,6 +25,9 @@ from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.formats import keras2
 from fusecli.safety.loading import load_model
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 # name -> what it covers (all compared against tf-keras' outputs)
 CONVERTED = {
     "gru": "GRU: time_major, implementation=1, reset_after both ways, go_backwards; input_shape",

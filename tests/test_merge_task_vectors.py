@@ -273,7 +273,8 @@ def test_density_gradient_and_set_patterns(tmp_path, keras, family):
     got = {(t["layer"], t["density"]) for t in report.per_tensor}
     # '*' beats the gradient; 'conv_b' is more specific than '*'
     assert got == {("conv_a", 0.9), ("bn", 0.9), ("conv_b", 0.5), ("dense", 0.9), ("head", 0.9)}
-    assert report.settings["density"]["setting"] == [0.2, 0.8]
+    assert report.settings["density"] == {"setting": [0.2, 0.8], "min": 0.5, "max": 0.9}
+    assert report.settings["set"] == ["*:density=0.9", "conv_b:density=0.5"]
     base, fts = _inputs(keras, family, n=2)
     density = {t["tensor"]: t["density"] for t in report.per_tensor}
     expected = [ties_ref(b, [f[k] for f in fts], (1, 1), density[k]) for k, b in enumerate(base)]
@@ -506,3 +507,46 @@ def test_a_list_for_a_method_that_takes_none(tmp_path, family):
 def test_api_errors_are_fusecli_errors(tmp_path, family):
     with pytest.raises(FusecliError):
         merge([family / "ft1.keras"], tmp_path / "m.keras", method="ties")
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+def test_the_recipe_records_method_parameters_seed_and_dtype(tmp_path, keras, family):
+    from fusecli.formats.recipe import read_recipe
+
+    out = tmp_path / "m.keras"
+    files = [family / "ft1.keras", family / "ft2.keras"]
+    merge(
+        files,
+        out,
+        (0.7, 0.5),
+        method="dare-ties",
+        base=family / "base.keras",
+        density=(0.5, 0.9),
+        overrides=["head:density=1"],
+        seed=4,
+        dtype="float16",
+    )
+    recipe = read_recipe(out, "keras")
+    assert [s["file"] for s in recipe["sources"]] == ["ft1.keras", "ft2.keras", "base.keras"]
+    assert recipe["options"] == {
+        "method": "dare-ties",
+        "parameters": {
+            "weights": [0.7, 0.5],
+            "density": {"setting": [0.5, 0.9], "min": 0.5, "max": 1.0},
+            "rescale": "l1",
+            "seed": 4,
+            "normalize": False,
+            "lambda": 1.0,
+            "set": ["head:density=1"],
+        },
+        "base": "base.keras",
+        "seed": 4,
+        "dtype": "float16",
+    }
+    keras.models.load_model(out)  # Keras loads it as before
+    shown = run_cli("inspect", out)
+    assert shown.returncode == 0, shown.stderr
+    assert f"recipe: {out}: fusecli " in shown.stdout
+    assert "merge method=dare-ties" in shown.stdout and '"setting": [0.5, 0.9]' in shown.stdout

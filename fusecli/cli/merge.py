@@ -212,15 +212,17 @@ def _describe(report: Any) -> str:
         parts = [report.method]
         if report.weights is not None:
             parts.append("weights " + ", ".join(f"{w:g}" for w in report.weights))
-        for name, entry in report.settings.items():
-            if name in ("weights", "normalize") and report.method in ("linear", "task-arithmetic"):
+        for name, value in report.settings.items():
+            if name == "weights" and report.weights is not None:
+                continue
+            if name == "normalize" and report.method in ("linear", "task-arithmetic"):
                 continue
             if name == "set":
-                parts.append("set " + " ".join(entry))
-            elif "min" in entry and entry["min"] != entry["max"]:
-                parts.append(f"{name} {_num(entry['min'])} to {_num(entry['max'])} over the layers")
-            elif name != "weights" or report.weights is None:
-                parts.append(f"{name} {_num(entry['setting'])}")
+                parts.append("set " + " ".join(value))
+            elif isinstance(value, dict):
+                parts.append(f"{name} {_num(value['min'])} to {_num(value['max'])} over the layers")
+            else:
+                parts.append(f"{name} {_num(value)}")
         how = ", ".join(parts)
     if report.dtype:
         how += f"; written as {report.dtype}"

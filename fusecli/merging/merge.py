@@ -19,6 +19,7 @@ input.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import zipfile
@@ -34,6 +35,7 @@ from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, Verific
 from fusecli.formats import archive
 from fusecli.formats.keras2 import check_keras2_layout
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
+from fusecli.formats.recipe import Pending, Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import (
     TRAINING_STATE_GROUPS,
     Layout,
@@ -135,6 +137,8 @@ def merge(
     resolved = resolve_settings(plan, template.variables)
     values = [None if r is None else r.values for r in resolved]
     names = [p.name for p in sources]
+    settings = summarize(plan, resolved)
+    recipe_options = _recipe_options(plan, settings, None if base is None else Path(base), dtype)
 
     with atomic_output(output, force=force) as tmp:
         # The inputs' tensors are read here for the first time: in a child process, so that a
@@ -149,6 +153,7 @@ def merge(
             values,
             dtype,
             names,
+            recipe_options,
             verify,
             inputs=sources,
             nbytes=sum(_size(p) for p in sources),
@@ -176,7 +181,7 @@ def merge(
         verified=verify,
         seed=plan.seed,
         dtype=dtype,
-        settings=summarize(plan, resolved),
+        settings=settings,
         per_tensor=[r.as_dict(per_layer) for r in resolved if r is not None],
         relatedness=evidence,
         warnings=[] if evidence is None else warnings_from(evidence),
@@ -257,6 +262,7 @@ def _write_and_verify(
     values: list[dict[str, Any] | None],
     dtype: str | None,
     names: list[str],
+    recipe_options: dict[str, Any],
     verify: bool,
     progress: Progress | None,
 ) -> dict[str, Any] | None:
@@ -267,7 +273,11 @@ def _write_and_verify(
     reference = names[-1] if plan.needs_base else names[0]
     compared = names[:n_models] if plan.needs_base else names[1:n_models]
     evidence = Relatedness(compared, reference)
-    digests = _write(tmp, fmt, template, layouts, plan, values, expected, evidence, progress)
+    paths = [layout.path for layout in layouts]  # read in place: hashed as they are
+    recipe = Pending("merge", paths, paths, recipe_options)
+    digests = _write(
+        tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
+    )
     if verify:
         _verify(tmp, template, expected, digests)
     return evidence.as_dict() if compared else None
@@ -287,6 +297,20 @@ def _numpy_dtype(dtype: str) -> np.dtype:
     return np.dtype(dtype)
 
 
+def _recipe_options(
+    plan: MergePlan, settings: dict[str, Any], base: Path | None, dtype: str | None
+) -> dict[str, Any]:
+    """What the recipe records of a merge: the method, every parameter as resolved (a
+    per-layer one as given, with the range it took, and the --set patterns), seed and dtype."""
+    return {
+        "method": plan.method,
+        "parameters": settings,
+        "base": None if base is None else base.name,
+        "seed": plan.seed,
+        "dtype": dtype,
+    }
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -304,6 +328,7 @@ def _write(
     expected: list[Variable],
     evidence: Relatedness,
     progress: Progress | None,
+    recipe: Recipe,
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
@@ -313,10 +338,12 @@ def _write(
                 source = template_group.file
                 attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
                 with archive.h5_model(tmp, attrs) as out:
-                    return _write_h5(out, template, template_group, tensors, progress)
+                    digests = _write_h5(out, template, template_group, tensors, progress)
+                    write_h5_recipe(out, recipe)
+                    return digests
             with (
                 zipfile.ZipFile(template.path) as source,
-                archive.keras_archive(tmp, _template_members(source), _ARCHIVE_DATE) as out,
+                archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
             ):
                 return _fill(out, template, template_group, tensors, progress)
 
@@ -430,11 +457,18 @@ def _copy_structure(source: h5py.Group, out: h5py.Group, skip: set[str], root: s
             source.copy(node, out, name=key)
 
 
-def _template_members(source: zipfile.ZipFile) -> list[tuple[str, archive.MemberSource | None]]:
-    """The template's members, its weights to be replaced, its compile config dropped."""
+def _template_members(
+    source: zipfile.ZipFile, recipe: Recipe
+) -> list[tuple[str, archive.MemberSource | None]]:
+    """The template's members, its weights to be replaced, its compile config dropped; its
+    metadata, with the recipe, goes last (written once the inputs are hashed)."""
     members: list[tuple[str, archive.MemberSource | None]] = []
+    metadata: dict[str, Any] = {}
     for info in source.infolist():
-        if info.filename == WEIGHTS_MEMBER:
+        if info.filename == archive.METADATA_MEMBER:
+            found = json.loads(source.read(info))
+            metadata = found if isinstance(found, dict) else {}
+        elif info.filename == WEIGHTS_MEMBER:
             members.append((WEIGHTS_MEMBER, None))
         elif info.filename == CONFIG_MEMBER:
             config = json.loads(source.read(info))
@@ -443,6 +477,7 @@ def _template_members(source: zipfile.ZipFile) -> list[tuple[str, archive.Member
             members.append((CONFIG_MEMBER, archive.config_member(config)))
         else:
             members.append((info.filename, lambda info=info: source.open(info)))
+    members.append((archive.METADATA_MEMBER, lambda: io.BytesIO(keras_metadata(metadata, recipe))))
     return members
 
 

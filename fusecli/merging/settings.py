@@ -86,19 +86,21 @@ def resolve_settings(plan: MergePlan, variables: Sequence[Variable]) -> list[Ten
 
 
 def summarize(plan: MergePlan, resolved: Sequence[TensorSettings | None]) -> dict[str, Any]:
-    """Each parameter as given (a gradient, the --set patterns) and the range it took."""
+    """Every parameter as resolved: its value, or, where it varies over the tensors (a gradient,
+    a --set pattern), what was given and the range it took; the --set patterns last."""
     summary: dict[str, Any] = {}
     for name, setting in plan.settings.items():
-        entry: dict[str, Any] = {"setting": _plain(setting)}
         taken = [s.values[name] for s in resolved if s is not None]
-        varies = taken and any(t != taken[0] for t in taken)
-        if name in per_layer_names(plan) and varies:
-            if name == "weights":
-                entry["min"] = [min(w[i] for w in taken) for i in range(plan.n_models)]
-                entry["max"] = [max(w[i] for w in taken) for i in range(plan.n_models)]
-            else:
-                entry["min"], entry["max"] = min(taken), max(taken)
-        summary[name] = entry
+        if not taken or all(t == taken[0] for t in taken):
+            summary[name] = _plain(taken[0] if taken else setting)
+        elif name == "weights":
+            summary[name] = {
+                "setting": _plain(setting),
+                "min": [min(w[i] for w in taken) for i in range(plan.n_models)],
+                "max": [max(w[i] for w in taken) for i in range(plan.n_models)],
+            }
+        else:
+            summary[name] = {"setting": _plain(setting), "min": min(taken), "max": max(taken)}
     if plan.overrides:
         summary["set"] = [o.describe() for o in plan.overrides]
     return summary

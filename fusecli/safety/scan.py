@@ -41,8 +41,9 @@ from fusecli.formats.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
+from fusecli.limits import check_dataset_size
 from fusecli.safety.isolation import call_isolated
-from fusecli.safety.limits import check_dataset_size
+from fusecli.safety.references import is_pure_reference, is_reference, referenced_name
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
@@ -181,7 +182,7 @@ def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
         if not isinstance(node, dict):
             continue
         is_lambda = False
-        if "class_name" in node:
+        if "class_name" in node or is_reference(node):
             place = _enter(node, place)
             yield from _check_object(node, place, key)
             if node.get("class_name") == _BYTECODE:
@@ -233,7 +234,7 @@ def _layer_name(node: dict[str, Any]) -> str | None:
 
 def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Finding]:
     where, owner = place.where, place.owner
-    class_name = _text(node.get("class_name"))
+    class_name = _text(node.get("class_name", "function" if is_reference(node) else None))
     if class_name == _BYTECODE:
         if owner == "Lambda" and key == "function":
             reason = "is a Lambda layer with Python bytecode, which would run when loaded"
@@ -280,6 +281,14 @@ def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Fin
             class_name,
             f"names Python's built-in function {node['config']!r}, not a Keras function; a "
             "Keras that falls back to Python's builtins would call it",
+        )
+    elif is_reference(node) and not is_pure_reference(node):
+        yield Finding(
+            where,
+            class_name,
+            f"calls the function {_text(referenced_name(node))!r} from module {module!r} by "
+            "reference, which Keras would look up and run (only Keras' built-in activations, "
+            "losses and metrics are known to run no other code)",
         )
 
 
