@@ -116,7 +116,7 @@ def test_scan_finds_keras2_lambda_tfoplambda_and_custom_layer(tmp_path_factory):
     files = keras2_files(tmp_path_factory)
     assert _paths(scan(files["k2_unsafe"])) == [
         ("outer/inner/lam", "Lambda"),
-        ("outer/inner/tf.math.multiply", "TFOpLambda"),
+        ("outer/inner/tf.math.l2_normalize", "TFOpLambda"),
         ("outer/mine", "MyPkg>MyLayer"),
     ]
     assert scan(files["k2_unsafe"])[0].reason == BYTECODE
