@@ -37,7 +37,7 @@ from fusecli.fusion.graph import (
 )
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
-from fusecli.output import atomic_output
+from fusecli.output import atomic_output, temp_prefix
 from fusecli.safety.isolation import call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.safety.scan import refuse_unsafe
@@ -102,7 +102,7 @@ def fuse_files(
         if others:
             scratch = Path(
                 stack.enter_context(
-                    tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
+                    tempfile.TemporaryDirectory(dir=output.parent, prefix=temp_prefix(output))
                 )
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
