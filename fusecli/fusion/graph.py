@@ -18,33 +18,23 @@ from __future__ import annotations
 import base64
 import copy
 import marshal
-import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES, io_refs, is_model, layers
 from fusecli.errors import FusecliError
 from fusecli.fusion.naming import identifier, unique
 
 # Input names Keras makes up; the fused model says "input" instead.
 _GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
-_MODEL_CLASSES = ("Functional", "Sequential", "Model")
 _FLOAT32 = {
     "module": "keras",
     "class_name": "DTypePolicy",
     "config": {"name": "float32"},
     "registered_name": None,
 }
-# Layers whose output has their input's shape.
-_SAME_SHAPE = {
-    "Activation", "Softmax", "ReLU", "LeakyReLU", "ELU", "PReLU", "Dropout", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-    "BatchNormalization", "LayerNormalization", "GroupNormalization", "UnitNormalization",
-    "Rescaling", "Identity", "ActivityRegularization", "Masking", "Normalization",
-}  # fmt: skip
-_MERGES = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
-_GLOBAL_POOLS = {f"Global{kind}Pooling{d}D" for kind in ("Average", "Max") for d in "123"}
 
 
 def _scale(x: Any, w: Any) -> Any:
@@ -98,7 +88,7 @@ def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> 
     config = copy.deepcopy(config)
     config.pop("compile_config", None)
     inner = config.get("config")
-    if config.get("class_name") not in _MODEL_CLASSES or not isinstance(inner, dict):
+    if config.get("class_name") not in MODEL_CLASSES or not isinstance(inner, dict):
         raise FusecliError(
             f"Model {name!r} is not a functional or Sequential model (its config holds a "
             f"{config.get('class_name')!r}); it cannot be nested in a fused model"
@@ -214,27 +204,6 @@ def undo_renames(config: Any, renames: dict[str, str]) -> Any:
     return _map_names(config, renames)
 
 
-def layer_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
-    inner = config.get("config")
-    layers = inner.get("layers") if isinstance(inner, dict) else None
-    return [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
-
-
-def is_model(entry: dict[str, Any]) -> bool:
-    inner = entry.get("config")
-    return (
-        entry.get("class_name") in _MODEL_CLASSES
-        and isinstance(inner, dict)
-        and isinstance(inner.get("layers"), list)
-    )
-
-
-def layer_name(entry: dict[str, Any]) -> str:
-    inner = entry.get("config")
-    name = inner.get("name") if isinstance(inner, dict) else None
-    return str(name if name is not None else entry.get("name"))
-
-
 # -- renaming --------------------------------------------------------------------------------
 
 
@@ -249,12 +218,12 @@ def rename_layers(config: dict[str, Any], name: str) -> dict[str, str]:
 def _rename(config: dict[str, Any], new_name: str, prefix: str, renames: dict[str, str]) -> None:
     """Rename the model to `new_name` and its layers to `prefix + name`, at every depth."""
     inner = config["config"]
-    entries = layer_entries(config)
-    mapping = {layer_name(e): f"{prefix}{layer_name(e)}" for e in entries}
+    entries = layers(config)
+    mapping = {walker.name(e): f"{prefix}{walker.name(e)}" for e in entries}
     for old, new in mapping.items():
         renames[new] = old
     for entry in entries:
-        old = layer_name(entry)
+        old = walker.name(entry)
         new = mapping[old]
         if isinstance(entry.get("config"), dict):
             entry["config"]["name"] = new
@@ -271,10 +240,10 @@ def _rename(config: dict[str, Any], new_name: str, prefix: str, renames: dict[st
 
 
 def _map_names(value: Any, mapping: dict[str, str]) -> Any:
-    """Replace layer names in references ([name, node, tensor] lists, keras_history) and in
-    `name` fields."""
-    if isinstance(value, list):
-        if _is_ref(value) and value[0] in mapping:
+    """Replace layer names in references ([name, node, tensor] lists or tuples, keras_history)
+    and in `name` fields."""
+    if isinstance(value, list | tuple):
+        if walker.is_ref(value) and value[0] in mapping:
             return [mapping[value[0]], *(_map_names(v, mapping) for v in value[1:])]
         return [_map_names(v, mapping) for v in value]
     if isinstance(value, dict):
@@ -288,21 +257,12 @@ def _map_names(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def _is_ref(value: list[Any]) -> bool:
-    return (
-        len(value) >= 3
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-        and isinstance(value[2], int)
-    )
-
-
 # -- cutting at the logits -------------------------------------------------------------------
 
 
 def _cut_before_softmax(config: dict[str, Any], name: str) -> list[int]:
     """Cut `config` (in place) before its final softmax; the softmax axis of each output."""
-    entries = layer_entries(config)
+    entries = layers(config)
     if config["class_name"] == "Sequential":
         real = [e for e in entries if e.get("class_name") != "InputLayer"]
         if not real:
@@ -315,8 +275,8 @@ def _cut_before_softmax(config: dict[str, Any], name: str) -> list[int]:
             config["config"]["layers"].remove(last)
         return [axis]
     inner = config["config"]
-    refs = list(_output_refs(inner.get("output_layers")))
-    by_name = {layer_name(e): e for e in entries}
+    refs = list(io_refs(inner.get("output_layers")))
+    by_name = {walker.name(e): e for e in entries}
     axes = []
     dropped: set[str] = set()
     for j, ref in enumerate(refs):
@@ -334,8 +294,8 @@ def _cut_before_softmax(config: dict[str, Any], name: str) -> list[int]:
         if drop:
             source = _input_ref(layer, ref[1], name)
             ref[:3] = source[:3]
-            dropped.add(layer_name(layer))
-    inner["layers"] = [e for e in inner["layers"] if layer_name(e) not in dropped]
+            dropped.add(walker.name(layer))
+    inner["layers"] = [e for e in inner["layers"] if walker.name(e) not in dropped]
     return axes
 
 
@@ -354,7 +314,7 @@ def _softmax_end(layer: dict[str, Any], name: str, j: int) -> tuple[int, bool]:
     note = f", activation {_activation_name(activation)!r}" if activation is not None else ""
     raise FusecliError(
         f"Model {name!r} has no final softmax to fuse before: output {j} comes from "
-        f"layer {layer_name(layer)!r} ({class_name}{note}). --at logits needs a last layer with "
+        f"layer {walker.name(layer)!r} ({class_name}{note}). --at logits needs a last layer with "
         "activation='softmax', or a trailing Softmax or Activation('softmax') layer"
     )
 
@@ -376,7 +336,7 @@ def _single_axis(axis: Any, name: str, layer: dict[str, Any]) -> int:
     if isinstance(axis, list | tuple) and len(axis) == 1 and isinstance(axis[0], int):
         return int(axis[0])
     raise FusecliError(
-        f"Model {name!r}: the final Softmax layer {layer_name(layer)!r} works over several axes "
+        f"Model {name!r}: the final Softmax layer {walker.name(layer)!r} works over several axes "
         f"({axis}); --at logits supports one. Received: axis={axis}"
     )
 
@@ -384,7 +344,7 @@ def _single_axis(axis: Any, name: str, layer: dict[str, Any]) -> int:
 def _uses(entries: list[dict[str, Any]], target: str) -> int:
     count = 0
     for entry in entries:
-        for ref in _refs(entry.get("inbound_nodes", [])):
+        for ref in walker.references(entry.get("inbound_nodes", [])):
             if ref[0] == target:
                 count += 1
     return count
@@ -392,52 +352,19 @@ def _uses(entries: list[dict[str, Any]], target: str) -> int:
 
 def _input_ref(layer: dict[str, Any], node: int, name: str) -> list[Any]:
     nodes = layer.get("inbound_nodes") or []
-    refs = list(_refs(nodes[node] if node < len(nodes) else []))
+    refs = list(walker.references(nodes[node] if node < len(nodes) else []))
     if len(refs) != 1:
         raise FusecliError(
-            f"Model {name!r}: cannot find the input of its final layer {layer_name(layer)!r}"
+            f"Model {name!r}: cannot find the input of its final layer {walker.name(layer)!r}"
         )
     return refs[0]
-
-
-def _refs(value: Any) -> Iterator[list[Any]]:
-    """Every tensor reference in a node: keras_history lists and Keras 2 [name, node, tensor]."""
-    if isinstance(value, dict):
-        conf = value.get("config")
-        if value.get("class_name") == "__keras_tensor__" and isinstance(conf, dict):
-            history = conf.get("keras_history")
-            if isinstance(history, list):
-                yield history
-            return
-        for item in value.values():
-            yield from _refs(item)
-    elif isinstance(value, list):
-        if _is_ref(value):
-            yield value
-            return
-        for item in value:
-            yield from _refs(item)
-
-
-def _output_refs(value: Any) -> Iterator[list[Any]]:
-    """The references in an input/output spec, in the order keras.tree.flatten gives the
-    tensors (a dict's by sorted key)."""
-    if isinstance(value, dict):
-        for key in sorted(value):
-            yield from _output_refs(value[key])
-    elif isinstance(value, list):
-        if _is_ref(value):
-            yield value
-        else:
-            for item in value:
-                yield from _output_refs(item)
 
 
 # -- inputs and outputs ----------------------------------------------------------------------
 
 
 def _inputs_of(config: dict[str, Any], name: str) -> list[BranchInput]:
-    entries = layer_entries(config)
+    entries = layers(config)
     if config.get("class_name") == "Sequential":
         found = entries[:1] if entries and entries[0].get("class_name") == "InputLayer" else []
     else:
@@ -447,143 +374,44 @@ def _inputs_of(config: dict[str, Any], name: str) -> list[BranchInput]:
                 f"Model {name!r} takes its inputs as a dict; fuse supports models taking one "
                 "input or a list"
             )
-        by_name = {layer_name(e): e for e in entries}
-        found = [by_name.get(ref[0]) for ref in _output_refs(inner.get("input_layers"))]
+        by_name = {walker.name(e): e for e in entries}
+        found = [by_name.get(ref[0]) for ref in io_refs(inner.get("input_layers"))]
     if not found or any(e is None or e.get("class_name") != "InputLayer" for e in found):
         raise FusecliError(f"Model {name!r} has no defined inputs (build it with an Input)")
     out = []
     for entry in found:
         conf = entry["config"]
         shape = conf.get("batch_shape", conf.get("batch_input_shape"))
-        if not isinstance(shape, list):
-            raise FusecliError(f"Model {name!r}: input {layer_name(entry)!r} has no shape")
+        if not isinstance(shape, list | tuple):
+            raise FusecliError(f"Model {name!r}: input {walker.name(entry)!r} has no shape")
         dtype = conf.get("dtype", "float32")
         if isinstance(dtype, dict):
             dtype = dtype.get("config", {}).get("name", "float32")
-        out.append(BranchInput(identifier(layer_name(entry)), list(shape), str(dtype)))
+        out.append(BranchInput(identifier(walker.name(entry)), list(shape), str(dtype)))
     return out
 
 
 def output_shapes_of(config: dict[str, Any]) -> list[Shape | None]:
-    """The shapes of a model's outputs, read from its config where the last layers say them;
-    None where they do not."""
-    entries = layer_entries(config)
-    if config.get("class_name") == "Sequential":
-        real = [e for e in entries if e.get("class_name") != "InputLayer"]
-        if not real:
-            return [None]
-        inputs = _sequential_input_shape(config)
-        for entry in real:
-            inputs = _layer_output(entry, [inputs] if inputs is not None else None, 0)
-        return [inputs]
-    by_name = {layer_name(e): e for e in entries}
-    shapes = []
-    for ref in _output_refs(config["config"].get("output_layers")):
-        entry = by_name.get(ref[0])
-        shapes.append(None if entry is None else _shape_of(entry, by_name, ref[1], ref[2], 0))
-    return shapes
+    """The shapes of a model's outputs as `fusecli.config.shapes` computes them from its config;
+    None for one it cannot compute fully."""
+    from fusecli.config.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return [None] * len(_output_layer_names(config))
+    return [
+        None if spec.shape is None or UNKNOWN in spec.shape else list(spec.shape) for spec in specs
+    ]
 
 
 def _output_layer_names(config: dict[str, Any]) -> list[str]:
     if config.get("class_name") == "Sequential":
-        return [layer_name(layer_entries(config)[-1])] if layer_entries(config) else ["output"]
+        return [walker.name(layers(config)[-1])] if layers(config) else ["output"]
     value = config["config"].get("output_layers")
     if isinstance(value, dict):
         return [str(k) for k in sorted(value)]
-    return [str(ref[0]) for ref in _output_refs(value)]
-
-
-def _sequential_input_shape(config: dict[str, Any]) -> Shape | None:
-    entries = layer_entries(config)
-    if entries and entries[0].get("class_name") == "InputLayer":
-        shape = entries[0]["config"].get("batch_shape")
-        return list(shape) if isinstance(shape, list) else None
-    build = config.get("build_config") or {}
-    shape = build.get("input_shape")
-    return list(shape) if isinstance(shape, list) else None
-
-
-def _shape_of(
-    entry: dict[str, Any], by_name: dict[str, dict[str, Any]], node: int, tensor: int, depth: int
-) -> Shape | None:
-    if depth > 200:
-        return None
-    nodes = entry.get("inbound_nodes") or []
-    in_shapes = None
-    if node < len(nodes):
-        in_shapes = [_ref_shape(ref, by_name, depth) for ref in _tensor_configs(nodes[node])]
-    return _layer_output(entry, in_shapes, tensor)
-
-
-def _tensor_configs(node: Any) -> list[dict[str, Any]]:
-    """The __keras_tensor__ configs among a node's positional args, in order."""
-    args = node.get("args", []) if isinstance(node, dict) else []
-    found: list[dict[str, Any]] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            if value.get("class_name") == "__keras_tensor__" and isinstance(
-                value.get("config"), dict
-            ):
-                found.append(value["config"])
-            return
-        if isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(args)
-    return found
-
-
-def _ref_shape(tensor: dict[str, Any], by_name: dict[str, dict[str, Any]], depth: int) -> Any:
-    shape = tensor.get("shape")
-    return list(shape) if isinstance(shape, list) else None
-
-
-def _layer_output(entry: dict[str, Any], in_shapes: list[Any] | None, tensor: int) -> Shape | None:
-    """A layer's output shape from its input shapes, for the layers models usually end with."""
-    class_name = entry.get("class_name")
-    conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
-    if is_model(entry):
-        shapes = output_shapes_of(entry)
-        return shapes[tensor] if tensor < len(shapes) else None
-    if tensor != 0:
-        return None
-    if not in_shapes or in_shapes[0] is None:
-        build = entry.get("build_config") or {}
-        shape = build.get("input_shape")
-        if not isinstance(shape, list):
-            return None
-        in_shapes = [shape]
-    first = in_shapes[0]
-    if not isinstance(first, list) or (first and isinstance(first[0], list)):
-        return None
-    if class_name in _SAME_SHAPE:
-        return list(first)
-    if class_name == "Dense" and isinstance(conf.get("units"), int):
-        return [*first[:-1], conf["units"]]
-    if class_name in _MERGES:
-        return list(first)
-    if class_name == "Flatten" and first:
-        rest = first[1:]
-        return [first[0], math.prod(rest) if all(isinstance(d, int) for d in rest) else None]
-    if class_name in _GLOBAL_POOLS and len(first) >= 2:
-        if conf.get("keepdims"):
-            return None
-        channels_first = conf.get("data_format") == "channels_first"
-        return [first[0], first[1] if channels_first else first[-1]]
-    if class_name == "Reshape" and isinstance(conf.get("target_shape"), list):
-        target = list(conf["target_shape"])
-        if -1 in target:
-            known = first[1:]
-            if not all(isinstance(d, int) for d in known):
-                return None
-            rest = math.prod(d for d in target if d != -1)
-            target[target.index(-1)] = math.prod(known) // rest if rest else None
-        return [first[0], *target]
-    if class_name == "EinsumDense" and isinstance(conf.get("output_shape"), list):
-        return [first[0], *conf["output_shape"]]
-    return None
+    return [str(ref[0]) for ref in io_refs(value)]
 
 
 def _choose_inputs_mode(
