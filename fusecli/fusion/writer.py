@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from fusecli.errors import ModelFileError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights
-from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, snake_case
 from fusecli.fusion.graph import Assembly
 from fusecli.fusion.naming import unique
 
@@ -163,13 +162,6 @@ def keras_keys(layer_order: list[tuple[str, str]]) -> list[str]:
             used[key] = 0
         keys.append(key)
     return keys
-
-
-def snake_case(name: str) -> str:
-    """keras.src.utils.naming.to_snake_case."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _copy_branch(

@@ -41,8 +41,8 @@ from fusecli.formats.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
+from fusecli.limits import check_dataset_size
 from fusecli.safety.isolation import call_isolated
-from fusecli.safety.limits import check_dataset_size
 
 # Layers that call code outside the model's config, whatever their arguments.
 _UNSAFE_CLASSES = {
