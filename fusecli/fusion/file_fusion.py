@@ -24,7 +24,6 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError
-from fusecli.formats import archive
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.fusion import writer
 from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
@@ -123,7 +122,6 @@ def fuse_files(
                 given,
                 ready,
                 dict(weights=weights, scale=scale, activation=activation, axes=axes, trust=trust),
-                archive.fault,
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
@@ -146,11 +144,9 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
-    fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
-    archive.fault = fault  # the tests' fault injection, carried into the helper's child
     write = writer.write_keras if fmt == "keras" else writer.write_h5
     written = write(tmp, assembly, sources)
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
