@@ -86,6 +86,24 @@ class Assembly:
 def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> Branch:
     """A model's config made ready to nest as branch `name`: cut at the logits if asked, every
     inner layer renamed, its inputs and outputs read."""
+    config, axes = _given(config, name, at)
+    output_shapes = output_shapes_of(config)
+    output_names = _output_layer_names(config)
+    inputs = _inputs_of(config, name)
+    given = copy.deepcopy(config)
+    renames: dict[str, str] = {}
+    _rename(config, name, f"{name}_", renames)
+    return Branch(name, config, renames, inputs, output_shapes, output_names, axes, given)
+
+
+def given_config(config: dict[str, Any], name: str, *, at: str = "output") -> dict[str, Any]:
+    """`prepare_branch(config, name, at=at).given`, without reading the rest."""
+    return _given(config, name, at)[0]
+
+
+def _given(config: dict[str, Any], name: str, at: str) -> tuple[dict[str, Any], list[int]]:
+    """A copy of a model's config as it is nested before the renames (cut at the logits if
+    asked), and the softmax axes of the cut."""
     config = copy.deepcopy(config)
     config.pop("compile_config", None)
     inner = config.get("config")
@@ -94,16 +112,8 @@ def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> 
             f"Model {name!r} is not a functional or Sequential model (its config holds a "
             f"{config.get('class_name')!r}); it cannot be nested in a fused model"
         )
-    axes: list[int] = []
-    if at == "logits":
-        axes = cut_before_softmax(config, name)
-    output_shapes = output_shapes_of(config)
-    output_names = _output_layer_names(config)
-    inputs = _inputs_of(config, name)
-    given = copy.deepcopy(config)
-    renames: dict[str, str] = {}
-    _rename(config, name, f"{name}_", renames)
-    return Branch(name, config, renames, inputs, output_shapes, output_names, axes, given)
+    axes = cut_before_softmax(config, name) if at == "logits" else []
+    return config, axes
 
 
 def assemble(

@@ -28,11 +28,7 @@ from fusecli.errors import FusecliError, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights, read_model_file
 from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
-from fusecli.fusion.graph import (
-    Assembly,
-    prepare_branch,
-    undo_renames,
-)
+from fusecli.fusion.graph import Assembly, given_config, undo_renames
 from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
 from fusecli.safety.scan import scan
 
@@ -285,7 +281,7 @@ def _check_sources_unchanged(
         if source.converted:  # Keras' private copy: nobody else writes it
             continue
         try:
-            now = prepare_branch(read_model_file(source.path).config, branch.name, at=at).given
+            now = given_config(read_model_file(source.path).config, branch.name, at=at)
         except FusecliError:
             now = None
         if now != original:
