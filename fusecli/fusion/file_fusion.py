@@ -25,6 +25,7 @@ import numpy as np
 from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
+from fusecli.formats.recipe import Pending
 from fusecli.fusion import writer
 from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
@@ -85,6 +86,7 @@ def fuse_files(
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
+        hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
         for i, model_file in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
             configs[i] = model_file.config
@@ -96,6 +98,7 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
+                hashed[i] = one.copy
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -111,6 +114,17 @@ def fuse_files(
         )
         given = [b.given for b in branches]
         ready = [s for s in sources if s is not None]
+        recipe = (
+            [str(p) for p in paths],
+            hashed,
+            dict(
+                weights=list(weights),
+                scale=scale,
+                inputs=assembly.inputs_mode,
+                at=at,
+                activation=activation,
+            ),
+        )
         with atomic_output(output, force=force) as tmp:
             # The inputs' tensors are read here for the first time: in a child process, so
             # that a file whose data crashes or hangs HDF5 costs an error, not this process.
@@ -122,6 +136,7 @@ def fuse_files(
                 given,
                 ready,
                 dict(weights=weights, scale=scale, activation=activation, axes=axes, trust=trust),
+                recipe,
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
@@ -144,11 +159,13 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
+    recipe: tuple[list[str], list[Path], dict[str, Any]],
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
+    are hashed for the recipe meanwhile, in a thread."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
-    written = write(tmp, assembly, sources)
+    written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
 
 

@@ -23,7 +23,7 @@ from fusecli import runtime
 from fusecli.coefficients import resolve_weights
 from fusecli.config.models import config_of, rebuild
 from fusecli.errors import InvalidRequest, ModelFileError, VerificationError
-from fusecli.fusion.graph import Assembly, Branch, assemble, common_axes, prepare_branch
+from fusecli.fusion.graph import Assembly, Branch, Head, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.output import atomic_output, check_output_path, model_format
@@ -307,12 +307,14 @@ def _build(
     at: FuseAt,
     activation: Activation | None,
     trust: bool,
+    head: Head | None = None,
 ) -> Fusion:
     """`build_fusion` for a request `_check_request` has passed (weights resolved).
 
     The fused graph is decided on configs, by `fusecli.fusion.graph`, as for model files: each
     model's config (cut at the logits if asked) is renamed and nested, the fused model is built
-    from the fused config and each branch takes its model's weights.
+    from the fused config and each branch takes its model's weights. `head`, if given, joins the
+    branches' outputs instead of the weighted sum (a tune recipe's, `fusecli.fusion.recipe_head`).
     """
     activation = activation or ("softmax" if at == "logits" else "none")
     originals = _load_sources(models, trust=trust)
@@ -325,7 +327,7 @@ def _build(
         _fill_output_shapes(branch, model)
     axes = common_axes(branches) if at == "logits" else None
     assembly = assemble(
-        branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
+        branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes, head=head
     )
     fused = rebuild(assembly.config, "fused")
     for branch, model in zip(branches, originals, strict=True):

@@ -70,6 +70,16 @@ class Branch:
 
 
 @dataclass
+class Head:
+    """A tune recipe's head in place of the plain weighted sum (`fusecli.fusion.recipe_head`):
+    each branch's output calibrated, softmax(z / T), and/or the branches' outputs stacked into a
+    Dense layer (its weights are set once the model is built) followed by a softmax."""
+
+    temperatures: list[float] | None = None
+    stack_units: int | None = None
+
+
+@dataclass
 class Assembly:
     """The fused config and what it is made of."""
 
@@ -124,8 +134,9 @@ def assemble(
     inputs: str,
     activation: str,
     axes: list[int] | None,
+    head: Head | None = None,
 ) -> Assembly:
-    """The fused model's config; see the module's docstring."""
+    """The fused model's config; see the module's docstring. `head` replaces the weighted sum."""
     names = [b.name for b in branches]
     mode, reason = _choose_inputs_mode(inputs, [b.inputs for b in branches], names)
     taken = set(names)
@@ -149,10 +160,15 @@ def assemble(
     for j, out_name in enumerate(out_names):
         suffix = "" if len(out_names) == 1 else f"_{j}"
         shape = branches[0].output_shapes[j]
+        sources = [_tensor(b.output_shapes[j], "float32", b.name, tensor=j) for b in branches]
+        if head is not None and head.temperatures is not None:
+            sources = _calibrated(branches, sources, head.temperatures, shape, taken, scales)
+        if head is not None and head.stack_units is not None:
+            outputs.append(_stack(sources, head.stack_units, out_name, shape, taken, adds))
+            continue
         scaled = []
-        for branch, w in zip(branches, weights, strict=True):
+        for branch, w, source in zip(branches, weights, sources, strict=True):
             scale_name = unique(f"{branch.name}_scale{suffix}", taken)
-            source = _tensor(branch.output_shapes[j], "float32", branch.name, tensor=j)
             scales.append(_scale_layer(scale, w, scale_name, source, shape))
             scaled.append(_tensor(shape, "float32", scale_name))
         add_name = out_name if activation == "none" else unique(f"{out_name}_logits", taken)
@@ -197,6 +213,48 @@ def assemble(
         inputs_reason=reason,
         layer_order=[(str(e["class_name"]), str(e["name"])) for e in layers],
     )
+
+
+def _calibrated(
+    branches: list[Branch],
+    sources: list[dict[str, Any]],
+    temperatures: list[float],
+    shape: Shape | None,
+    taken: set[str],
+    layers: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """softmax(z / T) of each branch's output: Rescaling(1 / T), then Softmax."""
+    out = []
+    for branch, source, t in zip(branches, sources, temperatures, strict=True):
+        scaled = unique(f"{branch.name}_temperature", taken)
+        layers.append(
+            _layer("Rescaling", scaled, {"scale": 1.0 / t, "offset": 0.0}, [source], {}, shape)
+        )
+        calibrated = unique(f"{branch.name}_calibrated", taken)
+        args = [_tensor(shape, "float32", scaled)]
+        layers.append(_layer("Softmax", calibrated, {"axis": -1}, args, {"mask": None}, shape))
+        out.append(_tensor(shape, "float32", calibrated))
+    return out
+
+
+def _stack(
+    sources: list[dict[str, Any]],
+    units: int,
+    out_name: str,
+    shape: Shape | None,
+    taken: set[str],
+    layers: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """softmax(Dense(concat(outputs))): the stacking head; the output's description."""
+    features = unique("stack_features", taken)
+    layers.append(_layer("Concatenate", features, {"axis": -1}, [sources], {}, None))
+    dense = unique("stack", taken)
+    args = [_tensor(None, "float32", features)]
+    layers.append(_layer("Dense", dense, {"units": units}, args, {}, None))
+    out_shape = None if shape is None else [*shape[:-1], units]
+    args = [_tensor(out_shape, "float32", dense)]
+    layers.append(_layer("Softmax", out_name, {"axis": -1}, args, {"mask": None}, out_shape))
+    return {"name": out_name, "shape": out_shape, "dtype": "float32"}
 
 
 def common_axes(branches: list[Branch]) -> list[int]:

@@ -26,6 +26,7 @@ import numpy as np
 from fusecli.errors import ModelFileError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights
+from fusecli.formats.recipe import Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, snake_case
 from fusecli.fusion.graph import Assembly
 from fusecli.fusion.naming import unique
@@ -67,7 +68,9 @@ def keras_version() -> str:
         return "3"
 
 
-def write_keras(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
+def write_keras(
+    tmp: Path, assembly: Assembly, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
     metadata = {
         "keras_version": keras_version(),
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
@@ -75,7 +78,10 @@ def write_keras(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written
     written = Written()
     keys = keras_keys(assembly.layer_order)
     branches = {b.name: i for i, b in enumerate(assembly.branches)}
-    members = archive.keras_members(assembly.config, metadata)
+    members = archive.keras_members(
+        assembly.config,
+        metadata if recipe is None else lambda: keras_metadata(metadata, recipe),
+    )
     with contextlib.ExitStack() as stack:
         for key, (_, name) in zip(keys, assembly.layer_order, strict=True):
             if name in branches:
@@ -111,7 +117,9 @@ def _assets(
     return out
 
 
-def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
+def write_h5(
+    tmp: Path, assembly: Assembly, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
     version = keras_version()
     attrs = {
         "backend": "tensorflow",
@@ -146,6 +154,8 @@ def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
             )
         top = weights.create_group("top_level_model_weights")
         top.attrs["weight_names"] = np.array([], dtype=np.float64)
+        if recipe is not None:
+            write_h5_recipe(h5, recipe)
     return written
 
 
