@@ -248,9 +248,12 @@ def _stack(
     """softmax(Dense(concat(outputs))): the stacking head; the output's description."""
     features = unique("stack_features", taken)
     layers.append(_layer("Concatenate", features, {"axis": -1}, [sources], {}, None))
+    joined = None
+    if shape is not None and shape and isinstance(shape[-1], int):
+        joined = [*shape[:-1], shape[-1] * len(sources)]
     dense = unique("stack", taken)
-    args = [_tensor(None, "float32", features)]
-    layers.append(_layer("Dense", dense, {"units": units}, args, {}, None))
+    args = [_tensor(joined, "float32", features)]
+    layers.append(_layer("Dense", dense, {"units": units}, args, {}, joined))
     out_shape = None if shape is None else [*shape[:-1], units]
     args = [_tensor(out_shape, "float32", dense)]
     layers.append(_layer("Softmax", out_name, {"axis": -1}, args, {"mask": None}, out_shape))
