@@ -11,7 +11,8 @@ One place knows how configs spell these, so that a fix reaches every reader:
 - `input_layers`/`output_layers`: references in a nest of lists and dicts, in the order Keras
   flattens them (a dict's by sorted key).
 
-Walks use explicit stacks: a file cannot make them recurse.
+Walks use explicit stacks: a file cannot make them recurse. `keras_tensor` writes the one thing
+converters add to configs: a Keras 3 tensor coming from a reference.
 """
 
 from __future__ import annotations
@@ -162,6 +163,19 @@ def keras2_entries(node: Any) -> list[Any] | None:
     if isinstance(node, list | tuple) and node and all(is_ref(e) for e in node):
         return node if isinstance(node, list) else list(node)  # the node's own list: editable
     return None
+
+
+def keras_tensor(ref: Ref, shape: Any = (), dtype: str = "float32") -> dict[str, Any]:
+    """A Keras 3 `__keras_tensor__` coming from `ref`. Keras takes the real tensor from the
+    history when it wires a model: `shape` and `dtype` say what it will be, or are placeholders."""
+    return {
+        "class_name": KERAS_TENSOR,
+        "config": {
+            "shape": list(shape) if shape is not None else None,
+            "dtype": dtype,
+            "keras_history": [ref[0], ref[1], ref[2]],
+        },
+    }
 
 
 def _layer_list(entry: Any) -> list[Any] | None:

@@ -528,7 +528,7 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     tensor_kwargs = next(walker.references(list(kwargs.values())), None) is not None
     if not (tensor_kwargs or states_in_inputs and len(node) > 1):
         return node
-    tensors = [_keras3_tensor(entry[:3]) for entry in node]
+    tensors = [walker.keras_tensor(entry) for entry in node]
     kwargs = {key: _map_refs(value) for key, value in kwargs.items()}
     if states_in_inputs and len(tensors) > 1:
         tensors, kwargs["initial_state"] = tensors[:1], tensors[1:]
@@ -538,17 +538,9 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
 def _map_refs(data: Any) -> Any:
     if isinstance(data, list):
         if len(data) == 3 and isinstance(data[0], str) and isinstance(data[1], int):
-            return _keras3_tensor(data)
+            return walker.keras_tensor(data)
         return [_map_refs(item) for item in data]
     return data
-
-
-def _keras3_tensor(ref: list[Any]) -> dict[str, Any]:
-    # Shape and dtype are placeholders: Keras 3 takes the real tensor from the history.
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": [], "dtype": "float32", "keras_history": list(ref)},
-    }
 
 
 def _dtype_name(dtype: Any) -> Any:

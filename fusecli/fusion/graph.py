@@ -466,10 +466,7 @@ def _fused_output_names(branch: Branch, taken: set[str]) -> list[str]:
 
 
 def _tensor(shape: Shape | None, dtype: str, layer: str, tensor: int = 0) -> dict[str, Any]:
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": shape, "dtype": dtype, "keras_history": [layer, 0, tensor]},
-    }
+    return walker.keras_tensor([layer, 0, tensor], shape, dtype)
 
 
 def _input_layer(spec: BranchInput) -> dict[str, Any]:
