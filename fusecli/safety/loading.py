@@ -30,6 +30,7 @@ from fusecli import runtime
 from fusecli.errors import FusecliError, ModelFileError
 from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
+from fusecli.output import sweep_stale
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
@@ -132,7 +133,8 @@ def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _private_folder() -> Iterator[Path]:
     try:
-        folder = Path(tempfile.mkdtemp(prefix="fusecli-"))  # mode 0700: only this user
+        sweep_stale(Path(tempfile.gettempdir()))  # what a killed run left
+        folder = Path(tempfile.mkdtemp(prefix=f"fusecli-{os.getpid()}-"))  # 0700: this user only
     except OSError as e:
         raise FusecliError(
             f"Cannot make a private folder for the model files in {tempfile.gettempdir()} "
