@@ -199,10 +199,10 @@ def _as_model(
     keras = runtime.keras()
     out_names = output_names(net)
     if at == "logits":
-        from fusecli.fusion.logits import cut_before_softmax
+        from fusecli.fusion.logits import logits_model
 
         name = Path(model).stem if isinstance(model, str | os.PathLike) else net.name
-        net, axes = cut_before_softmax(net, name)
+        net, axes = logits_model(net, name)
         if any(a not in (-1, len(t.shape) - 1) for a, t in zip(axes, net.outputs, strict=True)):
             raise FusecliError(
                 f"Model {name!r}: its final softmax is not over the last axis (axis={axes[0]}); "
