@@ -57,7 +57,7 @@ def test_operation_nodes_in_a_keras3_h5_load(keras, tmp_path):
     keras.utils.set_random_seed(4)
     x = keras.Input((4,), name="x")
     kept = ops.cast(ops.not_equal(x, 0.0), "float32") * x
-    model = keras.Model(x, keras.layers.Dense(3, name="head")(ops.add(kept, 1.0)))
+    model = keras.Model(x, keras.layers.Dense(3, name="head")(ops.add(kept, 1.0)), name="ops")
     path = tmp_path / "ops.h5"
     model.save(path)
     data = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
@@ -73,7 +73,8 @@ def test_bytecode_of_another_python_is_said_to_be(keras, tmp_path):
     import zipfile
 
     x = keras.Input((3,), name="x")
-    keras.Model(x, keras.layers.Lambda(lambda t: t * 2, name="lam")(x)).save(tmp_path / "a.keras")
+    lam = keras.layers.Lambda(lambda t: t * 2, name="lam")
+    keras.Model(x, lam(x), name="lam_model").save(tmp_path / "a.keras")
 
     def edit(config):
         for spec in config["config"]["layers"]:
