@@ -48,29 +48,41 @@ fault: Callable[[str, np.ndarray], np.ndarray] | None = None
 
 @contextlib.contextmanager
 def keras_archive(
-    path: Path, members: Sequence[tuple[str, MemberSource | None]]
+    path: Path,
+    members: Sequence[tuple[str, MemberSource | None]],
+    date_time: tuple[int, int, int, int, int, int] | None = None,
 ) -> Iterator[h5py.File]:
     """Write a `.keras` archive at `path`: yields the weights file to fill, written in place
     inside the archive (no temporary copy), stored uncompressed as Keras stores it.
 
     `members` are the archive's members in order; the entry named `model.weights.h5` (value
-    None) is where the weights go.
+    None) is where the weights go. Every member is dated `date_time` if given (the same inputs
+    then give the same bytes), else now.
     """
+    when = date_time or time.localtime()[:6]
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
         for name, source in members:
             if name == WEIGHTS_MEMBER:
-                with _member_in_place(out, name) as h5:
+                with _member_in_place(out, name, when) as h5:
                     yield h5
             elif isinstance(source, bytes):
-                out.writestr(name, source)
+                out.writestr(_info(name, when), source)
             elif source is not None:
-                info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
-                with source() as src, out.open(info, "w") as dst:
+                with source() as src, out.open(_info(name, when), "w") as dst:
                     shutil.copyfileobj(src, dst, _COPY_BUFFER)
 
 
+def _info(name: str, date_time: tuple[int, int, int, int, int, int]) -> zipfile.ZipInfo:
+    """A member's header as `ZipFile.writestr(name, ...)` makes it, with this date."""
+    info = zipfile.ZipInfo(name, date_time=date_time)
+    info.external_attr = 0o600 << 16
+    return info
+
+
 @contextlib.contextmanager
-def _member_in_place(out: zipfile.ZipFile, name: str) -> Iterator[h5py.File]:
+def _member_in_place(
+    out: zipfile.ZipFile, name: str, date_time: tuple[int, int, int, int, int, int]
+) -> Iterator[h5py.File]:
     """An HDF5 file written straight into the archive as member `name`.
 
     HDF5 needs to seek, which a zip member being written cannot; so the member's local header
@@ -79,7 +91,7 @@ def _member_in_place(out: zipfile.ZipFile, name: str) -> Iterator[h5py.File]:
     zipfile would have done.
     """
     fp = out.fp
-    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info = zipfile.ZipInfo(name, date_time=date_time)
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = info.compress_size = info.CRC = 0
     info.header_offset = fp.tell()

@@ -105,6 +105,29 @@ _HARD_SIGMOID_MESSAGE = (
 )
 
 
+def float_embedding(class_name: str, conf: dict[str, Any]) -> None:
+    """Keras 2.0 recorded an `Embedding`'s input dtype (`int32`) as the layer's own; its
+    embeddings were float32. Neither Keras 3 nor tf-keras builds an Embedding whose dtype is
+    an integer ("Need minval < maxval"), so the layer gets its embeddings' dtype back."""
+    dtype = conf.get("dtype")
+    if class_name == "Embedding" and isinstance(dtype, str) and dtype.startswith(("int", "uint")):
+        conf["dtype"] = "float32"
+
+
+def loadable_keras2_config(config: Any) -> Any:
+    """A Keras 2 config (kept in Keras 2's schema) that today's loaders build: every layer
+    through `float_embedding`. Returns the config, changed in place."""
+    if isinstance(config, dict):
+        if isinstance(config.get("config"), dict):
+            float_embedding(str(config.get("class_name")), config["config"])
+        for value in config.values():
+            loadable_keras2_config(value)
+    elif isinstance(config, list):
+        for value in config:
+            loadable_keras2_config(value)
+    return config
+
+
 def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
     """True for an HDF5 model file written by Keras 2 (keras_version "2.x"); False otherwise,
     also for files that cannot be read (the caller's normal path reports those)."""
@@ -242,6 +265,7 @@ class _Converter:
             conf.pop(key, None)
         if class_name in ("GRU", "GRUCell"):
             conf.setdefault("reset_after", False)  # Keras <= 2.1 had only this behaviour
+        float_embedding(class_name, conf)
         for old, new in _RENAMED.get(class_name, {}).items():
             if old in conf:
                 conf[new] = conf.pop(old)

@@ -77,7 +77,7 @@ class Variable:
     @property
     def mergeable(self) -> bool:
         """Floating-point variables are merged; integer and boolean ones are copied."""
-        return self.dtype.kind == "f"
+        return self.dtype.kind == "f" or self.dtype.name == "bfloat16"
 
 
 @dataclass
@@ -165,6 +165,8 @@ def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray
     """Read one variable's values; a clean `ModelFileError` if the file is broken."""
     try:
         values = np.asarray(group[variable.dataset][()])
+        if variable.dtype.name == "bfloat16":
+            values = values.view(variable.dtype)
     except (KeyError, TypeError, ValueError, OSError) as e:
         reason = f"weight {variable.dataset!r} cannot be read ({_short(e)})"
         raise ModelFileError(path, reason) from None
@@ -244,7 +246,7 @@ def _vars_of(vars_group: h5py.Group, layer: str, base: str = "vars") -> list[Var
     out = []
     for k in sorted((k for k, n in nodes.items() if isinstance(n, h5py.Dataset)), key=_int_key):
         full = f"{base}/{k}"
-        out.append(Variable(layer, full, tuple(nodes[k].shape), nodes[k].dtype))
+        out.append(Variable(layer, full, tuple(nodes[k].shape), _dtype(nodes[k])))
     return out
 
 
@@ -418,7 +420,24 @@ def _variable(root: h5py.Group, dataset: str, *, layer: str) -> Variable:
     node = root[dataset]
     if not isinstance(node, h5py.Dataset):
         raise ValueError(f"{dataset!r} is not a dataset")
-    return Variable(layer=layer, dataset=dataset, shape=tuple(node.shape), dtype=node.dtype)
+    return Variable(layer=layer, dataset=dataset, shape=tuple(node.shape), dtype=_dtype(node))
+
+
+def _dtype(node: h5py.Dataset) -> np.dtype:
+    """The dataset's dtype; Keras stores bfloat16 as 2 opaque bytes marked dtype="bfloat16"."""
+    if (
+        node.dtype.kind == "V"
+        and node.dtype.itemsize == 2
+        and node.attrs.get("dtype")
+        in (
+            "bfloat16",
+            b"bfloat16",
+        )
+    ):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return node.dtype
 
 
 def _all_datasets(group: h5py.Group) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from fusecli.fusion.graph import (
 )
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
-from fusecli.output import atomic_output
+from fusecli.output import atomic_output, temp_prefix
 from fusecli.safety.isolation import call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.safety.scan import refuse_unsafe
@@ -78,6 +79,8 @@ def fuse_files(
     names = _branch_names(paths)
     for path in paths:
         _check_name(Path(path))
+    if fmt == "h5":
+        _check_h5_assets(paths, names)
     # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
     # written file is scanned again, and its tensors compared with theirs, before it is kept).
     # The others go through the door into Keras, which scans and loads a private copy.
@@ -99,7 +102,7 @@ def fuse_files(
         if others:
             scratch = Path(
                 stack.enter_context(
-                    tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
+                    tempfile.TemporaryDirectory(dir=output.parent, prefix=temp_prefix(output))
                 )
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
@@ -297,6 +300,23 @@ def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:
                 f"Model {name!r} holds an operation node ({op}) in its config, which Keras 3 "
                 "cannot load back from a .h5 file (a plain model.save('x.h5') fails the same "
                 "way); write a .keras file instead"
+            )
+
+
+def _check_h5_assets(paths: Sequence[str | os.PathLike[str]], names: list[str]) -> None:
+    """A `.h5` file holds no asset files: a model that needs one (a TextVectorization's or
+    StringLookup's vocabulary) would load without it and fail when called. Said before any
+    model is loaded."""
+    for name, path in zip(names, paths, strict=True):
+        try:
+            needed = writer.asset_members(Path(path))
+        except (OSError, zipfile.BadZipFile):
+            continue  # the door reports a file it cannot read
+        if needed:
+            raise FusecliError(
+                f"Model {name!r} needs asset files ({needed[0]}: a vocabulary or lookup table) "
+                "that a .h5 file cannot hold (a plain model.save('x.h5') loses them the same "
+                f"way); write a .keras file instead. Received: {path}"
             )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from fusecli import runtime
 from fusecli.coefficients import resolve_weights
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
+from fusecli.fusion.inputs import choose_mode
 from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
@@ -329,9 +330,9 @@ def _build(
         axes = _common_axes([axes for _, axes in cuts], branches)
 
     signatures = [_input_signature(m, b) for m, b in zip(sources, branches, strict=True)]
-    mode, reason = _choose_inputs_mode(inputs, signatures, branches)
+    mode, reason, shared = choose_mode(inputs, signatures, branches)
     taken = set(branches)
-    new_inputs, slots = _fused_inputs(keras, mode, signatures, branches, taken)
+    new_inputs, slots = _fused_inputs(keras, shared, signatures, branches, taken)
 
     branch_outputs = []
     for model, slot in zip(sources, slots, strict=True):
@@ -682,49 +683,21 @@ def _tensor_name(tensor: Any) -> str:
     return identifier(name)
 
 
-def _choose_inputs_mode(
-    requested: str, signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
-) -> tuple[Literal["shared", "separate"], str]:
-    mismatch = _first_input_mismatch(signatures, branches)
-    if requested == "separate":
-        return "separate", "asked for"
-    if requested == "shared":
-        if mismatch:
-            raise FusecliError(f"Cannot share inputs: {mismatch}. Use --inputs separate")
-        return "shared", "asked for"
-    if mismatch:
-        return "separate", mismatch
-    return "shared", "all models take the same inputs"
-
-
-def _first_input_mismatch(
-    signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
-) -> str | None:
-    first = signatures[0]
-    for branch, signature in zip(branches[1:], signatures[1:], strict=True):
-        if len(signature) != len(first):
-            return f"{branches[0]!r} takes {len(first)} inputs, {branch!r} takes {len(signature)}"
-        for k, ((_, s0, d0), (_, s, d)) in enumerate(zip(first, signature, strict=True)):
-            if s0 != s or d0 != d:
-                return (
-                    f"input {k} of {branches[0]!r} is {_fmt_shape(s0)} {d0}, "
-                    f"of {branch!r} {_fmt_shape(s)} {d}"
-                )
-    return None
-
-
 def _fused_inputs(
     keras: Any,
-    mode: str,
+    shared: list[tuple[int | None, ...]] | None,
     signatures: list[list[tuple[str, tuple, str]]],
     branches: list[str],
     taken: set[str],
 ) -> tuple[list[Any], list[list[int]]]:
-    """The fused model's Input layers, and for each branch the positions of its inputs."""
-    if mode == "shared":
+    """The fused model's Input layers, and for each branch the positions of its inputs;
+    `shared`: the shapes of the inputs every branch shares, None if each keeps its own."""
+    if shared is not None:
         new_inputs = [
             keras.Input(batch_shape=shape, dtype=dtype, name=unique(name, taken))
-            for name, shape, dtype in _shared_input_names(signatures[0])
+            for (name, _, dtype), shape in zip(
+                _shared_input_names(signatures[0]), shared, strict=True
+            )
         ]
         return new_inputs, [list(range(len(new_inputs))) for _ in branches]
     new_inputs, slots = [], []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusecli.errors import FusecliError
+from fusecli.fusion.inputs import choose_mode
 from fusecli.fusion.naming import identifier, unique
 
 # Input names Keras makes up; the fused model says "input" instead.
@@ -126,9 +127,10 @@ def assemble(
 ) -> Assembly:
     """The fused model's config; see the module's docstring."""
     names = [b.name for b in branches]
-    mode, reason = _choose_inputs_mode(inputs, [b.inputs for b in branches], names)
+    signatures = [[(i.name, i.shape, i.dtype) for i in b.inputs] for b in branches]
+    mode, reason, shared = choose_mode(inputs, signatures, names)
     taken = set(names)
-    new_inputs, slots = _fused_inputs(mode, branches, taken)
+    new_inputs, slots = _fused_inputs(shared, branches, taken)
     _check_outputs_match(branches)
     out_names = _fused_output_names(branches[0], taken)
     layers: list[dict[str, Any]] = [_input_layer(i) for i in new_inputs]
@@ -586,46 +588,17 @@ def _layer_output(entry: dict[str, Any], in_shapes: list[Any] | None, tensor: in
     return None
 
 
-def _choose_inputs_mode(
-    requested: str, signatures: list[list[BranchInput]], names: list[str]
-) -> tuple[str, str]:
-    mismatch = _first_input_mismatch(signatures, names)
-    if requested == "separate":
-        return "separate", "asked for"
-    if requested == "shared":
-        if mismatch:
-            raise FusecliError(f"Cannot share inputs: {mismatch}. Use --inputs separate")
-        return "shared", "asked for"
-    if mismatch:
-        return "separate", mismatch
-    return "shared", "all models take the same inputs"
-
-
-def _first_input_mismatch(signatures: list[list[BranchInput]], names: list[str]) -> str | None:
-    first = signatures[0]
-    for name, signature in zip(names[1:], signatures[1:], strict=True):
-        if len(signature) != len(first):
-            return f"{names[0]!r} takes {len(first)} inputs, {name!r} takes {len(signature)}"
-        for k, (a, b) in enumerate(zip(first, signature, strict=True)):
-            if a.shape != b.shape or a.dtype != b.dtype:
-                return (
-                    f"input {k} of {names[0]!r} is {fmt_shape(a.shape)} {a.dtype}, "
-                    f"of {name!r} {fmt_shape(b.shape)} {b.dtype}"
-                )
-    return None
-
-
 def _fused_inputs(
-    mode: str, branches: list[Branch], taken: set[str]
+    shared: list[tuple[int | None, ...]] | None, branches: list[Branch], taken: set[str]
 ) -> tuple[list[BranchInput], list[list[int]]]:
-    if mode == "shared":
+    if shared is not None:
         new_inputs = [
             BranchInput(
                 unique("input" if _GENERIC_INPUT.fullmatch(i.name) else i.name, taken),
-                i.shape,
+                list(shape),
                 i.dtype,
             )
-            for i in branches[0].inputs
+            for i, shape in zip(branches[0].inputs, shared, strict=True)
         ]
         return new_inputs, [list(range(len(new_inputs))) for _ in branches]
     new_inputs, slots = [], []

@@ -34,7 +34,15 @@ from fusecli.fusion.graph import (
     prepare_branch,
     undo_renames,
 )
-from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
+from fusecli.fusion.writer import (
+    ASSETS,
+    H5_WEIGHTS,
+    Placed,
+    Source,
+    Written,
+    asset_members,
+    snake_case,
+)
 from fusecli.safety.scan import scan
 
 
@@ -81,7 +89,7 @@ def prove(
     if fmt == "h5":
         _check_h5_layer_order(path, config, assembly)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
-    _check_assets(path, written)
+    _check_assets(path, fmt, _branch_groups(config, fmt, assembly), sources, written)
     _check_sources_unchanged(assembly, given, sources, axes)
     return {
         "config": "as composed; each branch holds its model's config (layers renamed)",
@@ -169,6 +177,19 @@ def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written:
     """Each branch's tensors are where Keras will load that branch from, found from the written
     config alone (not from the writer's layer keys): a swap of two alike branches' groups keeps
     every tensor equal to a source, yet computes another function."""
+    groups = _branch_groups(config, fmt, assembly)
+    for p in written.placed:
+        if not p.output.startswith(groups.get(p.branch, "\0")):
+            name = assembly.branches[p.branch].name
+            raise VerificationError(
+                f"Tensor {p.output!r} of branch {name!r} is not where Keras loads that branch's "
+                f"weights from ({groups.get(p.branch)!r})"
+            )
+
+
+def _branch_groups(config: dict[str, Any], fmt: str, assembly: Assembly) -> dict[int, str]:
+    """Where Keras loads each branch's weights (and, in `.keras`, its assets) from, found from
+    the written config: `layers/<class>_<n>/` in `.keras`, `<name>/` in `.h5`."""
     index = {b.name: i for i, b in enumerate(assembly.branches)}
     counts: dict[str, int] = {}
     groups: dict[int, str] = {}
@@ -181,13 +202,7 @@ def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written:
             groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
             if fmt != "keras":
                 groups[index[name]] = f"{name}/"
-    for p in written.placed:
-        if not p.output.startswith(groups.get(p.branch, "\0")):
-            name = assembly.branches[p.branch].name
-            raise VerificationError(
-                f"Tensor {p.output!r} of branch {name!r} is not where Keras loads that branch's "
-                f"weights from ({groups.get(p.branch)!r})"
-            )
+    return groups
 
 
 def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly) -> None:
@@ -308,8 +323,26 @@ def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
         )
 
 
-def _check_assets(path: Path, written: Written) -> None:
-    """Every asset file of a branch is in the written archive, byte for byte."""
+def _check_assets(
+    path: Path, fmt: str, groups: dict[int, str], sources: list[Source], written: Written
+) -> None:
+    """Every asset file of every branch (a vocabulary...: without it the layer does not load,
+    or loads empty) is in the written archive where Keras looks for it, under the branch's own
+    path, byte for byte; nothing else is. A `.h5` file holds no assets: none may be needed."""
+    wanted = set()
+    for i, source in enumerate(sources):
+        for name in asset_members(source.path):
+            if fmt != "keras":
+                raise VerificationError(
+                    f"{source.given} needs asset file {name!r}, which a .h5 file cannot hold"
+                )
+            wanted.add(f"{ASSETS}{groups.get(i, '?/')}{name[len(ASSETS) :]}")
+    placed = {name for name, _, _ in written.assets}
+    if placed != wanted:
+        missing = sorted(wanted - placed) or sorted(placed - wanted)
+        raise VerificationError(
+            f"Asset {missing[0]!r} is not where Keras loads it from in the written file"
+        )
     if not written.assets:
         return
     with zipfile.ZipFile(path) as out:
