@@ -27,7 +27,7 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.formats.modelfile import MODEL_SUFFIXES
 from fusecli.scores import estimate, metrics
-from fusecli.scores.arrays import check_finite
+from fusecli.scores.arrays import check_finite, is_score_path
 from fusecli.scores.methods import METHODS, chooser
 from fusecli.scores.methods.base import Problem, single, uniform, vote_row_values
 from fusecli.scores.methods.grid import (  # noqa: F401 - the grid's API, as before
@@ -601,7 +601,8 @@ def tune(
 
 
 def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
-    """'models' (.keras/.h5 files) or 'scores' (.npy files or -); a mix is an error."""
+    """'models' (.keras/.h5 files) or 'scores' (.npy files, .npz arrays or -); a mix is an
+    error."""
     kinds = {"models" if Path(s).suffix.lower() in MODEL_SUFFIXES else "scores" for s in sources}
     if len(kinds) > 1:
         raise InvalidRequest(
@@ -609,12 +610,7 @@ def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
             f"Received: {tuple(str(s) for s in sources)}"
         )
     for s in sources:
-        if (
-            "scores" in kinds
-            and str(s) != "-"
-            and Path(s).suffix.lower() != ".npy"
-            and not _is_pipe(s)
-        ):
+        if "scores" in kinds and not is_score_path(str(s)) and not _is_pipe(s):
             raise InvalidRequest(
                 f"Expected model files (.keras, .h5) or score arrays (.npy). Received: {str(s)!r}"
             )
