@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fusecli import runtime
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES as _MODEL_CLASSES
 from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.formats import keras2_masks, keras2_ops
 from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
@@ -90,7 +92,6 @@ _CELL_BLOCKS = {
     "LSTMCell": (4, (0, 1, 3), ()),  # i, f, o | c
     "ConvLSTMCell": (4, (0, 1, 3), ()),
 }
-_MODEL_CLASSES = ("Functional", "Model", "Sequential")
 _SHAPE_KEYS = ("batch_input_shape",)  # Keras 2 wrote only this one into layer configs
 # dtype policies Keras 2 wrote whose variables (and an inserted InputLayer) are float32.
 _PLAIN_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -336,7 +337,7 @@ class _Converter:
         }
         for spec in layers:
             for node in spec.get("inbound_nodes", []):
-                for ref in _tensor_refs(node):
+                for ref in walker.references(node):
                     if ref[0] in nested and ref[1] > 0:
                         ref[1] -= 1
         layers += keras2_masks.explicit_masks(
@@ -355,7 +356,7 @@ class _Converter:
                 self.drop_constants(spec, where)
             spec["inbound_nodes"] = [_keras3_node(node, states_in_inputs) for node in nodes]
         for key in ("input_layers", "output_layers"):
-            refs = list(_tensor_refs(conf.get(key)))
+            refs = walker.io_refs(conf.get(key))
             for ref in refs:
                 if nested.get(ref[0]) == "Sequential" and ref[1] > 0:
                     ref[1] -= 1
@@ -422,15 +423,15 @@ def _first_failing_layer(config: dict[str, Any], saving_utils: Any) -> tuple | N
 
 
 def _leaf_layers(
-    spec: dict[str, Any], parent: tuple[str, ...]
+    config: dict[str, Any], parent: tuple[str, ...]
 ) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
-    conf = spec.get("config", {})
-    where = (*parent, str(conf.get("name", spec.get("name", "?"))))
-    if spec.get("class_name") in _MODEL_CLASSES and isinstance(conf.get("layers"), list):
-        for child in conf["layers"]:
-            yield from _leaf_layers(child, where)
-    else:
-        yield where, {k: v for k, v in spec.items() if k not in ("name", "inbound_nodes")}
+    top = (*parent, str(config.get("config", {}).get("name", "?")))
+    for path, spec in walker.walk(config):
+        if not walker.is_model(spec):
+            yield (
+                (*top, *path),
+                {k: v for k, v in spec.items() if k not in ("name", "inbound_nodes")},
+            )
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -537,16 +538,6 @@ def _has_own_node(spec: dict[str, Any]) -> bool:
     return False
 
 
-def _tensor_refs(data: Any) -> Iterator[list[Any]]:
-    """The [layer_name, node_index, tensor_index, ...] lists inside a node or I/O spec."""
-    if isinstance(data, list):
-        if len(data) >= 3 and isinstance(data[0], str) and isinstance(data[1], int):
-            yield data
-        else:
-            for item in data:
-                yield from _tensor_refs(item)
-
-
 def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     """Rewrite a Keras 2 node in Keras 3's node format where Keras 3 would misread it.
 
@@ -558,10 +549,10 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     if not (isinstance(node, list) and node and all(isinstance(e, list) for e in node)):
         return node
     kwargs = node[-1][3] if len(node[-1]) > 3 and isinstance(node[-1][3], dict) else {}
-    tensor_kwargs = any(True for _ in _tensor_refs(list(kwargs.values())))
+    tensor_kwargs = next(walker.references(list(kwargs.values())), None) is not None
     if not (tensor_kwargs or states_in_inputs and len(node) > 1):
         return node
-    tensors = [_keras3_tensor(entry[:3]) for entry in node]
+    tensors = [walker.keras_tensor(entry) for entry in node]
     kwargs = {key: _map_refs(value) for key, value in kwargs.items()}
     if states_in_inputs and len(tensors) > 1:
         tensors, kwargs["initial_state"] = tensors[:1], tensors[1:]
@@ -571,17 +562,9 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
 def _map_refs(data: Any) -> Any:
     if isinstance(data, list):
         if len(data) == 3 and isinstance(data[0], str) and isinstance(data[1], int):
-            return _keras3_tensor(data)
+            return walker.keras_tensor(data)
         return [_map_refs(item) for item in data]
     return data
-
-
-def _keras3_tensor(ref: list[Any]) -> dict[str, Any]:
-    # Shape and dtype are placeholders: Keras 3 takes the real tensor from the history.
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": [], "dtype": "float32", "keras_history": list(ref)},
-    }
 
 
 def _dtype_name(dtype: Any) -> Any:

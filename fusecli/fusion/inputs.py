@@ -1,6 +1,6 @@
 """Which inputs a fused model takes: one set fed to every model, or each model's own.
 
-One decision for both ways of fusing (the Keras path, `fuse.py`, and the file path, `graph.py`).
+Decided for the fused graph (`graph.py`), which both ways of fusing (files, loaded models) build.
 `auto` shares the inputs when every model declares the same ones (shapes and dtypes equal);
 `shared` also accepts shapes that are compatible, dimension by dimension equal or open in one of
 them (`(None, None, 1)` and `(None, 4, 1)`): the shared input then takes the more specific

@@ -23,17 +23,12 @@ from typing import Any
 
 import h5py
 
+from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights, read_model_file
 from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
-from fusecli.fusion.graph import (
-    Assembly,
-    layer_entries,
-    layer_name,
-    prepare_branch,
-    undo_renames,
-)
+from fusecli.fusion.graph import Assembly, given_config, undo_renames
 from fusecli.fusion.writer import (
     ASSETS,
     H5_WEIGHTS,
@@ -68,7 +63,7 @@ def prove(
     config = model_file.config
     if config != assembly.config:
         raise VerificationError("The written file's config differs from the composed one")
-    by_name = {layer_name(e): e for e in layer_entries(config)}
+    by_name = {walker.name(e): e for e in walker.layers(config)}
     for branch, original in zip(assembly.branches, given, strict=True):
         skip = ("inbound_nodes", "name", "compile_config")
         entry = {k: v for k, v in by_name[branch.name].items() if k not in skip}
@@ -193,11 +188,11 @@ def _branch_groups(config: dict[str, Any], fmt: str, assembly: Assembly) -> dict
     index = {b.name: i for i, b in enumerate(assembly.branches)}
     counts: dict[str, int] = {}
     groups: dict[int, str] = {}
-    for entry in layer_entries(config):
+    for entry in walker.layers(config):
         key = snake_case(str(entry.get("class_name")))
         n = counts.get(key, 0)
         counts[key] = n + 1
-        name = layer_name(entry)
+        name = walker.name(entry)
         if name in index:
             groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
             if fmt != "keras":
@@ -210,7 +205,7 @@ def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly
     weights) to the model's k-th layer with weights, whatever the groups are called: the branches
     must be listed in the written config's order."""
     branches = {b.name for b in assembly.branches}
-    wanted = [layer_name(e) for e in layer_entries(config) if layer_name(e) in branches]
+    wanted = [walker.name(e) for e in walker.layers(config) if walker.name(e) in branches]
     with h5py.File(path, "r") as h5:
         group = h5[H5_WEIGHTS]
         listed = [
@@ -301,7 +296,7 @@ def _check_sources_unchanged(
         if source.converted:  # Keras' private copy: nobody else writes it
             continue
         try:
-            now = prepare_branch(read_model_file(source.path).config, branch.name, at=at).given
+            now = given_config(read_model_file(source.path).config, branch.name, at=at)
         except FusecliError:
             now = None
         if now != original:
@@ -418,15 +413,7 @@ def _unexpected_findings(model_file: Any, scale: str, assembly: Assembly) -> lis
 
 
 def _names_unique(config: dict[str, Any]) -> bool:
-    names: list[str] = []
-
-    def walk(conf: dict[str, Any]) -> None:
-        for entry in layer_entries(conf):
-            names.append(layer_name(entry))
-            if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
-                walk(entry)
-
-    walk(config)
+    names = [walker.name(entry) for _, entry in walker.walk(config)]
     return len(names) == len(set(names))
 
 
