@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fusecli.config import walker
-from fusecli.errors import FusecliError, ModelFileError
+from fusecli.errors import FusecliError, ModelFileError, known_cause
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
 from fusecli.fusion import writer
@@ -262,7 +262,10 @@ def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[l
             model = keras.saving.deserialize_keras_object(config, safe_mode=not trust)
         return [list(t.shape) for t in keras.tree.flatten(model.outputs)]
     except Exception as e:  # Keras raises many types; the message says which layer
-        raise FusecliError(f"Model {name!r} cannot be built to read its output shapes: {e}") from e
+        reason = known_cause(e) or e
+        raise FusecliError(
+            f"Model {name!r} cannot be built to read its output shapes: {reason}"
+        ) from e
 
 
 def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusecli import runtime
-from fusecli.errors import FusecliError, ModelFileError
+from fusecli.errors import FusecliError, ModelFileError, known_cause
 from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
 from fusecli.output import sweep_stale
@@ -124,6 +124,9 @@ def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     except MemoryError as e:
         raise ModelFileError(path, "cannot be loaded: it needs more memory than there is") from e
     except Exception as e:
+        known = known_cause(e)
+        if known is not None:
+            raise ModelFileError(path, f"cannot be loaded: {known}") from e
         raise ModelFileError(path, f"cannot be loaded by Keras: {_first_line(e)}") from e
 
 
