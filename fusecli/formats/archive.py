@@ -41,10 +41,6 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _RAW_CHUNK = 4 << 20
 _COPY_BUFFER = 1 << 20
 
-# A fault to inject while tensors are written (tests only): called with the dataset's path in the
-# output and the slice about to be written; returns what is written instead.
-fault: Callable[[str, np.ndarray], np.ndarray] | None = None
-
 
 @contextlib.contextmanager
 def keras_archive(
@@ -205,7 +201,7 @@ def keras_members(
 def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
     """Write one tensor held in memory; returns its digest."""
     dataset = target.create_dataset(name, shape=values.shape, dtype=values.dtype)
-    values = _faulty(dataset.name, np.ascontiguousarray(values))
+    values = np.ascontiguousarray(values)
     if values.size:
         dataset[()] = values
     return tensor_digest(values)
@@ -213,7 +209,7 @@ def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
 
 def overwrite_tensor(dataset: h5py.Dataset, values: np.ndarray) -> bytes:
     """Write a tensor's values over a dataset of its shape and dtype; returns its digest."""
-    values = _faulty(dataset.name, np.ascontiguousarray(values, dtype=dataset.dtype))
+    values = np.ascontiguousarray(values, dtype=dataset.dtype)
     if values.size:
         dataset.write_direct(values)
     return tensor_digest(values)
@@ -227,15 +223,7 @@ def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ())
     for key in source:
         if key not in skip:
             source.copy(source[key], target, name=key)
-    names = [n for n in dataset_names(target) if n.split("/")[0] not in skip]
-    if fault is not None:
-        for name in names:
-            dataset = target[name]
-            values = np.asarray(dataset[()])
-            changed = fault(dataset.name, values)
-            if changed is not values:
-                dataset[()] = changed
-    return names
+    return [n for n in dataset_names(target) if n.split("/")[0] not in skip]
 
 
 def dataset_digest(dataset: h5py.Dataset) -> bytes:
@@ -403,7 +391,3 @@ def _slices(dataset: h5py.Dataset) -> Iterator[Any]:
 
 def _bytes(values: Any) -> np.ndarray:
     return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-
-
-def _faulty(name: str, values: np.ndarray) -> np.ndarray:
-    return values if fault is None else fault(name, values)

@@ -33,7 +33,7 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive
-from fusecli.formats.keras2 import check_keras2_layout
+from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
     WEIGHTS_MEMBER,
@@ -361,6 +361,7 @@ def _write(
         if fmt == "h5":
             source = template_group.file
             attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
+            _loadable_keras2(attrs)
             with archive.h5_model(tmp, attrs) as out:
                 digests = _write_h5(out, template, template_group, tensors, expected, progress)
                 write_h5_recipe(out, recipe)
@@ -370,6 +371,16 @@ def _write(
             archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
         ):
             return _fill(out, template, template_group, tensors, expected, progress)
+
+
+def _loadable_keras2(attrs: dict[str, Any]) -> None:
+    """A Keras 2 template's config as today's loaders build it (see `loadable_keras2_config`)."""
+    version = attrs.get("keras_version")
+    version = version.decode() if isinstance(version, bytes) else str(version or "")
+    if version.startswith("2.") and "model_config" in attrs:
+        config = attrs["model_config"]
+        config = json.loads(config.decode() if isinstance(config, bytes) else config)
+        attrs["model_config"] = json.dumps(loadable_keras2_config(config))
 
 
 def _merged_tensors(
