@@ -93,6 +93,47 @@ def call_isolated(fn: Callable[[Path], T], path: Path, *, timeout: float | None 
     return _unpack(reply, path)
 
 
+def call_isolated_each(
+    fn: Callable[[Path], T], paths: Sequence[Path], *, timeout: float | None = None
+) -> list[T]:
+    """`call_isolated(fn, path)` for every path, the children running side by side when this
+    process can fork (one per path, on as many cores as there are); else one after another.
+    Errors are raised as `call_isolated` raises them, the first path's first."""
+    paths = [Path(p) for p in paths]
+    limit = read_timeout() if timeout is None else timeout
+    with _lock:
+        parallel = len(paths) > 1 and _fork_is_safe()
+        if parallel:
+            deadline = time.monotonic() + limit
+            started: list[tuple[int, int]] = []
+            replies: list[bytes | BaseException] = []
+            try:
+                for path in paths:
+                    started.append(_fork(("read", fn, path)))
+                for pid, receiver in started:
+                    try:
+                        replies.append(_reply(pid, receiver, deadline, None))
+                    except _TimedOut as e:
+                        replies.append(e)
+            except BaseException:  # a signal while waiting: no child outlives the wait
+                for pid, receiver in started[len(replies) :]:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                    with contextlib.suppress(OSError):
+                        os.close(receiver)
+                raise
+    if not parallel:
+        return [call_isolated(fn, path, timeout=timeout) for path in paths]
+    results = []
+    for path, reply in zip(paths, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise _timed_out(path, limit) from None
+        results.append(_unpack(reply, path))
+    return results
+
+
 def call_isolated_write(
     fn: Callable[..., T],
     *args: Any,
@@ -407,6 +448,11 @@ def _forked(
 ) -> bytes:
     """`job` in a fork of this process: its pickled reply, or a pickled "crashed". Progress
     frames the child sends on the way go to `on_progress`."""
+    return _reply(*_fork(job), deadline, on_progress)
+
+
+def _fork(job: tuple[str, Callable[..., Any], Any]) -> tuple[int, int]:
+    """Start `job` in a fork of this process: (its pid, the pipe its reply comes on)."""
     receiver, sender = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -423,6 +469,16 @@ def _forked(
         finally:
             os._exit(0)
     os.close(sender)
+    return pid, receiver
+
+
+def _reply(
+    pid: int,
+    receiver: int,
+    deadline: float | None,
+    on_progress: Callable[[bytes], None] | None,
+) -> bytes:
+    """Wait for a forked job's reply (see `_forked`); the child is gone when this returns."""
     try:
         while True:
             reply = _read_frame(receiver, deadline)
