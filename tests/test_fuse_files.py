@@ -62,6 +62,7 @@ _NO_KERAS = textwrap.dedent(
     reports = {}
     for name, (paths, kwargs) in cases.items():
         weights = [2.0, 6.0] if name == "normalize" else [0.8, 0.2, 0.5][: len(paths)]
+        kwargs = {"normalize": False, **kwargs}  # the weights as given, but in "normalize"
         report = fuse_to_file(paths, f"{out}/{name}.keras", weights, **kwargs)
         reports[name] = report.as_dict()
     assert "keras" not in sys.modules and "tensorflow" not in sys.modules, "Keras imported"
