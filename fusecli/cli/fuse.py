@@ -8,14 +8,23 @@ from fusecli.cli.common import (
     WeightsCommand,
     force_option,
     json_option,
+    normalize_option,
     print_json,
     say,
+    say_rescaled,
     trust_option,
     verbose_option,
     weights_option,
 )
 from fusecli.errors import InvalidRequest
-from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
+from fusecli.fusion.loaders import loaded_by
+from fusecli.fusion.options import (
+    ACTIVATIONS,
+    FUSE_AT,
+    INPUT_MODES,
+    SCALE_MODES,
+    default_output,
+)
 
 
 @click.command(
@@ -24,14 +33,14 @@ from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODE
 )
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @weights_option("One weight per model, in order: --w 0.8 0.2 or --w 0.8,0.2. [default: 1/N each]")
-@click.option("--normalize", is_flag=True, help="Rescale the weights to sum to 1.")
+@normalize_option
 @click.option(
     "-o",
     "--output",
-    default="fused.keras",
-    show_default=True,
+    default=None,
     type=click.Path(dir_okay=False),
-    help="Where to write the fused model; .keras or .h5 picks the format.",
+    help="Where to write the fused model; .keras or .h5 picks the format. [default: fused.h5 "
+    "when every model is a .h5 file, else fused.keras]",
 )
 @click.option(
     "--inputs",
@@ -84,8 +93,8 @@ from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODE
 def fuse_command(
     models: tuple[str, ...],
     weights: tuple[float, ...] | None,
-    normalize: bool,
-    output: str,
+    normalize: bool | None,
+    output: str | None,
     inputs_mode: str,
     scale: str,
     at: str,
@@ -105,6 +114,7 @@ def fuse_command(
 
     \b
     Examples:
+      fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2                  # writes fused.h5
       fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2 -o fused.keras
       fusecli fuse a.keras b.keras c.keras -o three.h5 --json
       fusecli fuse rgb.keras flow.keras --w 1 1.5 --at logits    # softmax(z_rgb + 1.5 z_flow)
@@ -113,10 +123,17 @@ def fuse_command(
 
     if trust:
         say("Warning: --trust: model files may run code while they load.")
+    output = output or default_output(list(models))
     if recipe is not None:
         from fusecli.fusion.recipe_head import fuse_recipe_file
 
-        if weights is not None or normalize or at != "output" or activation or scale != "rescaling":
+        if (
+            weights is not None
+            or normalize is not None
+            or at != "output"
+            or activation
+            or scale != "rescaling"
+        ):
             raise InvalidRequest(
                 "--recipe says how to fuse: give it without --w, --normalize, --at, --activation "
                 "or --scale"
@@ -127,7 +144,7 @@ def fuse_command(
             list(models),
             output,
             weights,
-            normalize=normalize,
+            normalize=normalize is not False,
             scale=scale,
             inputs=inputs_mode,
             at=at,
@@ -136,6 +153,7 @@ def fuse_command(
             force=force,
             verify=verify,
         )
+    say_rescaled(weights, report.weights, normalize)
     say(f"Inputs: {report.inputs_mode} ({report.inputs_reason}).")
     if scale == "lambda":
         say(
@@ -156,6 +174,7 @@ def fuse_command(
         checked.append("not verified")
     details = "; ".join([weights_text, f"{report.params:,} parameters", *checked])
     say(f"Wrote {report.output} ({details}).")
+    say(loaded_by(report.output, report.format, scale))
     if report.verify is not None and report.verify["result"] == "inconclusive":
         say(f"Warning: the numeric check is inconclusive: {report.verify['reason']}.")
 

@@ -383,6 +383,27 @@ def _dense(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
     return [(*x[:-1], _int(config["units"]))]
 
 
+def _category_encoding(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
+    """Keras' `CategoryEncoding.compute_output_shape`: one slot per token."""
+    x, tokens = shapes[0], _int(config["num_tokens"])
+    if len(x) <= 1:
+        return [(*x, tokens)]
+    if config.get("output_mode") == "one_hot" and x[-1] != 1:
+        return [(*x, tokens)]
+    return [(*x[:-1], tokens)]
+
+
+def _resizing(config: dict[str, Any], shapes: list[Shape]) -> list[Shape] | None:
+    """Resizing, CenterCrop: images of `height` x `width`, channels kept."""
+    x = shapes[0]
+    if len(x) != 4:
+        return None
+    size = (_int(config["height"]), _int(config["width"]))
+    if config.get("data_format") == "channels_first":
+        return [(x[0], x[1], *size)]
+    return [(x[0], *size, x[3])]
+
+
 def _embedding(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
     return [(*shapes[0], _int(config["output_dim"]))]
 
@@ -635,6 +656,9 @@ _RULES: dict[str, _Rule] = {
     **{name: _recurrent(name) for name in _RNN},
     "Dense": _dense,
     "Embedding": _embedding,
+    "CategoryEncoding": _category_encoding,
+    "Resizing": _resizing,
+    "CenterCrop": _resizing,
     "Concatenate": _concatenate,
     "Dot": _dot,
     "Flatten": _flatten,

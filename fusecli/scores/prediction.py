@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from fusecli.scores.options import AT_CHOICES, DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     import keras
+
+# Bytes one batch may make in the model's widest layer (see `predict_batches`).
+ACTIVATION_BUDGET = 1 << 30
 
 # Called after each batch with (rows done, rows in all).
 ProgressCallback = Callable[[int, int], None]
@@ -152,8 +156,13 @@ def _output_batches(
     batch_size: int,
     progress: ProgressCallback | None,
 ) -> Iterator[list[np.ndarray]]:
-    """Every output of the model, batch by batch."""
+    """Every output of the model, batch by batch.
+
+    A batch holds at most ACTIVATION_BUDGET bytes in the model's widest layer: a model whose
+    layers make large activations per row (an image resized to 8192 x 8192) runs in smaller
+    batches rather than allocate gigabytes."""
     rows = len(arrays[0])
+    batch_size = min(batch_size, max(1, ACTIVATION_BUDGET // max(1, row_bytes(model))))
     dtypes = [np.dtype(str(t.dtype)) for t in model.inputs]
     for start in range(0, rows, batch_size):
         batch = [
@@ -273,6 +282,27 @@ def _inputs_for(
 def _check_at(at: str) -> None:
     if at not in AT_CHOICES:
         raise InvalidRequest(f"Expected at to be one of {AT_CHOICES}. Received: at={at!r}")
+
+
+def row_bytes(model: keras.Model) -> int:
+    """The most bytes one row makes in any layer's output (as far as the model's symbolic
+    shapes say), nested models included."""
+    widest = 0
+    layers = [model, *model._flatten_layers(include_self=False, recursive=True)]
+    for layer in layers:
+        try:
+            tensors = [*keras_tree_flatten(layer.input), *keras_tree_flatten(layer.output)]
+        except (AttributeError, ValueError, RuntimeError, TypeError):
+            continue  # a layer called more than once, or never: its shapes are not one
+        for tensor in tensors:
+            dims = [d for d in tuple(getattr(tensor, "shape", ()) or ())[1:] if d]
+            itemsize = np.dtype(str(getattr(tensor, "dtype", "float32"))).itemsize
+            widest = max(widest, math.prod(dims) * itemsize)
+    return widest
+
+
+def keras_tree_flatten(value: Any) -> list[Any]:
+    return runtime.keras().tree.flatten(value)
 
 
 def _check_batch_size(batch_size: int) -> None:
