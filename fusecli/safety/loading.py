@@ -18,6 +18,7 @@ own loader misreads (Attention's `score_mode="dot"`) through `fusecli.formats.ke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -48,8 +49,9 @@ class CheckedFile:
     """A model file read once into a private copy and scanned there."""
 
     source: Path  # the path as the caller gave it: what messages name
-    copy: Path  # the private copy, same file name: what was scanned, what Keras loads
+    copy: Path  # the private copy, same file name, the input's bytes: what was scanned
     model_file: ModelFile  # read from the copy (its `path` is the copy)
+    loadable: Path  # the copy with its HDF5 rewritten by value: what Keras loads
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
@@ -77,14 +79,19 @@ def checked_files(
     sources = [Path(p) for p in paths]
     with cleanup_on_termination(), _private_folder() as folder:
         copies = [_private_copy(source, folder / str(i)) for i, source in enumerate(sources)]
-        with _named_as_given(dict(zip(copies, sources, strict=True))):
-            checked = [
-                CheckedFile(source, copy, refuse_unsafe(copy, trust=trust))
-                for source, copy in zip(sources, copies, strict=True)
+        names = dict(zip(copies, sources, strict=True))
+        with _named_as_given(names):
+            scanned = [refuse_unsafe(copy, trust=trust) for copy in copies]
+            # What Keras will read: HDF5 that h5py wrote, from values, in a child.
+            loadables = [rewrite_hdf5(copy) for copy in copies]
+        names.update(zip(loadables, sources, strict=True))
+        with _named_as_given(names):
+            yield [
+                CheckedFile(source, copy, model_file, loadable)
+                for source, copy, model_file, loadable in zip(
+                    sources, copies, scanned, loadables, strict=True
+                )
             ]
-            for copy in copies:  # what Keras will read: HDF5 that h5py wrote, from values
-                rewrite_hdf5(copy)
-            yield checked
 
 
 def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
@@ -96,16 +103,16 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
             f"Keras loads only files whose name ends in lower case; rename it to "
             f"{source.stem}{source.suffix.lower()}",
         )
-    with _named_as_given({checked.copy: source}), keras_errors(source):
-        if checked.model_file.written_by_keras2:
-            return keras2.load_keras2_h5(checked.model_file, trust=trust)
+    loadable = dataclasses.replace(checked.model_file, path=checked.loadable)
+    names = {checked.copy: source, checked.loadable: source}
+    with _named_as_given(names), keras_errors(source):
+        if loadable.written_by_keras2:
+            return keras2.load_keras2_h5(loadable, trust=trust)
         keras = runtime.keras()
-        if checked.model_file.format == "h5" and keras3_h5.misread_layers(
-            checked.model_file.config
-        ):
-            model = keras3_h5.load(checked.model_file, trust=trust)
+        if loadable.format == "h5" and keras3_h5.misread_layers(loadable.config):
+            model = keras3_h5.load(loadable, trust=trust)
         else:
-            model = keras.saving.load_model(checked.copy, compile=False, safe_mode=not trust)
+            model = keras.saving.load_model(checked.loadable, compile=False, safe_mode=not trust)
         if not isinstance(model, keras.Model):
             raise ModelFileError(source, f"holds a {type(model).__name__}, not a Keras model")
         return model

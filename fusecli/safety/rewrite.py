@@ -12,7 +12,6 @@ Links to other files are not carried (the scan reports them); soft links are ref
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import zipfile
@@ -25,23 +24,30 @@ from fusecli.formats.modelfile import WEIGHTS_MEMBER, file_format, walk_hdf5
 from fusecli.safety.isolation import call_isolated
 
 
-def rewrite_hdf5(path: Path) -> None:
-    """Replace `path` (a private copy) by the same model with its HDF5 rewritten, in a child
-    process with the usual time limit; `ModelFileError` if HDF5 crashes, hangs or fails on it."""
+def rewrite_hdf5(path: Path) -> Path:
+    """The model at `path` (a private copy) with its HDF5 rewritten, written beside it as
+    `clean/<name>` by a child process with the usual time limit; `ModelFileError` if HDF5
+    crashes, hangs or fails on it. The copy itself is left as read (its bytes are the input's)."""
     call_isolated(_rewrite, Path(path))
+    return _clean_path(Path(path))
+
+
+def _clean_path(path: Path) -> Path:
+    return path.parent / "clean" / path.name
 
 
 def _rewrite(path: Path) -> None:
-    """In the child: rewrite, then move over the copy."""
-    fresh = path.with_name(f".{path.name}.rewritten")
+    """In the child: rewrite into `clean/<name>`."""
+    fresh = _clean_path(path)
+    fresh.parent.mkdir(exist_ok=True)
     try:
         if file_format(path) == "keras":
             _rewrite_archive(path, fresh)
         else:
             _copy_hdf5(path, fresh, path)
-        os.replace(fresh, path)
-    finally:
+    except BaseException:
         fresh.unlink(missing_ok=True)
+        raise
 
 
 def _rewrite_archive(path: Path, fresh: Path) -> None:
