@@ -45,10 +45,8 @@ class _DamageOneTensor:
         def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
             return real_write(target, name, damaged(f"{target.name}/{name}", values))
 
-        def copy_group(
-            source: h5py.Group, target: h5py.Group, skip: Any = (), **options: Any
-        ) -> list[str]:
-            names = real_copy(source, target, skip, **options)
+        def copy_group(source: h5py.Group, target: h5py.Group, skip: Any = ()) -> list[str]:
+            names = real_copy(source, target, skip)
             for name in names:
                 dataset = target[name]
                 values = np.asarray(dataset[()])

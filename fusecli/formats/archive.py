@@ -40,8 +40,6 @@ _SLICE_BYTES = 16 << 20
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _RAW_CHUNK = 4 << 20
 _COPY_BUFFER = 1 << 20
-# The HDF5 files being written inside a .keras archive (by HDF5 file id): where plain blocks go.
-_SINKS: dict[int, _WritableWindow] = {}
 
 
 @contextlib.contextmanager
@@ -97,23 +95,17 @@ def _member_in_place(
     start = fp.tell()
     window = _WritableWindow(fp, start)
     with h5py.File(window, "w") as h5:
-        _SINKS[h5.id.id] = window
-        try:
-            yield h5
-        finally:
-            del _SINKS[h5.id.id]
+        yield h5
     size = window.size
     crc = 0
-    fp.flush()  # read back below from the file itself: blocks were copied past this object
-    fd = fp.fileno()
+    fp.seek(start)
     remaining = size
     buffer = bytearray(_COPY_BUFFER * 8)
     while remaining:
-        view = memoryview(buffer)[: min(len(buffer), remaining)]
-        got = os.preadv(fd, [view], start + size - remaining)
+        got = fp.readinto(memoryview(buffer)[: min(len(buffer), remaining)])
         if not got:
             raise OSError(f"short read while completing {name}")
-        crc = zlib.crc32(view[:got], crc)
+        crc = zlib.crc32(memoryview(buffer)[:got], crc)
         remaining -= got
     info.file_size = info.compress_size = size
     info.CRC = crc
@@ -132,13 +124,6 @@ class _WritableWindow(io.RawIOBase):
     def __init__(self, f: BinaryIO, start: int) -> None:
         super().__init__()
         self._f, self._start, self._pos, self.size = f, start, 0, 0
-
-    def copy_block(self, source: RawTensors, block: tuple[int, int], offset: int) -> None:
-        """Copy a block of `source` (position, size) to `offset` of the HDF5 file, in the
-        kernel (no pass through this process, nor through HDF5)."""
-        self._f.flush()
-        source.copy_to(block, self._f.fileno(), self._start + offset)
-        self.size = max(self.size, offset + block[1])
 
     def readable(self) -> bool:
         return True
@@ -222,66 +207,15 @@ def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
     return tensor_digest(values)
 
 
-def copy_group(
-    source: h5py.Group,
-    target: h5py.Group,
-    skip: Sequence[str] = (),
-    *,
-    blocks: RawTensors | None = None,
-) -> list[str]:
-    """Copy everything in `source` (but the members named in `skip`) into `target`: attributes,
-    groups and every dataset, whatever the files. Returns the copied datasets' paths, relative
-    to `source`.
-
-    With `blocks` (the source file's raw reader) and a target inside a `.keras` archive being
-    written, a dataset stored as one plain block (every tensor Keras writes) is made in the
-    target with its storage allocated and its bytes copied by the kernel from file to file;
-    anything else (chunked, compressed, links) by HDF5's own object copy.
-    """
+def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ()) -> list[str]:
+    """Copy everything in `source` (but the members named in `skip`) into `target`, by HDF5's
+    own object copy: attributes, groups and every dataset, whatever the files. Returns the
+    copied datasets' paths, relative to `source`."""
     copy_attrs(source, target)
-    sink = _SINKS.get(target.file.id.id)
-    if blocks is None or sink is None:
-        for key in source:
-            if key not in skip:
-                source.copy(source[key], target, name=key)
-    else:
-        _copy_tree(source, target, skip, blocks, sink)
-    return [n for n in dataset_names(target) if n.split("/")[0] not in skip]
-
-
-def _copy_tree(
-    source: h5py.Group,
-    target: h5py.Group,
-    skip: Sequence[str],
-    blocks: RawTensors,
-    sink: _WritableWindow,
-) -> None:
     for key in source:
-        if key in skip:
-            continue
-        link = source.get(key, getlink=True)
-        node = source.get(key) if isinstance(link, h5py.HardLink) else None
-        if isinstance(node, h5py.Group):
-            group = target.create_group(key)
-            copy_attrs(node, group)
-            _copy_tree(node, group, (), blocks, sink)
-            continue
-        block = blocks.block(node) if isinstance(node, h5py.Dataset) else None
-        if block is None:
-            source.copy(key, target, name=key)
-            continue
-        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        plist.set_layout(h5py.h5d.CONTIGUOUS)
-        plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        dsid = h5py.h5d.create(
-            target.id, key.encode("utf-8"), node.id.get_type(), node.id.get_space(), dcpl=plist
-        )
-        offset = dsid.get_offset()
-        if offset is None or dsid.get_storage_size() != block[1]:
-            raise OSError(f"HDF5 did not allocate {node.name} as one block")
-        sink.copy_block(blocks, block, offset)
-        copy_attrs(node, target[key])
+        if key not in skip:
+            source.copy(source[key], target, name=key)
+    return [n for n in dataset_names(target) if n.split("/")[0] not in skip]
 
 
 def dataset_digest(dataset: h5py.Dataset) -> bytes:
@@ -361,19 +295,6 @@ class RawTensors:
                 finite = _all_finite(np.frombuffer(mine, dtype=dtype, count=step // dtype.itemsize))
             done += step
         return True, finite
-
-    def copy_to(self, block: tuple[int, int], fd: int, position: int) -> None:
-        """Copy a block (position, size) of this file to `position` of the file `fd`."""
-        (start, size), done = block, 0
-        while done < size:
-            try:
-                step = os.copy_file_range(self._fd, fd, size - done, start + done, position + done)
-            except OSError:  # another file system, an old kernel: through this process
-                step = os.pwrite(fd, self._read(start + done, min(_RAW_CHUNK, size - done)),
-                                 position + done)  # fmt: skip
-            if step <= 0:
-                raise OSError("the file is shorter than its datasets say")
-            done += step
 
     def _read(self, position: int, size: int) -> bytearray:
         if size == _RAW_CHUNK:

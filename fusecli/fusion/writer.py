@@ -192,8 +192,7 @@ def _copy_branch(
 ) -> None:
     """Copy a model file's weights root (but training state) into `target`."""
     try:
-        with archive.RawTensors(source.path) as blocks:
-            names = archive.copy_group(root, target, skip=TRAINING_STATE_GROUPS, blocks=blocks)
+        names = archive.copy_group(root, target, skip=TRAINING_STATE_GROUPS)
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise ModelFileError(source.given, f"weights cannot be copied ({e})") from None
     for name in names:
