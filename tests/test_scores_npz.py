@@ -27,6 +27,7 @@ def two_heads(keras, tmp_path_factory):
             keras.layers.Dense(3, activation="softmax", name="classes")(h),
             keras.layers.Dense(2, name="box")(h),
         ],
+        name="two_heads",
     )
     d = tmp_path_factory.mktemp("heads")
     model.save(d / "heads.keras")

@@ -32,7 +32,7 @@ import numpy as np
 from fusecli import runtime
 from fusecli.config import walker
 from fusecli.config.walker import MODEL_CLASSES as _MODEL_CLASSES
-from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.errors import ModelFileError, UnsafeModelError, known_cause
 from fusecli.formats import keras2_masks, keras2_ops
 from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
 
@@ -584,6 +584,9 @@ def _layer_path(where: tuple[str, ...]) -> str:
 def _short(e: BaseException) -> str:
     """One line; of Keras' "Error when deserializing ... config={...} Exception encountered: X",
     only X."""
+    known = known_cause(e)
+    if known is not None:
+        return known
     text = str(e)
     if _KERAS_CAUSE in text:
         text = text.rsplit(_KERAS_CAUSE, 1)[1]

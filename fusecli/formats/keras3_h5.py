@@ -8,6 +8,12 @@ and `keras.saving.load_model` fails on the file its own `save` wrote. Those laye
 `"module": "keras.layers"` (the one thing Keras' `.h5` writer drops), which makes Keras build
 them with the deserializer of `.keras` files, where a string stays a string; the model is then
 built and its weights loaded exactly as Keras' `.h5` loader does (safe mode unless trusted).
+
+The same goes for operation nodes (`keras.ops.not_equal(x, 0)` on a Keras tensor, written as a
+node `{"class_name": "NotEqual", "config": {"name": ...}}`): Keras' `.h5` loader takes them for
+unknown custom layers. Given the module of `keras.ops` that defines them, Keras builds them as
+it does from a `.keras` file. An operation's config has no `trainable` (a layer's always has),
+which tells `keras.ops.add` from the layer `Add`.
 """
 
 from __future__ import annotations
@@ -26,21 +32,47 @@ if TYPE_CHECKING:
 _MODEL_CLASSES = ("Functional", "Model", "Sequential")
 
 
+_OP_MODULES = ("numpy", "nn", "math", "core", "linalg", "image")
+
+
 def misread_layers(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The layer entries (at any depth) that Keras' legacy loader would misread."""
+    """The layer entries (at any depth) that Keras' legacy loader would misread or not find."""
+    return [spec for spec in _leaf_layers(config) if _module_for(spec) is not None]
+
+
+def _module_for(spec: dict[str, Any]) -> str | None:
+    """The module Keras should build this entry from, where its `.h5` loader would fail."""
     from keras.src import layers
 
-    def misread(value: Any) -> bool:
-        return isinstance(value, str) and inspect.isfunction(layers.__dict__.get(value))
+    conf = spec.get("config")
+    if "module" in spec or not isinstance(conf, dict):
+        return None
+    cls = str(spec.get("class_name"))
+    if "trainable" not in conf:
+        return _op_module(cls)
+    if not isinstance(layers.__dict__.get(cls), type):
+        return None
+    for key, value in conf.items():
+        if (
+            key != "name"
+            and isinstance(value, str)
+            and inspect.isfunction(layers.__dict__.get(value))
+        ):
+            return "keras.layers"
+    return None
 
-    return [
-        spec
-        for spec in _leaf_layers(config)
-        if "module" not in spec
-        and isinstance(spec.get("config"), dict)
-        and isinstance(layers.__dict__.get(str(spec.get("class_name"))), type)
-        and any(misread(v) for k, v in spec["config"].items() if k != "name")
-    ]
+
+def _op_module(cls: str) -> str | None:
+    import importlib
+
+    from keras.src.ops.operation import Operation
+
+    for name in _OP_MODULES:
+        module = importlib.import_module(f"keras.src.ops.{name}")
+        found = module.__dict__.get(cls)
+        if isinstance(found, type) and issubclass(found, Operation):
+            return f"keras.src.ops.{name}"
+    return None
 
 
 def load(model_file: ModelFile, *, trust: bool) -> keras.Model:
@@ -52,7 +84,9 @@ def load(model_file: ModelFile, *, trust: bool) -> keras.Model:
 
     config = copy.deepcopy(model_file.config)
     for spec in misread_layers(config):
-        spec["module"] = "keras.layers"
+        spec["module"] = _module_for(spec)
+        if spec["module"] != "keras.layers":
+            spec["registered_name"] = spec["class_name"]
     with (
         saving_options.keras_option_scope(use_legacy_config=True),
         serialization_lib.SafeModeScope(not trust),

@@ -31,6 +31,7 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import ModelFileError
+from fusecli.formats.archive import RawTensors
 from fusecli.formats.modelfile import (
     Format,
     ModelFile,
@@ -95,9 +96,10 @@ class Layout:
     composite_layers: list[str] = field(default_factory=list)
 
 
-def read_layout(path: str | os.PathLike[str]) -> Layout:
-    """List a model file's variables in `model.weights` order; reads metadata, no tensor."""
-    info = read_model_file(path)
+def read_layout(path: str | os.PathLike[str], info: ModelFile | None = None) -> Layout:
+    """List a model file's variables in `model.weights` order; reads metadata, no tensor.
+    `info`: the file as `read_model_file` read it already, if it did."""
+    info = read_model_file(path) if info is None else info
     with open_weights(info.path) as group:
         try:
             if info.format == "keras":
@@ -162,10 +164,14 @@ def architecture_difference(a: Layout, b: Layout) -> str | None:
     return None
 
 
-def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray:
-    """Read one variable's values; a clean `ModelFileError` if the file is broken."""
+def read_tensor(
+    path: Path, group: h5py.Group, variable: Variable, raw: RawTensors | None = None
+) -> np.ndarray:
+    """Read one variable's values; a clean `ModelFileError` if the file is broken. With `raw`
+    (the same file opened for raw reads), a plain block is read without HDF5."""
     try:
-        values = np.asarray(group[variable.dataset][()])
+        dataset = group[variable.dataset]
+        values = np.asarray(dataset[()]) if raw is None else raw.values(dataset)
         if variable.dtype.name == "bfloat16":
             values = values.view(variable.dtype)
     except (KeyError, TypeError, ValueError, OSError) as e:

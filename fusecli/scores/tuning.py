@@ -28,7 +28,7 @@ from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.formats.modelfile import MODEL_SUFFIXES
 from fusecli.scores import estimate, metrics
 from fusecli.scores.arrays import check_finite, is_score_path
-from fusecli.scores.methods import METHODS, chooser
+from fusecli.scores.methods import check_parameters, chooser
 from fusecli.scores.methods.base import Problem, single, uniform, vote_row_values
 from fusecli.scores.methods.grid import (  # noqa: F401 - the grid's API, as before
     MAX_GRID_POINTS,
@@ -157,6 +157,7 @@ def tune_scores(
     divisions(step)
     if method == "grid":
         check_grid_size(n, step)
+    parameters = check_parameters(parameters)
     names = list(names) if names is not None else [f"scores{i}" for i in range(n)]
     for name, s in zip(names[1:], scores[1:], strict=True):
         if s.shape != scores[0].shape:
@@ -337,6 +338,9 @@ def _auto(
     for index, name in enumerate(candidates):
         if progress is not None:
             progress(index, len(candidates))
+        if tried and time.perf_counter() - start > budget:
+            skipped.append(f"{name} (out of time)")
+            continue
         choose = chooser(name, {"step": step, **parameters})
         fit_start = time.perf_counter()
         scored = estimate.score_method(problem, name, choose, [])
@@ -492,9 +496,7 @@ def tune(
     divisions(step)
     if method == "grid":
         check_grid_size(len(sources), step)  # refuse a huge grid before any model runs
-    for name in parameters:
-        if not any(name == p.name for m in METHODS.values() for p in m.PARAMETERS):
-            raise InvalidRequest(f"Unknown tune parameter {name!r}")
+    check_parameters(parameters)
     if metric is not None and metric not in metrics.METRICS:
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"
