@@ -166,7 +166,7 @@ def _write_and_prove(
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a thread."""
+    are hashed for the recipe meanwhile, in a forked process."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
     written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
