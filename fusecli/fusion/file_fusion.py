@@ -34,7 +34,6 @@ from fusecli.fusion.proof import prove
 from fusecli.output import atomic_output, temp_prefix
 from fusecli.safety.isolation import call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
-from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
 # Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
@@ -75,24 +74,25 @@ def fuse_files(
         _check_name(Path(path))
     if fmt == "h5":
         _check_h5_assets(paths, names)
-    # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
-    # written file is scanned again, and its tensors compared with theirs, before it is kept).
-    # The others go through the door into Keras, which scans and loads a private copy.
-    native = {
-        i: refuse_unsafe(p, trust=trust)
-        for i, p in enumerate(paths)
-        if fmt == "keras" and _looks_native(Path(p))
-    }
-    native = {i: f for i, f in native.items() if _native(f)}
-    others = [i for i in range(len(paths)) if i not in native]
+    # Keras 3 .keras inputs of a .keras output are read as files, from a private copy made
+    # from one open of the input and scanned there (a file renamed over the input after its
+    # scan cannot reach the output); the written file is scanned again, and its tensors
+    # compared with the copies', before it is kept. The others go through the door into Keras.
+    candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
+        copied = stack.enter_context(checked_files([paths[i] for i in candidates], trust=trust))
+        native = {
+            i: one for i, one in zip(candidates, copied, strict=True) if _native(one.model_file)
+        }
+        others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
         hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
-        for i, model_file in native.items():
-            sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
-            configs[i] = model_file.config
+        for i, one in native.items():
+            hashed[i] = one.copy
+            sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
+            configs[i] = one.model_file.config
         if others:
             scratch = Path(
                 stack.enter_context(

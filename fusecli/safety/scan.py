@@ -464,6 +464,14 @@ def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
                 filename, target = entry.target or ("?", "?")
                 reason = f"is a link to {target!r} in another file {filename!r}"
                 found.append((entry.name, Finding(where, "ExternalLink", reason, _HDF5_WHAT)))
+            elif entry.kind in ("soft", "other"):
+                # Keras' loaders do not follow them, and fusecli's readers would not either:
+                # what the check reads and what Keras loads would differ.
+                raise ModelFileError(
+                    model_file.path,
+                    f"HDF5 object {where!r} is a {entry.kind} link, which no Keras writes and "
+                    "Keras' loader does not follow; refusing",
+                )
             elif entry.kind == "dataset":
                 dataset_findings = list(_check_dataset(entry.node, where))
                 if dataset_findings:  # its data is elsewhere: nothing here to measure
