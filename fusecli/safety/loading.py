@@ -31,6 +31,7 @@ from fusecli.errors import FusecliError, ModelFileError, known_cause
 from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
 from fusecli.output import sweep_stale
+from fusecli.safety.rewrite import rewrite_hdf5
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
@@ -79,6 +80,8 @@ def checked_files(
                 CheckedFile(source, copy, refuse_unsafe(copy, trust=trust))
                 for source, copy in zip(sources, copies, strict=True)
             ]
+            for copy in copies:  # what Keras will read: HDF5 that h5py wrote, from values
+                rewrite_hdf5(copy)
             yield checked
 
 
