@@ -423,7 +423,7 @@ def test_sigterm_during_merge_removes_the_soup_and_its_weights(model_files, tmp_
         process.kill()
         process.wait()
     # files/archive.py writes the weights in place inside the archive: one temporary file.
-    assert len(during) == 1 and during[0].startswith(".soup.")
+    assert len(during) == 1 and during[0].startswith(f".fusecli-{process.pid}-soup.")
     assert process.returncode == -signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 
@@ -460,7 +460,7 @@ def test_sigterm_while_writing_a_directory_removes_it(tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert len(during) == 1 and during[0].startswith(".model.")
+    assert len(during) == 1 and during[0].startswith(f".fusecli-{process.pid}-model.")
     assert process.returncode == -signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 

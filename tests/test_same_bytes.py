@@ -4,7 +4,9 @@ a private copy copies data and not holes, and a file the check passes is a file 
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -78,8 +80,7 @@ def test_a_sparse_user_block_costs_its_data_not_its_size(model_files, tmp_path):
     if sparse.stat().st_blocks * 512 > 64 << 20:
         pytest.skip("this file system does not keep holes")
     with checked_files([sparse]) as [checked]:
-        copy = checked.copy.stat()
-        assert copy.st_size == sparse.stat().st_size
+        copy = checked.copy.stat()  # copied with its holes, then rewritten without them
         assert copy.st_blocks * 512 < 64 << 20  # not the gigabyte of the user block
     model = fusecli.load_model(sparse)
     reference = fusecli.load_model(model_files["a_h5"])
@@ -103,3 +104,81 @@ def test_a_kernel_stored_as_a_soft_link_is_refused(model_files, tmp_path):
     result = run_cli("fuse", linked, model_files["b_h5"], "-o", tmp_path / "out.keras")
     assert result.returncode == 1 and "is a soft link" in result.stderr
     assert not (tmp_path / "out.keras").exists()
+
+
+def _keras2_dense_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A Keras 2 era `.h5` (x -> Dense(3)) written with h5py, every attribute of fixed length
+    except one layer's `weight_names`, which alone lives in the file's global heap: the scan
+    never reads it, Keras' loader does."""
+    kernel = np.arange(12, dtype="float32").reshape(4, 3) / 10
+    bias = np.array([0.1, -0.2, 0.3], dtype="float32")
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "model",
+            "layers": [
+                {
+                    "class_name": "InputLayer",
+                    "config": {"batch_input_shape": [None, 4], "dtype": "float32", "name": "x"},
+                    "name": "x",
+                    "inbound_nodes": [],
+                },
+                {
+                    "class_name": "Dense",
+                    "config": {"name": "dense", "trainable": True, "units": 3, "use_bias": True},
+                    "name": "dense",
+                    "inbound_nodes": [[["x", 0, 0, {}]]],
+                },
+            ],
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [["dense", 0, 0]],
+        },
+    }
+    with h5py.File(path, "w") as h5:
+        h5.attrs["keras_version"] = np.bytes_(b"2.15.0")
+        h5.attrs["backend"] = np.bytes_(b"tensorflow")
+        h5.attrs["model_config"] = np.bytes_(json.dumps(config).encode())
+        weights = h5.create_group("model_weights")
+        weights.attrs["layer_names"] = np.array([b"x", b"dense"])
+        weights.create_group("x").attrs["weight_names"] = np.array([], dtype="S1")
+        dense = weights.create_group("dense")
+        dense.attrs["weight_names"] = np.array(
+            ["dense/kernel:0", "dense/bias:0"], dtype=h5py.string_dtype()
+        )
+        dense.create_dataset("dense/kernel:0", data=kernel)
+        dense.create_dataset("dense/bias:0", data=bias)
+    return kernel, bias
+
+
+def test_a_file_that_hangs_hdf5_where_only_keras_reads_is_cut_in_a_child(tmp_path):
+    """The scan passes it; Keras' loader would loop forever in fusecli's own process (SIGTERM
+    ignored). Keras reads only HDF5 a child rewrote, so the loop is the child's, and cut."""
+    plain = tmp_path / "plain.h5"
+    kernel, bias = _keras2_dense_h5(plain)
+    model = fusecli.load_model(plain)
+    np.testing.assert_array_equal(model.get_layer("dense").get_weights()[0], kernel)
+    np.testing.assert_array_equal(model.get_layer("dense").get_weights()[1], bias)
+
+    data = bytearray(plain.read_bytes())
+    assert data.count(b"GCOL") == 1  # the one global heap: weight_names' strings
+    start = data.find(b"GCOL")
+    end = start + struct.unpack_from("<Q", data, start + 8)[0]
+    p = start + 16
+    while p + 16 <= end:  # its free-space object made 0 bytes long: HDF5 loops on the heap
+        index, size = struct.unpack_from("<H", data, p)[0], struct.unpack_from("<Q", data, p + 8)[0]
+        if index == 0:
+            struct.pack_into("<Q", data, p + 8, 0)
+            break
+        p += 16 + (size + 7) // 8 * 8
+    hang = tmp_path / "hang.h5"
+    hang.write_bytes(bytes(data))
+    assert scan(hang) == []  # what the scan reads is fine
+
+    np.save(tmp_path / "x.npy", np.ones((2, 4), "float32"))
+    out = tmp_path / "scores.npy"
+    result = run_cli(
+        "predict", hang, tmp_path / "x.npy", "-o", out, env={"FUSECLI_READ_TIMEOUT": "2"}
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"Error: {hang}: was still being read after 2 s")
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -32,6 +32,7 @@ import numpy as np
 from fusecli.config import walker
 from fusecli.errors import ModelFileError
 from fusecli.formats.archive import RawTensors
+from fusecli.formats.keras2 import float_embedding
 from fusecli.formats.modelfile import (
     Format,
     ModelFile,
@@ -341,7 +342,10 @@ def _flat_layers(config: dict[str, Any], prefix: str = "") -> list[_Layer]:
         if walker.is_model(entry):
             edges += [("in", *e) for e in _edges(inner.get("input_layers", []), _names(entry))]
             edges += [("out", *e) for e in _edges(inner.get("output_layers", []), _names(entry))]
-        out.append(_Layer(f"{prefix}{name}", str(entry.get("class_name")), edges, _settings(inner)))
+        class_name = str(entry.get("class_name"))
+        settings = _settings(inner)
+        float_embedding(class_name, settings)  # Keras 2.0's int32 Embedding computes in float32
+        out.append(_Layer(f"{prefix}{name}", class_name, edges, settings))
         if walker.is_model(entry):
             out += _flat_layers(entry, f"{prefix}{name}/")
     return out

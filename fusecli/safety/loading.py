@@ -2,10 +2,12 @@
 
 A file is read once, into a private copy: a folder only this user can open, which no one else
 can re-point or rewrite. The copy is read and scanned without Keras in a child process
-(`fusecli.safety.scan`, `fusecli.safety.isolation`), and Keras loads that same copy, so what Keras
-sees is exactly what was scanned, whatever happens to the path meanwhile. (Keras' own loaders
-take a path or a file object; a private path keeps to its public `load_model`, and lets the
-scanner, which reads paths, read the very same bytes.)
+(`fusecli.safety.scan`, `fusecli.safety.isolation`), its HDF5 is rewritten by value in another
+child (`fusecli.safety.rewrite`: Keras then reads only HDF5 that h5py wrote, so a file that
+crashes or hangs HDF5 does so in a child), and Keras loads that copy, so what Keras sees is what
+was scanned, whatever happens to the path meanwhile. (Keras' own loaders take a path or a file
+object; a private path keeps to its public `load_model`, and lets the scanner, which reads
+paths, read the very same bytes.)
 
 A broken file raises `ModelFileError`, one that holds code `UnsafeModelError`, and whatever else
 a file makes Keras raise becomes a `ModelFileError` too. Keras 2 era `.h5` files go through
@@ -31,6 +33,7 @@ from fusecli.errors import FusecliError, ModelFileError, known_cause
 from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
 from fusecli.output import sweep_stale
+from fusecli.safety.rewrite import rewrite_hdf5
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
@@ -79,6 +82,8 @@ def checked_files(
                 CheckedFile(source, copy, refuse_unsafe(copy, trust=trust))
                 for source, copy in zip(sources, copies, strict=True)
             ]
+            for copy in copies:  # what Keras will read: HDF5 that h5py wrote, from values
+                rewrite_hdf5(copy)
             yield checked
 
 
