@@ -13,6 +13,7 @@ Keras is imported only where the file alone cannot say enough:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from fusecli.errors import FusecliError, ModelFileError
-from fusecli.formats import archive
+from fusecli.formats import archive, keras2
+from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
-from fusecli.fusion import writer
+from fusecli.fusion import flat_h5, writer
 from fusecli.fusion.graph import (
     Assembly,
     assemble,
@@ -77,6 +79,14 @@ def fuse_files(
     names = _branch_names(paths)
     for path in paths:
         _check_name(Path(path))
+    if fmt == "h5":
+        files = [refuse_unsafe(p, trust=trust) for p in paths]
+        if all(f.written_by_keras2 for f in files):
+            return _fuse_keras2_to_h5(
+                paths, files, names, output, weights,
+                scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
+                force=force, after_write=after_write,
+            )  # fmt: skip
     # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
     # written file is scanned again, and its tensors compared with theirs, before it is kept).
     # The others go through the door into Keras, which scans and loads a private copy.
@@ -142,6 +152,93 @@ def fuse_files(
         check=check,
         converted=[str(s.given) for s in sources if s is not None and s.converted],
     )
+
+
+def _fuse_keras2_to_h5(
+    paths: Sequence[str | os.PathLike[str]],
+    files: list[ModelFile],
+    names: list[str],
+    output: Path,
+    weights: tuple[float, ...],
+    *,
+    scale: str,
+    inputs: str,
+    at: str,
+    activation: str,
+    trust: bool,
+    force: bool,
+    after_write: Any,
+) -> FileFusion:
+    """Keras 2 `.h5` inputs into a `.h5` output, as a file operation: the flat graph of
+    `fusecli.fusion.flat_h5`, which tf-keras and Keras 3 both load; refused in one line
+    where no such file computes the same in both."""
+    if at != "output":
+        raise flat_h5.cannot("--at logits is not supported for .h5 output of Keras 2 files yet")
+    if scale == "lambda":
+        raise flat_h5.cannot("a Lambda scaling layer is stored differently by each Keras")
+    configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
+    try:
+        for f, name in zip(files, names, strict=True):
+            flat_h5.check(f, name)
+    except NotFlat as e:
+        raise flat_h5.cannot(str(e)) from None
+    branches = [prepare_branch(c, n, at=at) for c, n in zip(configs, names, strict=True)]
+    for branch in branches:
+        if any(shape is None for shape in branch.output_shapes):
+            shapes = _shapes_from_config(branch.given)
+            if shapes is None or len(shapes) != len(branch.output_shapes):
+                raise flat_h5.cannot(
+                    f"the output shapes of {branch.name!r} cannot be read from its config"
+                )
+            branch.output_shapes = shapes
+    assembly = assemble(
+        branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
+    )
+    try:
+        flat = flat_h5.plan(files, assembly, weights, activation)
+    except NotFlat as e:
+        raise flat_h5.cannot(str(e)) from None
+    sources = [
+        writer.Source(given=Path(p), path=Path(f.path)) for p, f in zip(paths, files, strict=True)
+    ]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cleanup_on_termination())
+        tmp = stack.enter_context(atomic_output(output, force=force))
+        written, check = call_isolated_write(
+            _write_and_prove_flat,
+            tmp,
+            flat,
+            sources,
+            weights,
+            archive.fault,
+            inputs=[s.given for s in sources],
+            nbytes=_source_bytes(sources),
+        )
+        if after_write is not None:
+            after_write(tmp)
+    layer_order = [(str(e["class_name"]), str(e["name"])) for e in flat.config["config"]["layers"]]
+    return FileFusion(
+        assembly=dataclasses.replace(assembly, config=flat.config, layer_order=layer_order),
+        weights=weights,
+        activation=activation,
+        params=written.params,
+        check=check,
+        converted=[],
+    )
+
+
+def _write_and_prove_flat(
+    tmp: Path,
+    flat: flat_h5.FlatPlan,
+    sources: list[writer.Source],
+    weights: tuple[float, ...],
+    fault: Any,
+    _report: Any,
+) -> tuple[writer.Written, dict[str, Any]]:
+    """Write the flat `.h5` at `tmp` and prove it (run isolated: see `fuse_files`)."""
+    archive.fault = fault
+    written = flat_h5.write(tmp, flat, sources)
+    return written, flat_h5.prove(tmp, flat, sources, written, weights)
 
 
 def _write_and_prove(
