@@ -1,0 +1,157 @@
+"""Keras 2 `.h5` inputs fused into a `.h5` that tf-keras 2.x and Keras 3 both load.
+
+The inputs are written by tf-keras (tests/legacy_fixtures/make_keras2_h5.py, with tf-keras'
+outputs on fixed inputs); the fused file is loaded by Keras 3 here and by tf-keras in a
+subprocess, and both must compute 0.8 A(x) + 0.2 B(x) as tf-keras computed A and B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import predict, run_cli
+from keras2support import expected, keras2_reference_dir
+
+from fusecli.fusion.fuse import fuse_to_file
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+_TF_KERAS_PREDICT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np, tensorflow as tf, tf_keras
+    model = tf_keras.models.load_model(sys.argv[1], compile=False)
+    with np.load(sys.argv[2]) as data:
+        xs = [data[f"x{i}"] for i in range(sum(k.startswith("x") for k in data.files))]
+    ys = tf.nest.flatten(model(xs if len(xs) > 1 else xs[0], training=False))
+    np.savez(sys.argv[3], **{f"y{i}": np.asarray(y) for i, y in enumerate(ys)})
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def keras2_dir(tmp_path_factory) -> Path:
+    return keras2_reference_dir(tmp_path_factory)
+
+
+def tf_keras_outputs(model: Path, xs: list[np.ndarray], tmp: Path) -> list[np.ndarray]:
+    """The model loaded and run by tf-keras, in its own process."""
+    np.savez(tmp / "x.npz", **{f"x{i}": x for i, x in enumerate(xs)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TF_KERAS_PREDICT,
+            str(model),
+            str(tmp / "x.npz"),
+            str(tmp / "y.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp / "y.npz") as data:
+        return [data[f"y{i}"] for i in range(len(data.files))]
+
+
+def both_loaders_compute(keras, fused: Path, xs, wanted, tmp: Path) -> None:
+    got3 = predict(keras.models.load_model(fused, compile=False), xs if len(xs) > 1 else xs[0])
+    got2 = tf_keras_outputs(fused, xs, tmp)
+    assert len(got3) == len(got2) == len(wanted)
+    for a, b, y in zip(got3, got2, wanted, strict=True):
+        np.testing.assert_allclose(a, y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b, y, rtol=1e-5, atol=1e-6)
+
+
+def test_two_different_streams(tmp_path, keras, keras2_dir):
+    # A GRU stream (reset_after both ways, go_backwards) and an LSTM stream on one input.
+    xa, ya = expected(keras2_dir, "gru")
+    xb, yb = expected(keras2_dir, "lstm")
+    np.testing.assert_array_equal(xa[0], xb[0])
+    assert not np.allclose(ya[0], yb[0], atol=1e-3)
+    out = tmp_path / "fused.h5"
+    report = fuse_to_file([keras2_dir / "gru.h5", keras2_dir / "lstm.h5"], out, [0.8, 0.2])
+    assert report.converted == [] and report.inputs_mode == "shared"
+    both_loaders_compute(keras, out, xa, [0.8 * ya[0] + 0.2 * yb[0]], tmp_path)
+    with h5py.File(out, "r") as f:
+        config = json.loads(f.attrs["model_config"])
+        assert f.attrs["keras_version"].startswith("2.")
+        names = [layer["name"] for layer in config["config"]["layers"]]
+        assert all(
+            layer["class_name"] not in ("Sequential", "Functional")
+            for layer in config["config"]["layers"]
+        )
+        assert "batch_input_shape" in config["config"]["layers"][0]["config"]
+    assert {"gru_gru", "lstm_lstm"} <= set(names)
+
+
+# name -> what it covers; each fused with a copy of itself (0.8 + 0.2), so a weight given to
+# the wrong layer inside a branch shows.
+SAME = {
+    "multi_io": "two inputs, two outputs, nested Model and nested Sequential with frozen BN",
+    "siamese": "a nested Sequential called twice (shared weights), nested models as outputs",
+    "transfer": "a frozen functional base with BatchNormalization inside a Sequential",
+    "masked": "Embedding(mask_zero) -> Bidirectional(LSTM) -> GRU: the mask carries through",
+    "gru_old": "a Sequential with no InputLayer in its config (Keras <= 2.3)",
+    "assorted": "LeakyReLU(alpha), Normalization, RNN([GRUCell, LSTMCell]), Rescaling...",
+    "mixed_precision": "a mixed_float16 Policy dict",
+    "conv": "Conv2D, DepthwiseConv2D, SeparableConv2D, BatchNormalization",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAME))
+def test_keras2_models_inlined(tmp_path, keras, keras2_dir, name):
+    xs, ys = expected(keras2_dir, name)
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    shutil.copyfile(keras2_dir / f"{name}.h5", a)
+    shutil.copyfile(keras2_dir / f"{name}.h5", b)
+    out = tmp_path / "fused.h5"
+    fuse_to_file([a, b], out, [0.8, 0.2])
+    both_loaders_compute(keras, out, xs, ys, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("hard_sigmoid", "hard_sigmoid"),
+        ("s2s_masked", "initial states"),
+        ("rescaled_mask", "mask"),
+    ],
+)
+def test_what_no_h5_computes_alike_is_refused_in_one_line(tmp_path, keras2_dir, name, why):
+    out = tmp_path / "fused.h5"
+    result = run_cli("fuse", keras2_dir / f"{name}.h5", keras2_dir / f"{name}.h5", "-o", out)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "both tf-keras 2.x and Keras 3" in result.stderr and why in result.stderr
+    assert ".keras" in result.stderr
+    assert not out.exists()
+
+
+def test_no_keras_is_imported(tmp_path, keras2_dir):
+    code = (
+        "import sys\n"
+        "from fusecli.fusion.fuse import fuse_to_file\n"
+        "fuse_to_file(sys.argv[1:3], sys.argv[3], [0.8, 0.2])\n"
+        "print([m for m in ('keras', 'tensorflow', 'tf_keras') if m in sys.modules])\n"
+    )
+    args = [str(keras2_dir / "gru.h5"), str(keras2_dir / "lstm.h5"), str(tmp_path / "f.h5")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
