@@ -25,6 +25,7 @@ from fusecli.formats.modelfile import (
     open_hdf5,
     read_model_file,
 )
+from fusecli.formats.recipe import read_recipe
 from fusecli.formats.weights_layout import count_npz_params
 from fusecli.safety.isolation import call_isolated
 from fusecli.safety.scan import scan
@@ -51,6 +52,7 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         **described,
         "params": count_params(model_file),
         "unsafe": [f.as_dict() for f in findings],
+        "recipe": read_recipe(model_file.path, model_file.format),
     }
 
 

@@ -57,6 +57,16 @@ def model_files(tmp_path_factory, keras) -> dict[str, Path]:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Session fixtures that run tf-keras in a subprocess or build a zoo of models: a test that uses one
+# is in the slow tier (`pytest -m "not slow"` is the fast one; docs/development.md).
+_SLOW_FIXTURES = {"keras2_zoo", "keras3_zoo", "keras2_pair", "keras2_dir", "wrapped"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None):
     """Run `python -m fusecli ARGS` as a real subprocess, on this checkout's code."""

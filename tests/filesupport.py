@@ -35,7 +35,7 @@ KERAS2_SCRIPT = textwrap.dedent(
     x = keras.Input((4,), name="inp")
     h = keras.layers.Dense(8)(x)
     h = keras.layers.Lambda(lambda t: t * 2, name="lam")(h)
-    h = tf.math.multiply(h, 2.0)
+    h = tf.math.l2_normalize(h, axis=-1)  # a TF function fusecli does not convert
     inner = keras.Model(x, h, name="inner")
 
     @keras.utils.register_keras_serializable("MyPkg")

@@ -89,6 +89,7 @@ WRAPPER_FINDINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["h5", "keras"])
 def test_tf_keras_runs_wrapper_functions_and_the_scan_finds_them(wrapped, kind):
     assert wrapped["ran"][f"wrappers.{kind}"]  # the control: tf-keras runs them while loading

@@ -202,6 +202,7 @@ def test_version(runner):
 # -- real processes --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_subprocess_fuse_is_quiet_and_correct(tmp_path, keras, model_files, x4):
     out = tmp_path / "f.keras"
     result = run_cli(

@@ -28,6 +28,9 @@ from fusecli.cli import cli
 from fusecli.errors import FusecliError
 from fusecli.safety.isolation import TIMEOUT_VARIABLE, read_timeout
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 # A subprocess that loads through the door, with the attacker's move made at the worst moment:
 # right after the scan, before Keras reads anything. A custom layer registered by the calling
 # program stands for the payload (Keras runs registered code even in safe mode; the scan refuses

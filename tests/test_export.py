@@ -24,6 +24,9 @@ from filesupport import keras2_files, marker_model
 import fusecli
 from fusecli.errors import FusecliError, InvalidRequest, VerificationError
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="the onnx extra is not installed")
 

@@ -403,6 +403,7 @@ def keras2_pair(tmp_path_factory):
         return d, data["x"], data["seq"], data["gru"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_keras2_inputs_fuse_to_what_tf_keras_computes(tmp_path, keras, keras2_pair, suffix):
     d, x, y_seq, y_gru = keras2_pair

@@ -23,6 +23,9 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 
 class Originals:
     """The real files' bytes, behind a short repr (hypothesis prints its arguments)."""

@@ -17,7 +17,7 @@ from fusecli.formats.modelfile import open_weights
 from fusecli.inspection import inspect_file
 
 KEYS = {"path", "format", "keras_version", "name", "inputs", "outputs", "params", "layers",
-        "unsafe", "size"}  # fmt: skip
+        "unsafe", "size", "recipe"}  # fmt: skip
 
 
 def mixed_model(keras):
@@ -79,6 +79,7 @@ def test_inspect_matches_keras(mixed, fmt, keras):
     assert report["unsafe"] == []
 
 
+@pytest.mark.slow
 def test_inspect_sequential_and_keras2_files(tmp_path, tmp_path_factory, keras):
     seq = keras.Sequential(
         [keras.Input((7,)), keras.layers.Dense(3), keras.layers.Softmax()], name="plain_seq"
@@ -145,6 +146,7 @@ def test_inspect_goes_on_after_a_broken_file(model_files, tmp_path):
     assert result.stderr == f"Error: {missing}: no such file\n"
 
 
+@pytest.mark.slow
 def test_inspect_never_imports_tensorflow(model_files, tmp_path_factory):
     """In a real process: inspecting .keras and Keras 2 .h5 files leaves TensorFlow unimported."""
     k2 = keras2_files(tmp_path_factory)["k2_unsafe"]

@@ -22,6 +22,9 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 _WEIGHTS = "model.weights.h5"
 
 

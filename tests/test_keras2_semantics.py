@@ -20,6 +20,9 @@ from fusecli.formats import keras2
 from fusecli.merging.merge import merge
 from fusecli.safety.loading import load_model
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 # name -> what Keras 3 alone would get wrong (or "" where it already agreed), all compared
 # with tf-keras.
 REPRODUCED = {

@@ -25,6 +25,9 @@ from fusecli.errors import ModelFileError, UnsafeModelError
 from fusecli.formats import keras2
 from fusecli.safety.loading import load_model
 
+# Slow tier: tf-keras references, isolated children or whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 # name -> what it covers (all compared against tf-keras' outputs)
 CONVERTED = {
     "gru": "GRU: time_major, implementation=1, reset_after both ways, go_backwards; input_shape",
@@ -275,18 +278,34 @@ def test_hard_sigmoid_that_cannot_be_matched_is_refused(keras2_dir, tmp_path):
     )
 
 
-def test_tf_op_layer_is_refused(keras2_dir):
-    path = keras2_dir / "tf_op.h5"
+def test_tf_op_layer_is_converted_and_an_unknown_tf_function_refused(keras2_dir, tmp_path):
+    path = keras2_dir / "tf_op.h5"  # x * 2.0: tests/test_keras2_ops.py covers the rest
+    xs, ys = expected(keras2_dir, "tf_op")
+    np.testing.assert_allclose(predict(load_model(path), xs)[0], ys[0], rtol=1e-5, atol=1e-6)
+    bad = unknown_tf_function(keras2_dir, tmp_path)
     with pytest.raises(UnsafeModelError) as info:  # the scan refuses it first
-        load_model(path)
-    assert "'with_tf_op/tf.math.multiply' is a TFOpLambda layer" in str(info.value)
-    with pytest.raises(ModelFileError) as info:  # trusted, it still cannot be converted
-        load_model(path, trust=True)
-    assert str(info.value) == (
-        f"{path}: cannot convert Keras 2 layer 'tf.math.multiply' (TFOpLambda): it wraps a raw "
-        "TensorFlow function (tf.* called on a Keras tensor), which Keras 3 cannot rebuild; "
-        "rewrite that step with a Keras layer"
+        load_model(bad)
+    assert (
+        "'with_tf_op/tf.math.multiply' is a TFOpLambda layer, which calls the TensorFlow "
+        "function tf.linalg.l2_normalize named in the file" in str(info.value)
     )
+    with pytest.raises(ModelFileError) as info:  # trusted, it still cannot be converted
+        load_model(bad, trust=True)
+    assert str(info.value).startswith(
+        f"{bad}: cannot convert Keras 2 layer 'tf.math.multiply' (TFOpLambda): "
+        "tf.linalg.l2_normalize has no Keras 3 equivalent fusecli converts"
+    )
+
+
+def unknown_tf_function(keras2_dir: Path, tmp_path: Path) -> Path:
+    """tf_op.h5 with its TFOpLambda calling a function fusecli does not convert."""
+
+    def edit(config):
+        for spec in config["config"]["layers"]:
+            if spec["class_name"] == "TFOpLambda":
+                spec["config"]["function"] = "linalg.l2_normalize"
+
+    return copy_with_config(keras2_dir / "tf_op.h5", tmp_path / "l2.h5", edit)
 
 
 def test_weights_that_do_not_fit_are_reported(keras2_dir, tmp_path):
@@ -379,7 +398,7 @@ def test_cli_fuses_gru_and_lstm_streams(keras2_dir, tmp_path, keras):
 
 def test_cli_reports_an_unconvertible_file_in_one_line(keras2_dir, tmp_path):
     out = tmp_path / "fused.keras"
-    bad = keras2_dir / "tf_op.h5"
+    bad = unknown_tf_function(keras2_dir, tmp_path)
     args = ["fuse", str(bad), str(keras2_dir / "gru.h5"), "-o", str(out), "--trust"]
     result = CliRunner().invoke(cli, args)  # trusted, so that it gets past the scan
     assert result.exit_code == 1

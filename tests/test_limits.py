@@ -218,6 +218,7 @@ def test_a_config_nested_900_deep_is_one_clean_error(model_files, tmp_path, suff
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_28_nested_sequential_models_are_read_in_one_pass(keras, tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")], name="s0")
@@ -252,6 +253,7 @@ def deep_groups(tmp_path_factory, model_files) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_40000_nested_groups_are_refused_without_recursion(deep_groups, model_files, tmp_path):
     message = f"{deep_groups}: its HDF5 groups are nested more than 128 levels deep"
     with pytest.raises(ModelFileError) as caught:

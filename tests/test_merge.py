@@ -171,6 +171,7 @@ def no_leftovers(folder):
 # -- the order of variables ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["k1", "h1", "frozen_h", "seq1", "seq1_h", "int1"])
 def test_variable_order_is_keras_model_weights_order(keras, files, key):
     model = keras.models.load_model(files[key], compile=False)
@@ -312,6 +313,7 @@ def test_inputs_are_not_changed(files, tmp_path):
     assert [hashlib.sha256(files[k].read_bytes()).hexdigest() for k in keys] == before
 
 
+@pytest.mark.slow
 def test_training_state_is_dropped(keras, tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -446,6 +448,7 @@ def test_broken_input_file(files, tmp_path):
     assert str(e.value).startswith(f"{broken}: is not a valid .keras archive")
 
 
+@pytest.mark.slow
 def test_merging_never_imports_tensorflow(files, tmp_path):
     out = tmp_path / "tf.h5"
     code = (

@@ -193,6 +193,7 @@ def test_merge_refuses_a_file_that_carries_code(tmp_path, keras):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_wrapped_layers_whose_inner_names_differ_merge(runner, tmp_path, keras):
     # Built in one process, the two models' inner layers are named lstm/lstm_1 and so on.
     paths = []

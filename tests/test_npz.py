@@ -99,6 +99,7 @@ def test_keras_npz_pickles_are_found_without_unpickling(npz_files):
     )
 
 
+@pytest.mark.slow
 def test_a_hostile_pickle_is_named_and_never_runs(npz_files, model_files, tmp_path):
     path = npz_files["hostile"]
     (finding,) = scan(path)

@@ -203,6 +203,7 @@ def test_cli_file_json_and_stdout(tmp_path, model_files, x_data, expected_a):
     assert "--json and -o - would both write to stdout; choose one" in result.stderr
 
 
+@pytest.mark.slow
 def test_shell_pipe_predict_into_combine(tmp_path, model_files, x_data, keras):
     """What a user types: predict streams .npy to stdout, combine reads it from stdin."""
     y = np.arange(37) % 3

@@ -85,6 +85,7 @@ def keras2_zoo(tmp_path_factory):
     return d, json.loads((d / "described.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_keras3_files_shapes_and_dtypes_are_keras_own(keras3_zoo, suffix):
     folder, described = keras3_zoo
@@ -116,6 +117,7 @@ def test_shapes_propagate_through_the_graph_without_what_keras3_records(keras3_z
         assert outputs == expected["outputs"], name
 
 
+@pytest.mark.slow
 def test_keras2_files_shapes_dtypes_and_names_are_tf_keras_own(keras2_zoo):
     folder, described = keras2_zoo
     for name, expected in described.items():
@@ -193,6 +195,7 @@ def _functional(name: str, inner: dict | None) -> dict:
     return {"class_name": "Functional", "config": config}
 
 
+@pytest.mark.slow
 def test_a_model_used_twice_at_every_level_is_walked_once_per_level():
     """2**depth calls if each call were walked again; the model is walked once per level, and
     without recursion (deeper than Python's recursion limit)."""

@@ -63,7 +63,7 @@ def test_best_weights_equal_an_exhaustive_grid(n, step, metric, seed):
         )
         for _ in range(n)
     ]
-    result = tune_scores(scores, classes, step=step, metric=metric)
+    result = tune_scores(scores, classes, method="grid", step=step, metric=metric)
     weights, value = exhaustive_best(scores, classes, round(1 / step), metric)
     assert result.weights == pytest.approx(weights, abs=1e-12)
     np.testing.assert_allclose(result.score, value, rtol=1e-9)
@@ -85,9 +85,13 @@ def test_ties_prefer_uniform_then_earlier_inputs():
     rng = np.random.default_rng(0)
     same = rng.random((30, 4))
     classes = rng.integers(0, 4, size=30)
-    assert tune_scores([same, same], classes).weights == [0.5, 0.5]
+    assert tune_scores([same, same], classes, method="grid").weights == [0.5, 0.5]
     # Uniform (1/3 each) is not on a 0.5 grid: three points are equally close; lexical order wins.
-    assert tune_scores([same, same, same], classes, step=0.5).weights == [0.5, 0.5, 0.0]
+    assert tune_scores([same, same, same], classes, method="grid", step=0.5).weights == [
+        0.5,
+        0.5,
+        0.0,
+    ]
 
 
 def test_singles_are_each_input_alone():
@@ -114,7 +118,7 @@ def test_bad_requests(kwargs, message):
     n = kwargs.pop("n", 2)
     rng = np.random.default_rng(0)
     with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
-        tune_scores([rng.random((5, 3))] * n, np.zeros(5, dtype=int), **kwargs)
+        tune_scores([rng.random((5, 3))] * n, np.zeros(5, dtype=int), method="grid", **kwargs)
     assert MAX_GRID_POINTS == 1_000_000
 
 
@@ -135,7 +139,9 @@ def _write_scores(tmp_path, n=2, rows=60, classes=4, seed=0):
 def test_cli_json_and_table(tmp_path):
     paths, y = _write_scores(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(cli, ["tune", *map(str, paths), "--labels", str(y), "--json"])
+    result = runner.invoke(
+        cli, ["tune", *map(str, paths), "--labels", str(y), "--json", "--method", "grid"]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     scores = [np.load(p) for p in paths]
@@ -143,9 +149,12 @@ def test_cli_json_and_table(tmp_path):
     assert doc["weights"] == pytest.approx(weights)
     assert doc["score"] == pytest.approx(value)
     assert [s["name"] for s in doc["singles"]] == [str(p) for p in paths]
-    assert "Best accuracy:" in result.stderr
+    assert "Method: grid (asked for with --method grid)." in result.stderr
+    assert f"accuracy: {value:.4f} on the 60 validation rows" in result.stderr
 
-    table = runner.invoke(cli, ["tune", *map(str, paths), "--labels", str(y), "--top", "2"])
+    table = runner.invoke(
+        cli, ["tune", *map(str, paths), "--labels", str(y), "--top", "2", "--method", "grid"]
+    )
     assert table.exit_code == 0
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["rank", str(paths[0]), str(paths[1]), "accuracy"]
@@ -215,7 +224,9 @@ def test_tune_models_runs_them_and_writes_the_fused_model(tmp_path, model_files,
         assert (top2[:, 1] - top2[:, 0]).min() > 1e-5
     np.savez(tmp_path / "val.npz", x=x, y=y)
     out = tmp_path / "fused.keras"
-    result = tune([model_files["a"], model_files["b"]], data=tmp_path / "val.npz", output=out)
+    result = tune(
+        [model_files["a"], model_files["b"]], data=tmp_path / "val.npz", output=out, method="grid"
+    )
     weights, value = exhaustive_best([pa, pb], y, 10, "accuracy")
     assert result.weights == pytest.approx(weights)
     assert result.score == pytest.approx(value)
@@ -244,7 +255,9 @@ def test_tune_at_logits(tmp_path, model_files, keras):
     np.savez(tmp_path / "val.npz", x=x, y=y)
     out = tmp_path / "fused.keras"
     models = [model_files["a"], model_files["b"]]
-    result = tune(models, data=tmp_path / "val.npz", at="logits", metric="logloss", output=out)
+    result = tune(
+        models, data=tmp_path / "val.npz", at="logits", metric="logloss", output=out, method="grid"
+    )
     weights, value = exhaustive_best([za, zb], y, 10, "logloss")  # logloss of softmax(sum)
     assert result.weights == pytest.approx(weights)
     np.testing.assert_allclose(result.score, value, rtol=1e-6)
@@ -286,6 +299,7 @@ def test_zero_rows_are_refused(tmp_path):
 def test_table_shows_weights_finer_than_hundredths(tmp_path, step, shown):
     paths, y = _write_scores(tmp_path)
     args = ["tune", *map(str, paths), "--labels", str(y), "--step", str(step), "--top", "100"]
+    args += ["--method", "grid"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.stderr
     weights = [line.split()[1] for line in result.stdout.splitlines()[1:]]
@@ -322,7 +336,7 @@ def test_identical_inputs_tie_exactly_and_uniform_wins(seed, shape, metric):
     rng = np.random.default_rng(seed)
     a = rng.random(shape).astype(np.float32)
     classes = rng.integers(0, shape[1], size=shape[0])
-    result = tune_scores([a, a], classes, metric=metric)
+    result = tune_scores([a, a], classes, method="grid", metric=metric)
     assert result.weights == [0.5, 0.5]
 
 
@@ -346,8 +360,8 @@ def test_scores_and_labels_from_named_pipes(tmp_path):
         threading.Thread(target=feed, daemon=True).start()
         return path
 
-    expected = tune_scores([np.load(p) for p in paths], np.load(y), names=["a", "b"])
+    expected = tune_scores([np.load(p) for p in paths], np.load(y), names=["a", "b"], method="grid")
     pipes = [fifo("s0", np.load(paths[0])), paths[1], "--labels", fifo("y", np.load(y))]
-    result = CliRunner().invoke(cli, ["tune", *map(str, pipes), "--json"])
+    result = CliRunner().invoke(cli, ["tune", *map(str, pipes), "--json", "--method", "grid"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["weights"] == expected.weights

@@ -48,6 +48,20 @@ from fusecli.errors import InvalidRequest
     default=None,
     help="The array of a .npz/.h5 --labels file holding the labels. [default: y]",
 )
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Apply what tune --save-recipe chose (weights, stacking head, temperatures) instead "
+    "of --w.",
+)
+@click.option(
+    "--vote",
+    type=click.Choice(["hard"]),
+    default=None,
+    help="hard: each row's votes per class (the --w of the models whose top-1 class it is); "
+    "their argmax is the voted class.",
+)
 @force_option
 @json_option
 @verbose_option
@@ -58,6 +72,8 @@ def combine_command(
     output: str | None,
     labels: str | None,
     labels_key: str | None,
+    recipe: str | None,
+    vote: str | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -80,20 +96,30 @@ def combine_command(
     if output == "-" and as_json:
         raise InvalidRequest("--json and -o - would both write to stdout; choose one")
     check_terminals(reads_stdin="-" in inputs, writes_stdout=output == "-")
+    if recipe is not None and (weights is not None or normalize or vote):
+        raise InvalidRequest("--recipe holds the weights: give it without --w, --normalize, --vote")
     with broken_pipe_is_quiet():
-        report = combine_scores(
-            list(inputs),
-            output,
-            weights,
-            normalize=normalize,
-            labels=labels,
-            labels_key=labels_key,
-            force=force,
-            stdin=stdin_binary() if "-" in inputs else None,
-            stdout=stdout_binary() if output == "-" else None,
-        )
-    weights_text = ", ".join(
-        f"{_shown(n)}={w:g}" for n, w in zip(report.inputs, report.weights, strict=True)
+        streams = {
+            "labels": labels,
+            "labels_key": labels_key,
+            "force": force,
+            "stdin": stdin_binary() if "-" in inputs else None,
+            "stdout": stdout_binary() if output == "-" else None,
+        }
+        if recipe is not None:
+            from fusecli.scores.recipe import apply_recipe
+
+            report = apply_recipe(list(inputs), recipe, output, **streams)
+        elif vote is not None:
+            from fusecli.scores.recipe import vote_scores
+
+            report = vote_scores(list(inputs), output, weights, **streams)
+        else:
+            report = combine_scores(list(inputs), output, weights, normalize=normalize, **streams)
+    weights_text = (
+        ", ".join(f"{_shown(n)}={w:g}" for n, w in zip(report.inputs, report.weights, strict=True))
+        if report.weights
+        else f"the stacking head of {recipe}"
     )
     if report.accuracy:
         ks = list(next(iter(report.accuracy.values())))

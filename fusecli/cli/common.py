@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -56,7 +57,29 @@ def _traceback_if_verbose(ctx: click.Context) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    return printable(" ".join(str(e).split()))
+
+
+# C0 and C1 controls (ESC, CSI...), DEL, and the format characters that reorder or hide text
+# (bidirectional overrides and isolates, zero-width characters).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(value: Any) -> Any:
+    """`value` (a string, or lists and dicts of them) with every control character escaped as
+    Python writes it (`\\x1b`), so that text from a file (a model name holding `\\x1b[8m`)
+    cannot drive the terminal, hiding or rewriting what follows."""
+    if isinstance(value, str):
+        return _CONTROLS.sub(_escape, value)
+    if isinstance(value, list | tuple):
+        return [printable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    return value
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 class WeightsCommand(FusecliCommand):
@@ -170,8 +193,8 @@ def print_json(document: Any) -> None:
 
 
 def say(message: str) -> None:
-    """A message for the human: stderr, never stdout."""
-    click.echo(message, err=True)
+    """A message for the human: stderr, never stdout (control characters escaped)."""
+    click.echo(printable(message), err=True)
 
 
 Progress = Callable[[int, int], None]

@@ -14,6 +14,7 @@ from fusecli.cli.common import (
     verbose_option,
     weights_option,
 )
+from fusecli.errors import InvalidRequest
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 
 
@@ -69,6 +70,13 @@ from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODE
     help="Also load the written file in Keras and compare its output on random input with "
     "sum(w_i * M_i(x)). The file is always checked without Keras: configs, head, every tensor.",
 )
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Build the model computing what tune --save-recipe chose (weights, temperatures, a "
+    "stacking head) instead of --w.",
+)
 @force_option
 @trust_option
 @json_option
@@ -83,6 +91,7 @@ def fuse_command(
     at: str,
     activation: str | None,
     verify: bool,
+    recipe: str | None,
     force: bool,
     trust: bool,
     as_json: bool,
@@ -104,27 +113,39 @@ def fuse_command(
 
     if trust:
         say("Warning: --trust: model files may run code while they load.")
-    report = fuse_to_file(
-        list(models),
-        output,
-        weights,
-        normalize=normalize,
-        scale=scale,
-        inputs=inputs_mode,
-        at=at,
-        activation=activation,
-        trust=trust,
-        force=force,
-        verify=verify,
-    )
+    if recipe is not None:
+        from fusecli.fusion.recipe_head import fuse_recipe_file
+
+        if weights is not None or normalize or at != "output" or activation or scale != "rescaling":
+            raise InvalidRequest(
+                "--recipe says how to fuse: give it without --w, --normalize, --at, --activation "
+                "or --scale"
+            )
+        report = fuse_recipe_file(list(models), recipe, output, trust=trust, force=force)
+    else:
+        report = fuse_to_file(
+            list(models),
+            output,
+            weights,
+            normalize=normalize,
+            scale=scale,
+            inputs=inputs_mode,
+            at=at,
+            activation=activation,
+            trust=trust,
+            force=force,
+            verify=verify,
+        )
     say(f"Inputs: {report.inputs_mode} ({report.inputs_reason}).")
     if scale == "lambda":
         say(
             "Note: --scale lambda stores Python bytecode in the file; loading it needs "
             "keras.models.load_model(path, safe_mode=False), on the same Python version."
         )
-    weights_text = ", ".join(
-        f"{b}={w:g}" for b, w in zip(report.branches, report.weights, strict=True)
+    weights_text = (
+        ", ".join(f"{b}={w:g}" for b, w in zip(report.branches, report.weights, strict=True))
+        if report.weights
+        else report.formula
     )
     checked = []
     if report.check is not None:

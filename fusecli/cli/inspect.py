@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import click
 
-from fusecli.cli.common import FusecliCommand, json_option, print_json, say, verbose_option
+from fusecli.cli.common import (
+    FusecliCommand,
+    json_option,
+    print_json,
+    printable,
+    say,
+    verbose_option,
+)
 from fusecli.errors import ModelFileError
 
 _COLUMNS = ("FILE", "FORMAT", "KERAS", "MODEL", "INPUTS", "OUTPUTS", "PARAMS", "LAYERS", "SIZE",
@@ -45,6 +55,7 @@ def inspect_command(ctx: click.Context, files: tuple[str, ...], as_json: bool) -
             failed = True
         else:
             reports.append(result)
+    reports = printable(reports)  # what the files say, never raw to the terminal: one place
     if as_json:
         print_json(reports)
     elif reports:
@@ -75,8 +86,37 @@ def format_table(reports: list[dict]) -> str:
              for row in rows]  # fmt: skip
     for r in reports:
         for f in r["unsafe"]:
-            lines.append(f"unsafe: {r['path']}: {f['what']} {f['path']!r} {f['reason']}")
+            lines.append(f"unsafe: {r['path']}: {f['what']} '{f['path']}' {f['reason']}")
+    for r in reports:
+        if r.get("recipe") is not None:
+            lines.extend(f"recipe: {r['path']}: {line}" for line in recipe_lines(r))
     return "\n".join(lines)
+
+
+def recipe_lines(report: dict) -> list[str]:
+    """How the file was made, from its recipe: the command and options, then one line per
+    source. The recipe is file data: anything not shaped as fusecli writes it is shown raw."""
+    recipe = report["recipe"]
+    if not isinstance(recipe, dict):
+        return [json.dumps(recipe)]
+    options = recipe.get("options")
+    options = options if isinstance(options, dict) else {}
+    flat = {**options, **(options.get("parameters") or {})} if options else {}
+    flat.pop("parameters", None)
+    head = " ".join(
+        [f"fusecli {_text(recipe.get('version'))} {_text(recipe.get('command'))}"]
+        + [f"{k}={_text(v)}" for k, v in flat.items() if v is not None]
+    )
+    sources = recipe.get("sources")
+    lines = [head]
+    for source in sources if isinstance(sources, list) else []:
+        source = source if isinstance(source, dict) else {}
+        lines.append(f"source {_text(source.get('file'))} sha256 {_text(source.get('sha256'))}")
+    return lines
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _tensor_text(tensor: dict) -> str:

@@ -30,6 +30,8 @@ import numpy as np
 
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER
 
+METADATA_MEMBER = "metadata.json"
+
 # A member of a .keras archive other than the weights: its bytes, or how to open them.
 MemberSource = bytes | Callable[[], BinaryIO]
 
@@ -62,7 +64,8 @@ def keras_archive(
             elif isinstance(source, bytes):
                 out.writestr(name, source)
             elif source is not None:
-                with source() as src, out.open(name, "w") as dst:
+                info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+                with source() as src, out.open(info, "w") as dst:
                     shutil.copyfileobj(src, dst, _COPY_BUFFER)
 
 
@@ -170,11 +173,18 @@ def config_member(config: dict[str, Any]) -> bytes:
 
 
 def keras_members(
-    config: dict[str, Any], metadata: dict[str, Any]
+    config: dict[str, Any], metadata: dict[str, Any] | Callable[[], bytes]
 ) -> list[tuple[str, MemberSource | None]]:
-    """The members of a fresh `.keras` archive, in Keras' order."""
+    """The members of a fresh `.keras` archive, in Keras' order; a `metadata` given as a
+    function (made once the weights are written) goes after them."""
+    if callable(metadata):
+        return [
+            (CONFIG_MEMBER, config_member(config)),
+            (WEIGHTS_MEMBER, None),
+            (METADATA_MEMBER, lambda: io.BytesIO(metadata())),
+        ]
     return [
-        ("metadata.json", json.dumps(metadata).encode("utf-8")),
+        (METADATA_MEMBER, json.dumps(metadata).encode("utf-8")),
         (CONFIG_MEMBER, config_member(config)),
         (WEIGHTS_MEMBER, None),
     ]

@@ -10,6 +10,8 @@ model config (plain JSON, no TensorFlow) into one Keras 3 builds to the same fun
 - functional graphs: calls of nested models are renumbered (Keras 2 counts a nested model's own
   graph as node 0), a one-tensor input/output stays a tensor, and RNN initial states and tensor
   call arguments move to Keras 3's node format;
+- TensorFlow functions called on Keras tensors (`TFOpLambda`, `x + y`, `tf.concat`) become the
+  `keras.ops` operations that compute them (`keras2_ops`);
 - Lambda bytecode is refused unless trusted.
 `load_keras2_h5` builds the result in Keras' safe mode (unless trusted), loads the weights from
 the same file with Keras' legacy loader (the weight layouts, GRU/LSTM/BatchNormalization
@@ -29,7 +31,7 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.errors import ModelFileError, UnsafeModelError
-from fusecli.formats import keras2_masks
+from fusecli.formats import keras2_masks, keras2_ops
 from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
 
 if TYPE_CHECKING:
@@ -90,7 +92,6 @@ _CELL_BLOCKS = {
 }
 _MODEL_CLASSES = ("Functional", "Model", "Sequential")
 _SHAPE_KEYS = ("batch_input_shape",)  # Keras 2 wrote only this one into layer configs
-_TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 # dtype policies Keras 2 wrote whose variables (and an inserted InputLayer) are float32.
 _PLAIN_DTYPES = ("float16", "float32", "float64", "bfloat16")
 _KERAS_CAUSE = "Exception encountered:"
@@ -188,13 +189,10 @@ class _Converter:
         where = (*parent, str(conf.get("name", spec.get("name", "?"))))
         if "dtype" in conf:
             conf["dtype"] = _dtype_name(conf["dtype"])
-        if class_name in _TF_OP_CLASSES:
-            raise self.fail(
-                where,
-                class_name,
-                "it wraps a raw TensorFlow function (tf.* called on a Keras tensor), which "
-                "Keras 3 cannot rebuild; rewrite that step with a Keras layer",
-            )
+        if class_name in keras2_ops.CLASSES:
+            # Converted once its model's calls are renumbered (functional, below).
+            keras2_ops.check(spec, lambda reason: self.fail(where, class_name, reason))
+            return spec
         if class_name == "Lambda":
             self.lambda_layer(conf, where)
         if class_name == "InputLayer":
@@ -320,6 +318,12 @@ class _Converter:
         layers += keras2_masks.explicit_masks(
             layers, lambda name, cls, reason: self.fail((*where, name), cls, reason)
         )
+        for i, spec in enumerate(layers):
+            if spec.get("class_name") in keras2_ops.CLASSES:
+                name, cls = str(spec.get("name")), str(spec["class_name"])
+                layers[i] = keras2_ops.convert(
+                    spec, lambda reason, n=name, c=cls: self.fail((*where, n), c, reason)
+                )
         for spec in layers:
             nodes = spec.get("inbound_nodes", [])
             states_in_inputs = spec.get("class_name") in (*_RNN_CLASSES, "Bidirectional")

@@ -28,7 +28,7 @@ import numpy as np
 from h5py import h5d, h5g, h5l, h5o
 
 from fusecli.errors import ModelFileError
-from fusecli.safety.limits import (
+from fusecli.limits import (
     GUARD_FLOOR,
     MAX_EXPANSION,
     MAX_HDF5_DEPTH,

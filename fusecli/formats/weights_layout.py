@@ -38,7 +38,7 @@ from fusecli.formats.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
-from fusecli.safety.limits import check_dataset_size
+from fusecli.limits import check_dataset_size
 
 # Top-level groups of a weights file that hold training state, not the model.
 TRAINING_STATE_GROUPS = ("optimizer", "optimizer_weights")
@@ -256,7 +256,7 @@ def _class_keys(config: dict[str, Any]) -> dict[str, str]:
     for entry in _layer_entries(config):
         if sequential and entry.get("class_name") == "InputLayer":
             continue
-        key = _snake_case(str(entry.get("class_name", "")))
+        key = snake_case(str(entry.get("class_name", "")))
         if key in used:
             used[key] += 1
             key = f"{key}_{used[key]}"
@@ -443,9 +443,12 @@ def _layer_name(entry: dict[str, Any]) -> str:
     return str(name if name is not None else entry.get("name"))
 
 
-def _snake_case(name: str) -> str:
+def snake_case(name: str) -> str:
+    """`keras.src.utils.naming.to_snake_case`, the same in every Keras 3 version: a digit starts
+    no new word (`Conv2D` -> `conv2d`, `DepthwiseConv2D` -> `depthwise_conv2d`)."""
+    name = re.sub(r"\W+", "", name)
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _int_key(text: str) -> tuple[int, int | str]:

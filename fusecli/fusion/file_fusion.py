@@ -27,6 +27,7 @@ from fusecli.errors import FusecliError, ModelFileError
 from fusecli.formats import archive, keras2
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
+from fusecli.formats.recipe import Pending
 from fusecli.fusion import flat_h5, writer
 from fusecli.fusion.graph import (
     Assembly,
@@ -101,6 +102,7 @@ def fuse_files(
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
+        hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
         for i, model_file in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
             configs[i] = model_file.config
@@ -112,6 +114,7 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
+                hashed[i] = one.copy
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -127,6 +130,17 @@ def fuse_files(
         )
         given = [b.given for b in branches]
         ready = [s for s in sources if s is not None]
+        recipe = (
+            [str(p) for p in paths],
+            hashed,
+            dict(
+                weights=list(weights),
+                scale=scale,
+                inputs=assembly.inputs_mode,
+                at=at,
+                activation=activation,
+            ),
+        )
         with atomic_output(output, force=force) as tmp:
             # The inputs' tensors are read here for the first time: in a child process, so
             # that a file whose data crashes or hangs HDF5 costs an error, not this process.
@@ -138,6 +152,7 @@ def fuse_files(
                 given,
                 ready,
                 dict(weights=weights, scale=scale, activation=activation, axes=axes, trust=trust),
+                recipe,
                 archive.fault,
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
@@ -201,6 +216,11 @@ def _fuse_keras2_to_h5(
     sources = [
         writer.Source(given=Path(p), path=Path(f.path)) for p, f in zip(paths, files, strict=True)
     ]
+    options = dict(
+        weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
+        activation=activation,
+    )  # fmt: skip
+    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
@@ -210,6 +230,7 @@ def _fuse_keras2_to_h5(
             flat,
             sources,
             weights,
+            recipe,
             archive.fault,
             inputs=[s.given for s in sources],
             nbytes=_source_bytes(sources),
@@ -232,12 +253,13 @@ def _write_and_prove_flat(
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
+    recipe: tuple[list[str], list[Path], dict[str, Any]],
     fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` at `tmp` and prove it (run isolated: see `fuse_files`)."""
     archive.fault = fault
-    written = flat_h5.write(tmp, flat, sources)
+    written = flat_h5.write(tmp, flat, sources, Pending("fuse", *recipe))
     return written, flat_h5.prove(tmp, flat, sources, written, weights)
 
 
@@ -248,13 +270,15 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
+    recipe: tuple[list[str], list[Path], dict[str, Any]],
     fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
+    are hashed for the recipe meanwhile, in a thread."""
     archive.fault = fault  # the tests' fault injection, carried into the helper's child
     write = writer.write_keras if fmt == "keras" else writer.write_h5
-    written = write(tmp, assembly, sources)
+    written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
 
 

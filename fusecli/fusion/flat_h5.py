@@ -30,6 +30,7 @@ from fusecli.formats.keras2_flat import FlatModel, NotFlat, both_loaders, check_
 from fusecli.formats.keras2_flat import input_layer as input_layer_config
 from fusecli.formats.keras2_weights import layer_weights
 from fusecli.formats.modelfile import ModelFile, open_weights, read_model_file
+from fusecli.formats.recipe import Recipe, write_h5_recipe
 from fusecli.fusion.graph import Assembly
 from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
 
@@ -236,8 +237,11 @@ def layer_order(config: dict[str, Any]) -> list[str]:
 # -- writing and proving ---------------------------------------------------------------------
 
 
-def write(tmp: Path, flat: FlatPlan, sources: list[Source]) -> Written:
-    """The `.h5` file: Keras 2's attributes, the flat config, the weights copied by HDF5."""
+def write(
+    tmp: Path, flat: FlatPlan, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
+    """The `.h5` file: Keras 2's attributes, the flat config, the weights copied by HDF5, and
+    the recipe (`fusecli.formats.recipe`)."""
     attrs = {
         "backend": "tensorflow",
         "keras_version": KERAS2_SCHEMA_VERSION,
@@ -273,6 +277,8 @@ def write(tmp: Path, flat: FlatPlan, sources: list[Source]) -> Written:
             layer_group.attrs["weight_names"] = np.array(
                 [n.encode("utf-8") for n in names], dtype=object if names else np.float64
             )
+        if recipe is not None:
+            write_h5_recipe(h5, recipe)
     return written
 
 

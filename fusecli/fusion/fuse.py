@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -308,8 +308,12 @@ def _build(
     at: FuseAt,
     activation: Activation | None,
     trust: bool,
+    head: Callable[[Any, list[Any], list[str], set[str], str], Any] | None = None,
 ) -> Fusion:
-    """`build_fusion` for a request `_check_request` has passed (weights resolved)."""
+    """`build_fusion` for a request `_check_request` has passed (weights resolved).
+
+    `head(keras, outputs, branches, taken, name)`, if given, joins the branches' outputs
+    instead of the weighted sum (a tune recipe's head, `fusecli.fusion.recipe_head`)."""
     activation = activation or ("softmax" if at == "logits" else "none")
     originals = _load_sources(models, trust=trust)
     keras = runtime.keras()
@@ -338,6 +342,10 @@ def _build(
 
     fused_outputs = []
     for j, out_name in enumerate(out_names):
+        if head is not None:
+            outs = [outs[j] for outs in branch_outputs]
+            fused_outputs.append(head(keras, outs, branches, taken, out_name))
+            continue
         suffix = "" if len(out_names) == 1 else f"_{j}"
         scaled = [
             _scale_layer(keras, scale, w, unique(f"{branch}_scale{suffix}", taken))(outs[j])

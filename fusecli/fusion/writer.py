@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 from fusecli.errors import ModelFileError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights
-from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
+from fusecli.formats.recipe import Recipe, keras_metadata, write_h5_recipe
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, snake_case
 from fusecli.fusion.graph import Assembly
 from fusecli.fusion.naming import unique
 
@@ -68,7 +68,9 @@ def keras_version() -> str:
         return "3"
 
 
-def write_keras(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
+def write_keras(
+    tmp: Path, assembly: Assembly, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
     metadata = {
         "keras_version": keras_version(),
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
@@ -76,7 +78,10 @@ def write_keras(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written
     written = Written()
     keys = keras_keys(assembly.layer_order)
     branches = {b.name: i for i, b in enumerate(assembly.branches)}
-    members = archive.keras_members(assembly.config, metadata)
+    members = archive.keras_members(
+        assembly.config,
+        metadata if recipe is None else lambda: keras_metadata(metadata, recipe),
+    )
     with contextlib.ExitStack() as stack:
         for key, (_, name) in zip(keys, assembly.layer_order, strict=True):
             if name in branches:
@@ -112,7 +117,9 @@ def _assets(
     return out
 
 
-def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
+def write_h5(
+    tmp: Path, assembly: Assembly, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
     version = keras_version()
     attrs = {
         "backend": "tensorflow",
@@ -147,6 +154,8 @@ def write_h5(tmp: Path, assembly: Assembly, sources: list[Source]) -> Written:
             )
         top = weights.create_group("top_level_model_weights")
         top.attrs["weight_names"] = np.array([], dtype=np.float64)
+        if recipe is not None:
+            write_h5_recipe(h5, recipe)
     return written
 
 
@@ -163,13 +172,6 @@ def keras_keys(layer_order: list[tuple[str, str]]) -> list[str]:
             used[key] = 0
         keys.append(key)
     return keys
-
-
-def snake_case(name: str) -> str:
-    """keras.src.utils.naming.to_snake_case."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _copy_branch(

@@ -17,6 +17,7 @@ input.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import zipfile
@@ -32,6 +33,7 @@ from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, Verific
 from fusecli.formats import archive
 from fusecli.formats.keras2 import check_keras2_layout
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
+from fusecli.formats.recipe import Pending, Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import (
     TRAINING_STATE_GROUPS,
     Layout,
@@ -218,9 +220,21 @@ def _write_and_verify(
     made again here: its `combine` is a closure, which cannot be sent to another process."""
     n_models, options = plan_request
     plan = plan_merge(options.pop("method"), n_models, **options)
-    digests = _write(tmp, fmt, template, layouts, plan, progress)
+    paths = [layout.path for layout in layouts]  # read in place: hashed as they are
+    recipe = Pending("merge", paths, paths, _recipe_options(plan, paths, n_models))
+    digests = _write(tmp, fmt, template, layouts, plan, progress, recipe)
     if verify:
         _verify(tmp, template, digests)
+
+
+def _recipe_options(plan: MergePlan, paths: list[Path], n_models: int) -> dict[str, Any]:
+    """What the recipe records of a merge: the method and its parameters as resolved."""
+    return {
+        "method": plan.method,
+        "parameters": {"weights": plan.weights, "t": plan.t, "normalize": plan.normalize},
+        "base": paths[n_models].name if plan.needs_base else None,
+        "seed": None,
+    }
 
 
 def _size(path: Path) -> int:
@@ -237,6 +251,7 @@ def _write(
     layouts: list[Layout],
     plan: MergePlan,
     progress: Progress | None,
+    recipe: Recipe,
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
@@ -246,10 +261,12 @@ def _write(
                 source = template_group.file
                 attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
                 with archive.h5_model(tmp, attrs) as out:
-                    return _write_h5(out, template, template_group, tensors, progress)
+                    digests = _write_h5(out, template, template_group, tensors, progress)
+                    write_h5_recipe(out, recipe)
+                    return digests
             with (
                 zipfile.ZipFile(template.path) as source,
-                archive.keras_archive(tmp, _template_members(source)) as out,
+                archive.keras_archive(tmp, _template_members(source, recipe)) as out,
             ):
                 return _fill(out, template, template_group, tensors, progress)
 
@@ -347,11 +364,18 @@ def _copy_structure(source: h5py.Group, out: h5py.Group, skip: set[str], root: s
             source.copy(node, out, name=key)
 
 
-def _template_members(source: zipfile.ZipFile) -> list[tuple[str, archive.MemberSource | None]]:
-    """The template's members, its weights to be replaced, its compile config dropped."""
+def _template_members(
+    source: zipfile.ZipFile, recipe: Recipe
+) -> list[tuple[str, archive.MemberSource | None]]:
+    """The template's members, its weights to be replaced, its compile config dropped; its
+    metadata, with the recipe, goes last (written once the inputs are hashed)."""
     members: list[tuple[str, archive.MemberSource | None]] = []
+    metadata: dict[str, Any] = {}
     for info in source.infolist():
-        if info.filename == WEIGHTS_MEMBER:
+        if info.filename == archive.METADATA_MEMBER:
+            found = json.loads(source.read(info))
+            metadata = found if isinstance(found, dict) else {}
+        elif info.filename == WEIGHTS_MEMBER:
             members.append((WEIGHTS_MEMBER, None))
         elif info.filename == CONFIG_MEMBER:
             config = json.loads(source.read(info))
@@ -360,6 +384,7 @@ def _template_members(source: zipfile.ZipFile) -> list[tuple[str, archive.Member
             members.append((CONFIG_MEMBER, archive.config_member(config)))
         else:
             members.append((info.filename, lambda info=info: source.open(info)))
+    members.append((archive.METADATA_MEMBER, lambda: io.BytesIO(keras_metadata(metadata, recipe))))
     return members
 
 

@@ -1,2 +1,2 @@
-"""Hostile files: the scan for code, the limits on what a file can make us allocate, the isolated
-reader, and the one door through which Keras loads a file."""
+"""Hostile files: the scan for code, the isolated reader, and the one door through which Keras
+loads a file. The size and depth guards every reader applies are in `fusecli/limits.py`."""

@@ -32,6 +32,7 @@ import h5py
 
 from fusecli.config.shapes import OutputShapes, Shape
 from fusecli.errors import ModelFileError, UnsafeModelError, VerificationError
+from fusecli.formats import keras2_ops
 from fusecli.formats.modelfile import (
     NPZ_WEIGHTS_MEMBER,
     WEIGHTS_MEMBER,
@@ -41,10 +42,13 @@ from fusecli.formats.modelfile import (
     read_npz_members,
     walk_hdf5,
 )
+from fusecli.limits import check_dataset_size
 from fusecli.safety.isolation import call_isolated
-from fusecli.safety.limits import check_dataset_size
+from fusecli.safety.references import is_pure_reference, is_reference, referenced_name
 
-# Layers that call code outside the model's config, whatever their arguments.
+# Layers that call code outside the model's config, whatever their arguments (a TFOpLambda naming
+# a TensorFlow function that fusecli converts to its keras.ops equivalent excepted: that function
+# is never looked up).
 _UNSAFE_CLASSES = {
     "TFOpLambda": "is a TFOpLambda layer, which calls a TensorFlow function named in the file",
     "SlicingOpLambda": "is a SlicingOpLambda layer, which calls a TensorFlow function named in "
@@ -115,6 +119,22 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
     return list(unique)
 
 
+def _unsafe_class_reason(node: dict[str, Any], class_name: str) -> str:
+    reason = _UNSAFE_CLASSES[class_name]
+    if class_name in keras2_ops.CLASSES:
+        function = (node.get("config") or {}).get("function")
+        reason = (
+            f"is a {class_name} layer, which calls the TensorFlow function "
+            f"{_printable(f'tf.{function}')} named in the file (fusecli converts only the "
+            "functions listed in docs/keras2.md)"
+        )
+    return reason
+
+
+def _printable(text: str) -> str:
+    return text if len(text) <= 80 and text.isprintable() else repr(text[:80])
+
+
 def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> ModelFile:
     """Read `path` and refuse it (`UnsafeModelError`) if it holds code, unless `trust`.
 
@@ -181,7 +201,7 @@ def _scan_config(config: dict[str, Any]) -> Iterator[Finding]:
         if not isinstance(node, dict):
             continue
         is_lambda = False
-        if "class_name" in node:
+        if "class_name" in node or is_reference(node):
             place = _enter(node, place)
             yield from _check_object(node, place, key)
             if node.get("class_name") == _BYTECODE:
@@ -233,7 +253,7 @@ def _layer_name(node: dict[str, Any]) -> str | None:
 
 def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Finding]:
     where, owner = place.where, place.owner
-    class_name = _text(node.get("class_name"))
+    class_name = _text(node.get("class_name", "function" if is_reference(node) else None))
     if class_name == _BYTECODE:
         if owner == "Lambda" and key == "function":
             reason = "is a Lambda layer with Python bytecode, which would run when loaded"
@@ -241,8 +261,8 @@ def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Fin
             reason = _bytecode_in(key)
         yield Finding(where, owner, reason)
         return
-    if class_name in _UNSAFE_CLASSES:
-        yield Finding(where, class_name, _UNSAFE_CLASSES[class_name])
+    if class_name in _UNSAFE_CLASSES and not keras2_ops.converts(node):
+        yield Finding(where, class_name, _unsafe_class_reason(node, class_name))
     config = node.get("config")
     if isinstance(config, dict) and isinstance(config.get("vocabulary"), str):
         yield Finding(
@@ -280,6 +300,14 @@ def _check_object(node: dict[str, Any], place: _Place, key: str) -> Iterator[Fin
             class_name,
             f"names Python's built-in function {node['config']!r}, not a Keras function; a "
             "Keras that falls back to Python's builtins would call it",
+        )
+    elif is_reference(node) and not is_pure_reference(node):
+        yield Finding(
+            where,
+            class_name,
+            f"calls the function {_text(referenced_name(node))!r} from module {module!r} by "
+            "reference, which Keras would look up and run (only Keras' built-in activations, "
+            "losses and metrics are known to run no other code)",
         )
 
 

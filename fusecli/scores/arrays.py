@@ -16,7 +16,7 @@ import math
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -156,6 +156,24 @@ def read_scores(path: str | os.PathLike[str], *, stdin: BinaryIO | None = None) 
     return values
 
 
+def map_scores(path: str | os.PathLike[str], *, stdin: BinaryIO | None = None) -> np.ndarray:
+    """A score array to work on in place: a regular C-ordered .npy file is memory-mapped (rows
+    are read from disk as they are used, so many large arrays fit); stdin, pipes and
+    Fortran-ordered files are read into memory. Checked as `open_scores` checks, not for NaN
+    (the caller checks the rows it reads)."""
+    name = str(path)
+    if name == STDIO or not Path(path).exists() or not stat.S_ISREG(os.stat(path).st_mode):
+        return read_scores(path, stdin=stdin)
+    with open_scores(path) as reader:
+        fortran = reader.fortran
+    if fortran:
+        return read_scores(path)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise FusecliError(f"{path}: cannot be mapped ({e})") from None
+
+
 class ScoreWriter:
     """Writes a .npy array row chunk by row chunk to an open binary file or stream."""
 
@@ -270,8 +288,12 @@ def combine_scores(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
+    fuse_rows: Callable[[list[np.ndarray]], np.ndarray] | None = None,
 ) -> CombineReport:
     """Write sum(w_i * scores_i) to `output` (.npy, or `-` for stdout), chunk by chunk.
+
+    `fuse_rows`, if given, computes the fused rows from the inputs' rows instead of the weighted
+    sum (a tune recipe, a hard vote; see `fusecli.scores.recipe`).
 
     Weights default to 1/N each. With `labels` (class ids or one-hot rows, see `metrics`), also
     measures top-1 (and, with 5+ classes, top-5) accuracy of each input and of the sum; labels are
@@ -321,6 +343,7 @@ def combine_scores(
         ) as writer:
             for start in range(0, shape[0], step):
                 fused = None
+                chunks = []
                 for i, (reader, w) in enumerate(zip(readers, weights, strict=True)):
                     chunk = reader.read_rows(step)
                     check_finite(chunk, reader.name, first_row=start)
@@ -328,10 +351,15 @@ def combine_scores(
                         correct[i] += metrics.topk_correct(
                             chunk, classes[start : start + len(chunk)], ks
                         )
+                    if fuse_rows is not None:
+                        chunks.append(chunk)
+                        continue
                     # Overflow is caught below, row by row, rather than warned about.
                     with np.errstate(over="ignore", invalid="ignore"):
                         term = chunk.astype(dtype, copy=False) * np.float64(w).astype(dtype)
                         fused = term if fused is None else np.add(fused, term, out=fused)
+                if fuse_rows is not None:
+                    fused = np.asarray(fuse_rows(chunks), dtype=dtype)
                 _check_fused(fused, dtype, first_row=start)
                 if classes is not None:
                     correct[-1] += metrics.topk_correct(

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.safety.limits import GUARD_FLOOR, MAX_EXPANSION
+from fusecli.limits import GUARD_FLOOR, MAX_EXPANSION
 
 DEFAULT_INPUT_KEY = "x"
 DEFAULT_LABELS_KEY = "y"

@@ -149,6 +149,42 @@ def evaluate(metric: str, scores: np.ndarray, labels: Labels, *, probabilities: 
     return -np.mean(np.log(np.clip(picked, _EPS, 1.0)), axis=-1)
 
 
+def per_row(metric: str, scores: np.ndarray, labels: Labels, *, probabilities: bool) -> np.ndarray:
+    """`metric` of each row of scores (N, ...), whose mean is `evaluate`'s number: 0/1 for
+    accuracy and top5, -log p(label) for logloss, the row's mean squared error for mse.
+
+    Per-row values let estimates compare two fusions row by row (paired differences).
+    """
+    if metric not in METRICS:
+        raise InvalidRequest(f"Expected metric to be one of {METRICS}. Received: {metric!r}")
+    if metric == "mse":
+        target = labels.targets if labels.targets is not None else one_hot(labels.classes, scores)
+        return np.mean(np.square(scores - target).reshape(len(scores), -1), axis=1)
+    if labels.classes is None:
+        raise InvalidRequest(
+            f"--metric {metric} needs class labels (integer class ids or one-hot rows); "
+            "these labels are targets: use --metric mse"
+        )
+    if metric == "accuracy":
+        return (np.argmax(scores, axis=-1) == labels.classes).astype(np.float64)
+    if metric == "top5":
+        if scores.shape[-1] < 5:
+            raise InvalidRequest(
+                f"--metric top5 needs 5 or more classes. Received: {scores.shape[-1]} classes"
+            )
+        return (_label_rank(scores, labels.classes) < 5).astype(np.float64)
+    probs = scores if probabilities else softmax(scores)
+    picked = probs[np.arange(len(probs)), labels.classes]
+    return -np.log(np.clip(picked, _EPS, 1.0))
+
+
+def subset(labels: Labels, rows: np.ndarray | slice) -> Labels:
+    """The labels of some rows (a fold of cross-validation, a chunk)."""
+    if labels.classes is not None:
+        return Labels(classes=labels.classes[rows])
+    return Labels(targets=labels.targets[rows])
+
+
 def is_better(metric: str, a: float, b: float) -> bool:
     return a > b if HIGHER_IS_BETTER[metric] else a < b
 

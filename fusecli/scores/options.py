@@ -8,3 +8,6 @@ AT_CHOICES = ("output", "logits")
 DEFAULT_BATCH_SIZE = 256
 METRICS = ("accuracy", "top5", "logloss", "mse")
 DEFAULT_STEP = 0.1
+# How tune chooses: auto picks among the others by their cross-validated estimate.
+METHOD_CHOICES = ("auto", "grid", "greedy", "optimize", "stack")
+DEFAULT_FOLDS = 5

@@ -1,23 +1,22 @@
-"""Choosing fusion weights on validation data: an exhaustive grid on the simplex.
+"""Choosing how to fuse models' scores on validation data, and saying how sure the choice is.
 
-Weights are non-negative and sum to 1, in steps of `step` (0.1: 0, 0.1, ..., 1), vertices (the
-single models) included. Every point is scored, in chunks of weightings at once:
+    result = tune_scores([a, b, c], y_val, method="auto")
+    result = tune(["a.npy", "b.npy", "c.npy"], labels="y.npy", save_recipe="r.json")
 
-    fused[g] = sum_i W[g, i] * scores_i        metric(fused[g], labels)
-
-The best point wins (compared to 12 significant digits, so that ties in exact arithmetic are
-not settled by float rounding); ties go to the weights closest to uniform (smallest squared
-distance), then to the most weight on the earlier models (lexical order), so the answer is
-deterministic.
-There are C(1/step + n - 1, n - 1) points: 66 for 3 models at 0.1, 10^6 is the limit.
+The methods live in `fusecli.scores.methods` (grid, greedy, optimize, stack); `auto` scores the
+ones that fit a time budget by k-fold cross-validation (`fusecli.scores.estimate`) and keeps the
+best estimate. Every result carries the validation score of the choice, its cross-validated
+estimate, and the same for each model alone, the uniform average and the hard vote, with the
+differences that are within the noise said so. `--calibrate` first fits one temperature per
+model (`fusecli.scores.calibration`). The choice can be saved as a recipe (`fusecli.scores.recipe`)
+and applied to other rows or built into a model.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,32 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.formats.modelfile import MODEL_SUFFIXES
-from fusecli.scores import metrics
+from fusecli.scores import estimate, metrics
 from fusecli.scores.arrays import check_finite
-from fusecli.scores.options import DEFAULT_STEP
+from fusecli.scores.methods import METHODS, chooser
+from fusecli.scores.methods.base import Problem, single, uniform, vote_row_values
+from fusecli.scores.methods.grid import (  # noqa: F401 - the grid's API, as before
+    MAX_GRID_POINTS,
+    check_grid_size,
+    divisions,
+    grid_size,
+    rank_grid,
+    simplex_grid,
+)
+from fusecli.scores.options import DEFAULT_STEP, METHOD_CHOICES
+from fusecli.scores.recipe import Recipe
 
-MAX_GRID_POINTS = 1_000_000
-# Memory for the fused scores of one chunk of grid points.
-_CHUNK_BYTES = 64 * 1024 * 1024
+# auto: the grid is a candidate while it is this small (4 models at 0.1: 286 points).
+AUTO_GRID_POINTS = 300
+# auto: stacking is a candidate while its regression has at most this many coefficients.
+AUTO_STACK_COEFFICIENTS = 100_000
+# Order of preference among equal estimates: the simpler first.
+_SIMPLER = ("uniform", "grid", "greedy", "optimize", "stack")
+
+
+def auto_budget(n: int) -> float:
+    """Seconds auto may spend estimating methods for n models: 10 s plus 2 s per model."""
+    return 10.0 + 2.0 * n
 
 
 @dataclass
@@ -44,29 +62,49 @@ class Candidate:
 
 @dataclass
 class TuneResult:
-    """The best weights and how the others fared; `as_dict()` is the CLI's `--json` document."""
+    """What was chosen and how it and the baselines fare; `as_dict()` is `--json`."""
 
     names: list[str]
     metric: str
     step: float
-    weights: list[float]
-    score: float
+    weights: list[float] | None  # None for a stacking head
+    score: float  # the choice's metric on the validation rows it was chosen on
     singles: list[Candidate]
-    ranking: list[Candidate]  # the best `keep` grid points, best first
-    grid_points: int
+    ranking: list[Candidate]
+    grid_points: int  # how many combinations the method scored
     rows: int
     at: str = "output"
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    method: str = "grid"
+    reason: str = ""
+    choice: dict[str, Any] = field(default_factory=dict)
+    estimates: dict[str, Any] = field(default_factory=dict)
+    temperatures: list[float] | None = None
+    recipe: Recipe | None = field(default=None, repr=False)
+    recipe_path: str | None = None
+    history: list[float] = field(default_factory=list)  # greedy: metric per round
+    curve: list[tuple[float, float]] = field(default_factory=list)  # two models: (w, metric)
+    uniform: float | None = None  # the uniform average's validation score
+
+    @property
+    def cv(self) -> float | None:
+        return self.estimates.get("chosen", {}).get("cv")
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "names": self.names,
+            "method": self.method,
+            "reason": self.reason,
             "metric": self.metric,
             "higher_is_better": metrics.HIGHER_IS_BETTER[self.metric],
             "step": self.step,
             "weights": self.weights,
             "score": self.score,
+            "cv": self.cv,
+            "choice": self.choice,
+            "temperatures": self.temperatures,
+            "estimates": self.estimates,
             "singles": [
                 {"name": n, "score": c.score} for n, c in zip(self.names, self.singles, strict=True)
             ],
@@ -75,74 +113,40 @@ class TuneResult:
             "rows": self.rows,
             "at": self.at,
             "output": self.output,
+            "recipe": self.recipe_path,
             "notes": self.notes,
         }
-
-
-def grid_size(n: int, step: float) -> int:
-    """How many points the grid for `n` weights in steps of `step` has."""
-    return math.comb(divisions(step) + n - 1, n - 1)
-
-
-def check_grid_size(n: int, step: float) -> int:
-    """The grid's size, or a usage error if it is beyond `MAX_GRID_POINTS`."""
-    size = grid_size(n, step)
-    if size > MAX_GRID_POINTS:
-        raise InvalidRequest(
-            f"The weight grid for {n} models in steps of {step} has {size:,} points, more than "
-            f"the limit of {MAX_GRID_POINTS:,}; use a coarser --step or fewer models"
-        )
-    return size
-
-
-def divisions(step: float) -> int:
-    """1/step, which must be a whole number so that the grid reaches every vertex exactly."""
-    if not (0 < step <= 1):
-        raise InvalidRequest(f"Expected a step between 0 and 1. Received: step={step}")
-    if not math.isfinite(1 / step):
-        raise InvalidRequest(
-            f"The step is too small to divide 1 into a grid of weights. Received: step={step}"
-        )
-    k = round(1 / step)
-    if abs(k * step - 1) > 1e-9:
-        raise InvalidRequest(
-            "The step must divide 1 into equal parts (0.5, 0.25, 0.2, 0.1, 0.05, ...). "
-            f"Received: step={step}"
-        )
-    return k
-
-
-def simplex_grid(n: int, step: float) -> np.ndarray:
-    """All weightings k/K with integer k_i >= 0 summing to K = 1/step, as integers k, (G, n).
-
-    Ordered lexically from the most weight on the first model down.
-    """
-    k = divisions(step)
-    size = check_grid_size(n, step)
-    grid = np.empty((size, n), dtype=np.int64)
-    # Stars and bars: k stars and n - 1 bars; the gaps between bars are the weights.
-    for row, bars in enumerate(itertools.combinations(range(k + n - 1), n - 1)):
-        edges = (-1, *bars, k + n - 1)
-        grid[row] = [edges[i + 1] - edges[i] - 1 for i in range(n)]
-    return grid[::-1].copy()
 
 
 def tune_scores(
     scores: Sequence[np.ndarray],
     labels: np.ndarray | metrics.Labels,
     *,
+    method: str = "auto",
     step: float = DEFAULT_STEP,
     metric: str | None = None,
     names: Sequence[str] | None = None,
     keep: int = 10,
     activation: str | None = None,
+    folds: int = estimate.DEFAULT_FOLDS,
+    calibrate: bool = False,
+    budget: float | None = None,
+    progress: Any = None,
+    curve: bool = False,
+    **parameters: Any,
 ) -> TuneResult:
-    """Find the weights on the simplex grid whose weighted sum of `scores` scores best.
+    """Choose how to fuse `scores` (n arrays (N, classes), memory maps welcome) by `method`.
 
     `labels`: class ids (N,), one-hot rows, or targets of the scores' shape (see `metrics`);
     `metric` defaults to accuracy for class labels and mse for targets. `activation="softmax"`
-    scores softmax(sum w_i s_i) instead, as a model fused at its logits computes.
+    scores softmax(sum w_i s_i) instead, as a model fused at its logits computes. `folds`: k of
+    the cross-validated estimate (0: none). `calibrate`: the scores are logits; fit one
+    temperature per model first. `parameters`: the methods' (see `fusecli.scores.methods`),
+    e.g. rounds=100 for greedy. `curve`: for two models, also score the weights 0, 0.01, ..., 1
+    on the first (`TuneResult.curve`, for a plot).
     """
+    if method not in METHOD_CHOICES:
+        raise InvalidRequest(f"Expected method to be one of {METHOD_CHOICES}. Received: {method!r}")
     if activation not in (None, "softmax"):
         raise InvalidRequest(
             f"Expected activation to be None or 'softmax'. Received: activation={activation!r}"
@@ -150,6 +154,9 @@ def tune_scores(
     n = len(scores)
     if n < 2:
         raise InvalidRequest(f"Expected two or more score arrays to tune. Received: {n}")
+    divisions(step)
+    if method == "grid":
+        check_grid_size(n, step)
     names = list(names) if names is not None else [f"scores{i}" for i in range(n)]
     for name, s in zip(names[1:], scores[1:], strict=True):
         if s.shape != scores[0].shape:
@@ -157,14 +164,14 @@ def tune_scores(
                 "Scores must have the same shape to be fused. "
                 f"Received: {names[0]} has shape {scores[0].shape}, {name} has shape {s.shape}"
             )
-    for name, s in zip(names, scores, strict=True):
-        check_finite(np.asarray(s), name)
     shape = scores[0].shape
     if len(shape) == 0 or shape[0] == 0:
         raise FusecliError(
             f"Expected scores with at least one row to tune on. Received: {names[0]} has shape "
             f"{tuple(shape)}"
         )
+    for name, s in zip(names, scores, strict=True):
+        _check_finite_chunked(s, name)
     if not isinstance(labels, metrics.Labels):
         labels = metrics.parse_labels(labels, shape, source="labels")
     metric = metric or labels.default_metric
@@ -172,56 +179,270 @@ def tune_scores(
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"
         )
-    grid = simplex_grid(n, step)
-    k = divisions(step)
-    stack = np.stack([np.asarray(s, dtype=np.float64) for s in scores])
-    notes = []
-    probabilities = activation == "softmax" or all(
-        metrics.looks_like_probabilities(s) for s in stack
-    )
-    if metric == "logloss" and not probabilities:
-        notes.append("logloss: the scores are not all probabilities, so softmax(fused) is scored")
-
-    options = dict(probabilities=probabilities, softmax=activation == "softmax")
-    # Overflow shows as non-finite metric values, refused below rather than warned about.
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = _evaluate_grid(stack, grid / k, labels, metric, **options)
-        singles = _evaluate_grid(stack, np.eye(n), labels, metric, **options)
-    if not (np.isfinite(values).all() and np.isfinite(singles).all()):
-        biggest = float(np.max(np.abs(stack)))
-        raise FusecliError(
-            f"The {metric} of the fused scores overflows to a non-finite value; the scores are "
-            f"too large (up to {biggest:.4g} in absolute value): rescale them"
+    if metric != "mse" and labels.classes is None:
+        raise InvalidRequest(
+            f"--metric {metric} needs class labels (integer class ids or one-hot rows); "
+            "these labels are targets: use --metric mse"
         )
-    order = rank_grid(grid, values, k, higher_is_better=metrics.HIGHER_IS_BETTER[metric])
-    ranking = [Candidate(_weights(grid[i], k), float(values[i])) for i in order[:keep]]
-    best = order[0]
+    if metric == "top5" and shape[-1] < 5:
+        raise InvalidRequest(
+            f"--metric top5 needs 5 or more classes. Received: {shape[-1]} classes"
+        )
+
+    from threadpoolctl import threadpool_limits
+
+    # BLAS threads only slow the small products of the fits (20x and more on a busy machine).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _tune_checked(
+            scores, labels, names, shape, method, step, metric, keep, activation, folds,
+            calibrate, budget, progress, curve, parameters,
+        )  # fmt: skip
+
+
+def _tune_checked(
+    scores: Sequence[np.ndarray],
+    labels: metrics.Labels,
+    names: list[str],
+    shape: tuple[int, ...],
+    method: str,
+    step: float,
+    metric: str,
+    keep: int,
+    activation: str | None,
+    folds: int,
+    calibrate: bool,
+    budget: float | None,
+    progress: Any,
+    curve: bool,
+    parameters: dict[str, Any],
+) -> TuneResult:
+    n = len(scores)
+    notes: list[str] = []
+    temperatures = None
+    softmax = activation == "softmax"
+    if calibrate:
+        from fusecli.scores.calibration import calibrate as fit_calibration
+
+        scores, temperatures = fit_calibration(scores, labels, names)
+        softmax = False
+        notes.append(
+            "calibrate: temperatures "
+            + ", ".join(f"{n}={t:.3g}" for n, t in zip(names, temperatures, strict=True))
+        )
+    probabilities = not softmax and all(_looks_like_probabilities(s) for s in scores)
+    if metric == "logloss" and not probabilities and not softmax:
+        notes.append("logloss: the scores are not all probabilities, so softmax(fused) is scored")
+    problem = Problem(list(scores), labels, metric, probabilities, softmax)
+    k_folds = estimate.make_folds(problem, folds)
+    if folds >= 2 and not k_folds:
+        notes.append(
+            f"estimate: {shape[0]} rows are too few for {folds}-fold cross-validation; "
+            "validation scores only"
+        )
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        baselines = [
+            estimate.score_fixed(problem, name, single(problem, i)) for i, name in enumerate(names)
+        ]
+        average = estimate.score_fixed(problem, "uniform", uniform(problem))
+    _check_overflow([*baselines, average], metric, scores)
+
+    if method == "auto":
+        scored, tried, reason = _auto(
+            problem, k_folds, step, parameters, names, average, budget, progress
+        )
+    else:
+        problem.progress = progress
+        scored = estimate.score_method(
+            problem, method, chooser(method, {"step": step, **parameters}), k_folds
+        )
+        problem.progress = None
+        tried, reason = [scored], f"asked for with --method {method}"
+    choice = scored.choice
+    notes.extend(choice.notes)
+    estimates = _estimates(problem, scored, tried, baselines, average, metric, k_folds)
+    ranking = [Candidate(w, v) for w, v in choice.ranking] or (
+        [Candidate(choice.weights, scored.validation)] if choice.weights is not None else []
+    )
+    ranking = ranking[:keep]
+    recipe = Recipe(
+        method=choice.method,
+        inputs=list(names),
+        row_shape=[int(d) for d in shape[1:]],
+        at="logits" if (calibrate or softmax) else "output",
+        softmax=softmax,
+        weights=choice.weights,
+        counts=choice.counts,
+        coef=None if choice.coef is None else choice.coef.tolist(),
+        intercept=None if choice.intercept is None else choice.intercept.tolist(),
+        temperatures=temperatures,
+        metric=metric,
+        estimate={"validation": scored.validation, "cv": scored.cv, "folds": len(k_folds)},
+    )
+    along = _curve(problem) if curve and n == 2 else []
     return TuneResult(
+        curve=along,
+        uniform=average.validation,
         names=names,
         metric=metric,
         step=step,
-        weights=_weights(grid[best], k),
-        score=float(values[best]),
+        weights=choice.weights,
+        score=scored.validation,
         singles=[
-            Candidate([float(x) for x in row], float(v))
-            for row, v in zip(np.eye(n), singles, strict=True)
+            Candidate(single(problem, i).weights, b.validation) for i, b in enumerate(baselines)
         ],
         ranking=ranking,
-        grid_points=len(grid),
+        grid_points=choice.evaluated,
         rows=int(shape[0]),
         notes=notes,
+        method=choice.method,
+        reason=reason,
+        choice=choice.as_dict(),
+        estimates=estimates,
+        temperatures=temperatures,
+        recipe=recipe,
+        history=list(choice.history),
     )
 
 
-def rank_grid(
-    grid: np.ndarray, values: np.ndarray, k: int, *, higher_is_better: bool
-) -> np.ndarray:
-    """Indices of grid points, best first, with the tie-breaks of the module doc."""
-    n = grid.shape[1]
-    spread = np.sum(np.square(n * grid - k), axis=1)  # n^2 * squared distance to uniform
-    primary = _quantize(-values if higher_is_better else values)
-    keys = [-grid[:, i] for i in reversed(range(n))] + [spread, primary]
-    return np.lexsort(keys)
+def _auto(
+    problem: Problem,
+    folds: list[np.ndarray],
+    step: float,
+    parameters: dict[str, Any],
+    names: list[str],
+    average: estimate.Scored,
+    budget: float | None,
+    progress: Any,
+) -> tuple[estimate.Scored, list[estimate.Scored], str]:
+    """Score the candidate methods that fit the budget; keep the best cross-validated one."""
+    budget = auto_budget(problem.n) if budget is None else budget
+    candidates = ["greedy", "optimize"]
+    if grid_size(problem.n, step) <= AUTO_GRID_POINTS:
+        candidates.insert(0, "grid")
+    skipped = []
+    width = int(np.prod(problem.row_shape))
+    if (
+        problem.labels.classes is not None
+        and len(problem.row_shape) == 1
+        and problem.n * width * width <= AUTO_STACK_COEFFICIENTS
+    ):
+        candidates.append("stack")
+    else:
+        skipped.append("stack (too many coefficients for these scores)")
+    if problem.metric == "mse" and problem.softmax:
+        candidates.remove("optimize")
+    start = time.perf_counter()
+    tried: list[estimate.Scored] = []
+    for index, name in enumerate(candidates):
+        if progress is not None:
+            progress(index, len(candidates))
+        choose = chooser(name, {"step": step, **parameters})
+        fit_start = time.perf_counter()
+        scored = estimate.score_method(problem, name, choose, [])
+        fit_seconds = time.perf_counter() - fit_start
+        projected = fit_seconds * max(0, len(folds) - 1)
+        if folds and time.perf_counter() - start + projected > budget:
+            if tried:
+                skipped.append(f"{name} (its estimate would take ~{projected:.0f} s)")
+                continue
+        elif folds:
+            scored.rows = estimate.cross_validate(problem, choose, folds)
+            scored.cv = float(np.mean(scored.rows))
+        scored.seconds = time.perf_counter() - fit_start
+        tried.append(scored)
+    if progress is not None:
+        progress(len(candidates), len(candidates))
+    with_cv = [s for s in tried if s.cv is not None]
+    contenders = [*with_cv, average] if with_cv else tried
+    higher = metrics.HIGHER_IS_BETTER[problem.metric]
+    best = min(
+        contenders,
+        key=lambda s: (
+            -round(s.estimate, 12) if higher else round(s.estimate, 12),
+            _SIMPLER.index(s.name),
+        ),
+    )
+    if best is average:
+        best = estimate.score_method(problem, "uniform", lambda p: uniform(p), [])
+        best.cv, best.rows = average.cv, average.rows
+    what = f"{len(folds)}-fold cross-validated" if with_cv else "validation"
+    others = ", ".join(f"{s.name} {s.estimate:.4f}" for s in contenders if s.name != best.name)
+    reason = (
+        f"auto: the best {what} {problem.metric}, {best.estimate:.4f}"
+        + (f" against {others}" if others else "")
+        + f" (budget {budget:.0f} s)"
+    )
+    if skipped:
+        reason += "; not tried: " + ", ".join(skipped)
+    return best, tried, reason
+
+
+def _estimates(
+    problem: Problem,
+    chosen: estimate.Scored,
+    tried: list[estimate.Scored],
+    singles: list[estimate.Scored],
+    average: estimate.Scored,
+    metric: str,
+    folds: list[np.ndarray],
+) -> dict[str, Any]:
+    """The `--json` estimates: the choice, what else was tried, the baselines, comparisons."""
+    higher = metrics.HIGHER_IS_BETTER[metric]
+    best_single = max(singles, key=lambda s: s.validation if higher else -s.validation)
+    comparisons = [estimate.compare(chosen, best_single, metric)]
+    comparisons.append(estimate.compare(chosen, average, metric))
+    comparisons += [estimate.compare(chosen, s, metric) for s in tried if s.name != chosen.name]
+    out: dict[str, Any] = {
+        "folds": len(folds),
+        "chosen": chosen.as_dict(),
+        "tried": [s.as_dict() for s in tried],
+        "uniform": average.as_dict(),
+        "singles": [s.as_dict() for s in singles],
+        "best_single": best_single.name,
+        "comparisons": comparisons,
+    }
+    if problem.labels.classes is not None and len(problem.row_shape) == 1:
+        out["hard_vote_accuracy"] = float(np.mean(vote_row_values(problem)))
+    return out
+
+
+def _curve(problem: Problem) -> list[tuple[float, float]]:
+    """The metric at weights (w, 1 - w), w = 0, 0.01, ..., 1."""
+    from fusecli.scores.methods.base import Choice, row_values
+
+    points = []
+    for k in range(101):
+        w = k / 100
+        values = row_values(Choice("grid", weights=[w, 1 - w]), problem)
+        points.append((w, float(np.mean(values))))
+    return points
+
+
+def _check_overflow(
+    scored: list[estimate.Scored], metric: str, scores: Sequence[np.ndarray]
+) -> None:
+    if all(np.isfinite(s.rows).all() for s in scored):
+        return
+    biggest = max(float(np.max(np.abs(s))) for s in scores)
+    raise FusecliError(
+        f"The {metric} of the fused scores overflows to a non-finite value; the scores are "
+        f"too large (up to {biggest:.4g} in absolute value): rescale them"
+    )
+
+
+def _check_finite_chunked(values: np.ndarray, name: str) -> None:
+    step = max(1, (1 << 22) // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, len(values), step):
+        check_finite(np.asarray(values[start : start + step]), name, first_row=start)
+
+
+def _looks_like_probabilities(values: np.ndarray) -> bool:
+    step = max(1, (1 << 22) // max(1, int(np.prod(values.shape[1:]))))
+    return all(
+        metrics.looks_like_probabilities(np.asarray(values[start : start + step]))
+        for start in range(0, len(values), step)
+    )
 
 
 def tune(
@@ -231,6 +452,7 @@ def tune(
     labels: str | os.PathLike[str] | None = None,
     key: str | None = None,
     labels_key: str | None = None,
+    method: str = "auto",
     step: float = DEFAULT_STEP,
     metric: str | None = None,
     at: str = "output",
@@ -238,22 +460,41 @@ def tune(
     batch_size: int = 256,
     trust: bool = False,
     output: str | os.PathLike[str] | None = None,
+    save_recipe: str | os.PathLike[str] | None = None,
     force: bool = False,
+    folds: int = estimate.DEFAULT_FOLDS,
+    calibrate: bool = False,
+    budget: float | None = None,
     progress: Any = None,
+    method_progress: Any = None,
+    plot: str | os.PathLike[str] | None = None,
+    **parameters: Any,
 ) -> TuneResult:
-    """Tune fusion weights for model files (run once each on `data`) or .npy score arrays.
+    """Choose how to fuse model files (run once each on `data`) or .npy score arrays.
 
     Labels come from `labels` (a .npy, or the `labels_key` array of a .npz/.h5), else from the
-    `y` array of `data`. With `output` (models only), writes the fused model with the best weights
-    through `fusion.fuse_to_file`. `at="logits"` (models only) tunes softmax(sum w_i z_i) over the
-    models' logits z_i, and writes the model fused at its logits.
+    `y` array of `data`. `method`, `folds`, `calibrate`, `parameters`: see `tune_scores`.
+    With `output` (models only), writes the fused model computing the choice; with
+    `save_recipe`, the choice as a recipe (see `fusecli.scores.recipe`). `at="logits"` (models
+    only) tunes softmax(sum w_i z_i) over the models' logits z_i; `calibrate` takes the models
+    at their logits too. .npy score files are memory-mapped, not read into memory.
+    `progress(index, count, done, total)` is called as model `index` of `count` runs, and
+    `method_progress(done, total)` as the method works. `plot`: a .png drawing of the choice
+    (needs matplotlib: `pip install 'fusecli[plot]'`).
     """
     from fusecli.scores.datafile import read_labels
 
     kind = source_kind(sources)
     if len(sources) < 2:
         raise InvalidRequest(f"Expected two or more inputs to tune. Received: {len(sources)}")
-    check_grid_size(len(sources), step)  # refuse a huge grid before any model runs
+    if method not in METHOD_CHOICES:
+        raise InvalidRequest(f"Expected method to be one of {METHOD_CHOICES}. Received: {method!r}")
+    divisions(step)
+    if method == "grid":
+        check_grid_size(len(sources), step)  # refuse a huge grid before any model runs
+    for name in parameters:
+        if not any(name == p.name for m in METHODS.values() for p in m.PARAMETERS):
+            raise InvalidRequest(f"Unknown tune parameter {name!r}")
     if metric is not None and metric not in metrics.METRICS:
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"
@@ -269,21 +510,35 @@ def tune(
         raise InvalidRequest("Tuning models needs --data: the validation inputs to run them on")
     if labels is None and data is None:
         raise InvalidRequest("Tuning score arrays needs --labels (or --data holding 'y')")
+    extra = [p for p in (data, labels) if p is not None]
     if output is not None:
         if kind != "models":
             raise InvalidRequest(
-                "-o writes a fused model, so it needs model files, not score arrays"
+                "-o writes a fused model, so it needs model files, not score arrays "
+                "(--save-recipe saves the choice; fuse MODELS --recipe builds the model)"
             )
         from fusecli.output import check_output_path, model_format
 
         model_format(output)
-        extra = [p for p in (data, labels) if p is not None]
         check_output_path(output, inputs=[*sources, *extra], force=force)
+    if plot is not None:
+        from fusecli.scores.plot import check_plot_request
+
+        check_plot_request(plot, inputs=[*sources, *extra], force=force)
+    if save_recipe is not None:
+        from fusecli.output import check_output_path
+
+        if Path(save_recipe).suffix.lower() != ".json":
+            raise InvalidRequest(
+                f"A recipe is a .json file. Received: save_recipe={str(save_recipe)!r}"
+            )
+        check_output_path(save_recipe, inputs=[*sources, *extra], force=force)
 
     if labels is not None:
         raw_labels = read_labels(labels, key=labels_key)
     else:
         raw_labels = read_labels(data, key=labels_key, in_data=True)
+    run_at = "logits" if calibrate else at
     if kind == "models":
         from fusecli.scores.prediction import predict_array
 
@@ -296,36 +551,51 @@ def tune(
                     data,
                     key=key,
                     batch_size=batch_size,
-                    at=at,
+                    at=run_at,
                     trust=trust,
                     progress=report,
                 )
             )
     else:
-        from fusecli.scores.arrays import read_scores
+        from fusecli.scores.arrays import map_scores
 
         if sum(str(s) == "-" for s in sources) > 1:
             raise InvalidRequest("Only one input can be read from stdin ('-')")
-        scores = [read_scores(s) for s in sources]
+        scores = [map_scores(s) for s in sources]
     labels_name = str(labels if labels is not None else data)
     parsed = metrics.parse_labels(raw_labels, scores[0].shape, source=labels_name)
+
     result = tune_scores(
         scores,
         parsed,
+        method=method,
         step=step,
         metric=metric,
         names=[str(s) for s in sources],
         keep=keep,
-        activation="softmax" if at == "logits" else None,
+        activation="softmax" if run_at == "logits" and not calibrate else None,
+        folds=folds,
+        calibrate=calibrate,
+        budget=budget,
+        progress=method_progress,
+        curve=plot is not None,
+        **parameters,
     )
-    result.at = at
-    if output is not None:
-        from fusecli.fusion.fuse import fuse_to_file
+    result.at = run_at
+    result.recipe.at = run_at
+    if save_recipe is not None:
+        from fusecli.scores.recipe import save_recipe as write_recipe
 
-        extra = {"at": "logits"} if at == "logits" else {}
-        report = fuse_to_file(
-            list(sources), output, result.weights, trust=trust, force=force, **extra
-        )
+        write_recipe(result.recipe, save_recipe, force=force)
+        result.recipe_path = str(save_recipe)
+    if plot is not None:
+        from fusecli.scores.plot import plot_tune
+
+        plot_tune(result, plot, force=force)
+    if output is not None:
+        from fusecli.fusion.recipe_head import fuse_recipe_to_file
+
+        report = fuse_recipe_to_file(list(sources), result.recipe, output, trust=trust, force=force)
         result.output = report.output
     return result
 
@@ -354,52 +624,12 @@ def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _evaluate_grid(
-    stack: np.ndarray,
-    weights: np.ndarray,
-    labels: metrics.Labels,
-    metric: str,
-    *,
-    probabilities: bool,
-    softmax: bool = False,
-) -> np.ndarray:
-    n, rows = stack.shape[:2]
-    flat = stack.reshape(n, rows, -1)
-    per_point = max(1, flat[0].size * 8 * (3 if metric == "logloss" else 2))
-    chunk = max(1, _CHUNK_BYTES // per_point)
-    out = np.empty(len(weights), dtype=np.float64)
-    for start in range(0, len(weights), chunk):
-        w = weights[start : start + chunk]
-        fused = np.tensordot(w, flat, axes=1).reshape((len(w), *stack.shape[1:]))
-        if softmax:
-            fused = metrics.softmax(fused)
-        out[start : start + len(w)] = metrics.evaluate(
-            metric, fused, labels, probabilities=probabilities
-        )
-    return out
-
-
-def _quantize(values: np.ndarray, digits: int = 12) -> np.ndarray:
-    """`values` to `digits` significant digits of the largest, so that ties in exact arithmetic
-    are not settled by float rounding (identical inputs: 0.7 a + 0.3 a is not quite a)."""
-    values = np.asarray(values, dtype=np.float64)
-    top = float(np.max(np.abs(values))) if values.size else 0.0
-    if top == 0 or not math.isfinite(top):
-        return values
-    unit = 10.0 ** (math.floor(math.log10(top)) - digits + 1)
-    return np.round(values / unit)
-
-
 def _is_pipe(path: str | os.PathLike[str]) -> bool:
     """A named pipe or process substitution (/dev/fd/63) carries a .npy stream without a suffix."""
     try:
         return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
-
-
-def _weights(row: np.ndarray, k: int) -> list[float]:
-    return [round(int(x) / k, 12) for x in row]
 
 
 def _progress_for(progress: Any, index: int, count: int) -> Any:
