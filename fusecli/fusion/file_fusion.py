@@ -28,7 +28,7 @@ from fusecli.formats import archive, keras2
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
-from fusecli.fusion import flat_h5, writer
+from fusecli.fusion import flat_h5, flat_keras, writer
 from fusecli.fusion.graph import (
     Assembly,
     assemble,
@@ -80,14 +80,17 @@ def fuse_files(
     names = _branch_names(paths)
     for path in paths:
         _check_name(Path(path))
-    if fmt == "h5":
+    if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
         files = [refuse_unsafe(p, trust=trust) for p in paths]
         if all(f.written_by_keras2 for f in files):
-            return _fuse_keras2_to_h5(
-                paths, files, names, output, weights,
-                scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
-                force=force, after_write=after_write,
-            )  # fmt: skip
+            try:
+                return _fuse_keras2_flat(
+                    paths, files, names, output, fmt, weights,
+                    scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
+                    force=force, after_write=after_write,
+                )  # fmt: skip
+            except NotFlat:
+                pass  # into .keras: Keras converts the inputs, as it did before
     # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
     # written file is scanned again, and its tensors compared with theirs, before it is kept).
     # The others go through the door into Keras, which scans and loads a private copy.
@@ -169,11 +172,12 @@ def fuse_files(
     )
 
 
-def _fuse_keras2_to_h5(
+def _fuse_keras2_flat(
     paths: Sequence[str | os.PathLike[str]],
     files: list[ModelFile],
     names: list[str],
     output: Path,
+    fmt: str,
     weights: tuple[float, ...],
     *,
     scale: str,
@@ -184,35 +188,41 @@ def _fuse_keras2_to_h5(
     force: bool,
     after_write: Any,
 ) -> FileFusion:
-    """Keras 2 `.h5` inputs into a `.h5` output, as a file operation: the flat graph of
-    `fusecli.fusion.flat_h5`, which tf-keras and Keras 3 both load; refused in one line
-    where no such file computes the same in both."""
-    if at != "output":
-        raise flat_h5.cannot("--at logits is not supported for .h5 output of Keras 2 files yet")
-    if scale == "lambda":
-        raise flat_h5.cannot("a Lambda scaling layer is stored differently by each Keras")
+    """Keras 2 `.h5` inputs as a file operation: the flat graph of `fusecli.fusion.flat_h5`,
+    written as `.h5` (which tf-keras and Keras 3 both load) or `.keras`. Where there is no
+    such graph: a `.h5` output is refused in one line, a `.keras` one raises `NotFlat` (the
+    caller lets Keras convert the inputs instead)."""
     configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
     try:
+        if at != "output":
+            raise NotFlat("--at logits is not supported for .h5 output of Keras 2 files yet")
+        if scale == "lambda":
+            raise NotFlat("a Lambda scaling layer is stored differently by each Keras")
         for f, name in zip(files, names, strict=True):
             flat_h5.check(f, name)
     except NotFlat as e:
-        raise flat_h5.cannot(str(e)) from None
+        if fmt == "h5":
+            raise flat_h5.cannot(str(e)) from None
+        raise
     branches = [prepare_branch(c, n, at=at) for c, n in zip(configs, names, strict=True)]
     for branch in branches:
         if any(shape is None for shape in branch.output_shapes):
             shapes = _shapes_from_config(branch.given)
             if shapes is None or len(shapes) != len(branch.output_shapes):
-                raise flat_h5.cannot(
-                    f"the output shapes of {branch.name!r} cannot be read from its config"
-                )
+                reason = f"the output shapes of {branch.name!r} cannot be read from its config"
+                raise flat_h5.cannot(reason) if fmt == "h5" else NotFlat(reason)
             branch.output_shapes = shapes
     assembly = assemble(
         branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
     )
     try:
         flat = flat_h5.plan(files, assembly, weights, activation)
+        if fmt == "keras":
+            flat_keras.placements(flat)
     except NotFlat as e:
-        raise flat_h5.cannot(str(e)) from None
+        if fmt == "h5":
+            raise flat_h5.cannot(str(e)) from None
+        raise
     sources = [
         writer.Source(given=Path(p), path=Path(f.path)) for p, f in zip(paths, files, strict=True)
     ]
@@ -227,6 +237,7 @@ def _fuse_keras2_to_h5(
         written, check = call_isolated_write(
             _write_and_prove_flat,
             tmp,
+            fmt,
             flat,
             sources,
             weights,
@@ -250,6 +261,7 @@ def _fuse_keras2_to_h5(
 
 def _write_and_prove_flat(
     tmp: Path,
+    fmt: str,
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
@@ -257,10 +269,12 @@ def _write_and_prove_flat(
     fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the flat `.h5` at `tmp` and prove it (run isolated: see `fuse_files`)."""
+    """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
+    `fuse_files`)."""
     archive.fault = fault
-    written = flat_h5.write(tmp, flat, sources, Pending("fuse", *recipe))
-    return written, flat_h5.prove(tmp, flat, sources, written, weights)
+    module = flat_h5 if fmt == "h5" else flat_keras
+    written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
+    return written, module.prove(tmp, flat, sources, written, weights)
 
 
 def _write_and_prove(
@@ -290,6 +304,15 @@ def _source_bytes(sources: list[writer.Source]) -> int:
             total += path.stat().st_size
     legacy = (values for s in sources for _, values in s.legacy or [])
     return total + sum(values.nbytes for values in legacy)
+
+
+def _looks_keras2(path: Path) -> bool:
+    """An HDF5 file (by its first bytes): worth reading as a Keras 2 `.h5`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False  # the door reports it
 
 
 def _looks_native(path: Path) -> bool:

@@ -122,6 +122,36 @@ def plan(
     return FlatPlan(config, order, sources, [f.config for f in files])
 
 
+def plan_single(model_file: ModelFile) -> FlatPlan:
+    """One Keras 2 model inlined as it is (no head, layer names kept where not nested), for
+    `merge` into another format. Raises `NotFlat`."""
+    flat = flatten(model_file.config, "")
+    both_loaders(flat.layers, model_file.path)
+    check_masks(flat.layers, model_file.path)
+    with open_weights(model_file.path) as root:
+        by_origin = layer_weights(root, model_file.config)
+    name = model_file.config.get("config", {})
+    name = name.get("name", "model") if isinstance(name, dict) else "model"
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": name,
+            "trainable": True,
+            "layers": [layer.spec() for layer in flat.layers],
+            "input_layers": _one_or_list([list(t) for t in flat.inputs]),
+            "output_layers": _one_or_list([list(t) for t in flat.outputs]),
+        },
+    }
+    weights = {
+        layer.name: [(0, path, path.split("/", 1)[1]) for path in by_origin.get(layer.origin, [])]
+        for layer in flat.layers
+    }
+    known = {layer.origin for layer in flat.layers}
+    if any(names and origin not in known for origin, names in by_origin.items()):
+        raise NotFlat("some of its weights belong to no layer of its graph")
+    return FlatPlan(config, layer_order(config), weights, [model_file.config])
+
+
 def _one_or_list(refs: list[list[Any]]) -> list[Any]:
     """One ref for a model of one input (or output), as Keras 2 wrote it: Keras 3 then takes
     and returns a tensor, not a list of one."""

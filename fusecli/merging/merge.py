@@ -11,7 +11,8 @@ read from every model, combined, and written. Peak memory is a few copies of the
 The output takes the first input of its format as a template: its config, metadata and layout
 are copied, its tensors replaced by the merged ones, and training state (optimizer variables,
 compile settings) dropped. A .keras output therefore needs a .keras input, an .h5 output an .h5
-input.
+input; but Keras 2 era `.h5` inputs go into a `.keras` output too, converted as a file
+(`fusecli.merging.keras2_to_keras`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
+from fusecli.merging import keras2_to_keras
 from fusecli.merging.methods import MergePlan, plan_merge
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated, call_isolated_write
@@ -183,6 +185,8 @@ def _template(layouts: list[Layout], fmt: str, output: Path) -> Layout:
     for layout in layouts:
         if layout.format == fmt:
             return layout
+    if fmt == "keras" and (layouts[0].keras_version or "").startswith("2."):
+        return layouts[0]  # converted as a file: see fusecli.merging.keras2_to_keras
     other = ".h5" if fmt == "keras" else ".keras"
     raise FusecliError(
         f"Cannot write a {fmt} file from {other} inputs only: the output copies the config of "
@@ -223,7 +227,9 @@ def _write_and_verify(
     paths = [layout.path for layout in layouts]  # read in place: hashed as they are
     recipe = Pending("merge", paths, paths, _recipe_options(plan, paths, n_models))
     digests = _write(tmp, fmt, template, layouts, plan, progress, recipe)
-    if verify:
+    if verify and template.format != fmt:
+        keras2_to_keras.verify(tmp, template, digests)
+    elif verify:
         _verify(tmp, template, digests)
 
 
@@ -256,6 +262,8 @@ def _write(
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, plan)
+        if template.format != fmt:
+            return keras2_to_keras.write(tmp, template, tensors, progress, recipe)
         with open_weights(template.path) as template_group:
             if fmt == "h5":
                 source = template_group.file

@@ -1,8 +1,10 @@
-"""Keras 2 `.h5` inputs fused into a `.h5` that tf-keras 2.x and Keras 3 both load.
+"""Keras 2 `.h5` inputs fused as files (no Keras): into a `.h5` that tf-keras 2.x and Keras 3
+both load, and into a `.keras` file.
 
 The inputs are written by tf-keras (tests/legacy_fixtures/make_keras2_h5.py, with tf-keras'
-outputs on fixed inputs); the fused file is loaded by Keras 3 here and by tf-keras in a
-subprocess, and both must compute 0.8 A(x) + 0.2 B(x) as tf-keras computed A and B.
+outputs on fixed inputs); a fused `.h5` is loaded by Keras 3 here and by tf-keras in a
+subprocess, a fused `.keras` by Keras 3, and each must compute 0.8 A(x) + 0.2 B(x) as tf-keras
+computed A and B.
 """
 
 from __future__ import annotations
@@ -67,25 +69,29 @@ def tf_keras_outputs(model: Path, xs: list[np.ndarray], tmp: Path) -> list[np.nd
         return [data[f"y{i}"] for i in range(len(data.files))]
 
 
-def both_loaders_compute(keras, fused: Path, xs, wanted, tmp: Path) -> None:
+def loaders_compute(keras, fused: Path, xs, wanted, tmp: Path) -> None:
+    """Keras 3 (and, for a .h5, tf-keras) computes `wanted` from the fused file."""
     got3 = predict(keras.models.load_model(fused, compile=False), xs if len(xs) > 1 else xs[0])
-    got2 = tf_keras_outputs(fused, xs, tmp)
+    got2 = tf_keras_outputs(fused, xs, tmp) if fused.suffix == ".h5" else got3
     assert len(got3) == len(got2) == len(wanted)
     for a, b, y in zip(got3, got2, wanted, strict=True):
         np.testing.assert_allclose(a, y, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b, y, rtol=1e-5, atol=1e-6)
 
 
-def test_two_different_streams(tmp_path, keras, keras2_dir):
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_two_different_streams(tmp_path, keras, keras2_dir, suffix):
     # A GRU stream (reset_after both ways, go_backwards) and an LSTM stream on one input.
     xa, ya = expected(keras2_dir, "gru")
     xb, yb = expected(keras2_dir, "lstm")
     np.testing.assert_array_equal(xa[0], xb[0])
     assert not np.allclose(ya[0], yb[0], atol=1e-3)
-    out = tmp_path / "fused.h5"
+    out = tmp_path / f"fused{suffix}"
     report = fuse_to_file([keras2_dir / "gru.h5", keras2_dir / "lstm.h5"], out, [0.8, 0.2])
     assert report.converted == [] and report.inputs_mode == "shared"
-    both_loaders_compute(keras, out, xa, [0.8 * ya[0] + 0.2 * yb[0]], tmp_path)
+    loaders_compute(keras, out, xa, [0.8 * ya[0] + 0.2 * yb[0]], tmp_path)
+    if suffix == ".keras":
+        return
     with h5py.File(out, "r") as f:
         config = json.loads(f.attrs["model_config"])
         assert f.attrs["keras_version"].startswith("2.")
@@ -112,15 +118,29 @@ SAME = {
 }
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
 @pytest.mark.parametrize("name", sorted(SAME))
-def test_keras2_models_inlined(tmp_path, keras, keras2_dir, name):
+def test_keras2_models_inlined(tmp_path, keras, keras2_dir, name, suffix):
     xs, ys = expected(keras2_dir, name)
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     shutil.copyfile(keras2_dir / f"{name}.h5", a)
     shutil.copyfile(keras2_dir / f"{name}.h5", b)
-    out = tmp_path / "fused.h5"
-    fuse_to_file([a, b], out, [0.8, 0.2])
-    both_loaders_compute(keras, out, xs, ys, tmp_path)
+    out = tmp_path / f"fused{suffix}"
+    assert fuse_to_file([a, b], out, [0.8, 0.2]).converted == []
+    loaders_compute(keras, out, xs, ys, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["hard_sigmoid", "s2s_masked", "rescaled_mask"])
+def test_into_keras_what_has_no_flat_form_is_converted_by_keras(tmp_path, keras, keras2_dir, name):
+    # hard_sigmoid (weights rescaled), RNN initial states, Keras 3-only mask layers: Keras
+    # converts these as it did before the file path existed.
+    xs, ys = expected(keras2_dir, name)
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    shutil.copyfile(keras2_dir / f"{name}.h5", a)
+    shutil.copyfile(keras2_dir / f"{name}.h5", b)
+    out = tmp_path / "fused.keras"
+    assert fuse_to_file([a, b], out, [0.8, 0.2]).converted == [str(a), str(b)]
+    loaders_compute(keras, out, xs, ys, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -141,17 +161,61 @@ def test_what_no_h5_computes_alike_is_refused_in_one_line(tmp_path, keras2_dir, 
     assert not out.exists()
 
 
-def test_no_keras_is_imported(tmp_path, keras2_dir):
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_no_keras_is_imported(tmp_path, keras2_dir, suffix):
     code = (
         "import sys\n"
         "from fusecli.fusion.fuse import fuse_to_file\n"
         "fuse_to_file(sys.argv[1:3], sys.argv[3], [0.8, 0.2])\n"
         "print([m for m in ('keras', 'tensorflow', 'tf_keras') if m in sys.modules])\n"
     )
-    args = [str(keras2_dir / "gru.h5"), str(keras2_dir / "lstm.h5"), str(tmp_path / "f.h5")]
+    args = [str(keras2_dir / "gru.h5"), str(keras2_dir / "lstm.h5"), str(tmp_path / f"f{suffix}")]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- merge -----------------------------------------------------------------------------------
+
+
+def _halved(source: Path, target: Path) -> Path:
+    """A copy of a Keras 2 file with every float weight halved (variances kept positive)."""
+    shutil.copyfile(source, target)
+
+    def halve(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f" and "variance" not in name:
+            obj[...] = obj[...] * 0.5
+
+    with h5py.File(target, "r+") as f:
+        f["model_weights"].visititems(halve)
+    return target
+
+
+@pytest.mark.parametrize("name", ["gru", "multi_io", "masked"])
+def test_merge_keras2_into_keras(tmp_path, keras, keras2_dir, name):
+    # The .keras (converted as a file) computes in Keras 3 what the .h5 (the template's own
+    # config) computes in tf-keras: the same merged weights, each in its layer.
+    from fusecli.merging.merge import merge
+
+    xs, ys = expected(keras2_dir, name)
+    a, b = keras2_dir / f"{name}.h5", _halved(keras2_dir / f"{name}.h5", tmp_path / "b.h5")
+    merge([a, b], tmp_path / "m.keras", [0.5, 0.5])
+    merge([a, b], tmp_path / "m.h5", [0.5, 0.5])
+    got = predict(keras.models.load_model(tmp_path / "m.keras"), xs if len(xs) > 1 else xs[0])
+    reference = tf_keras_outputs(tmp_path / "m.h5", xs, tmp_path)
+    assert not np.allclose(reference[0], ys[0], atol=1e-4)  # the merge changed the model
+    for g, r in zip(got, reference, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_into_keras_refuses_what_has_no_flat_form(tmp_path, keras2_dir):
+    result = run_cli(
+        "merge", keras2_dir / "hard_sigmoid.h5", keras2_dir / "hard_sigmoid.h5", "-o",
+        tmp_path / "m.keras",
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "hard_sigmoid" in result.stderr and "write a .h5 file instead" in result.stderr
+    assert not (tmp_path / "m.keras").exists()
