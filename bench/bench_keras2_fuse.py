@@ -40,6 +40,8 @@ BY_HAND = """
 import sys, tf_keras as k
 a, b, out = sys.argv[1:]
 models = [k.models.load_model(p, compile=False) for p in (a, b)]
+for i, m in enumerate(models):
+    m._name = f"model_{i}"  # two ResNet50 are both named resnet50: Keras refuses that
 shared = models[0].input_shape == models[1].input_shape
 inputs = [k.Input(m.input_shape[1:]) for m in (models[:1] if shared else models)]
 outs = [m(inputs[0] if shared else x) for m, x in zip(models, inputs * (2 if shared else 1))]

@@ -195,9 +195,9 @@ def _halved(source: Path, target: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["gru", "multi_io", "masked"])
-def test_merge_keras2_into_keras(tmp_path, keras, keras2_dir, name):
-    # The .keras (converted as a file) computes in Keras 3 what the .h5 (the template's own
-    # config) computes in tf-keras: the same merged weights, each in its layer.
+def test_merge_keras2_into_both_formats(tmp_path, keras, keras2_dir, name):
+    # The .keras computes in Keras 3 what the .h5 (Keras 2's schema, flat) computes in
+    # tf-keras and in Keras 3: the same merged weights, each in its layer.
     from fusecli.merging.merge import merge
 
     xs, ys = expected(keras2_dir, name)
@@ -208,6 +208,9 @@ def test_merge_keras2_into_keras(tmp_path, keras, keras2_dir, name):
     reference = tf_keras_outputs(tmp_path / "m.h5", xs, tmp_path)
     assert not np.allclose(reference[0], ys[0], atol=1e-4)  # the merge changed the model
     for g, r in zip(got, reference, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    got_h5 = predict(keras.models.load_model(tmp_path / "m.h5"), xs if len(xs) > 1 else xs[0])
+    for g, r in zip(got_h5, reference, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 

@@ -12,7 +12,7 @@ The output takes the first input of its format as a template: its config, metada
 are copied, its tensors replaced by the merged ones, and training state (optimizer variables,
 compile settings) dropped. A .keras output therefore needs a .keras input, an .h5 output an .h5
 input; but Keras 2 era `.h5` inputs go into a `.keras` output too, converted as a file
-(`fusecli.merging.keras2_to_keras`).
+(`fusecli.merging.keras2_convert`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.keras2 import check_keras2_layout
+from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.formats.recipe import Pending, Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import (
@@ -42,7 +43,7 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
-from fusecli.merging import keras2_to_keras
+from fusecli.merging import keras2_convert
 from fusecli.merging.methods import MergePlan, plan_merge
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated, call_isolated_write
@@ -186,7 +187,7 @@ def _template(layouts: list[Layout], fmt: str, output: Path) -> Layout:
         if layout.format == fmt:
             return layout
     if fmt == "keras" and (layouts[0].keras_version or "").startswith("2."):
-        return layouts[0]  # converted as a file: see fusecli.merging.keras2_to_keras
+        return layouts[0]  # converted as a file: see fusecli.merging.keras2_convert
     other = ".h5" if fmt == "keras" else ".keras"
     raise FusecliError(
         f"Cannot write a {fmt} file from {other} inputs only: the output copies the config of "
@@ -228,7 +229,9 @@ def _write_and_verify(
     recipe = Pending("merge", paths, paths, _recipe_options(plan, paths, n_models))
     digests = _write(tmp, fmt, template, layouts, plan, progress, recipe)
     if verify and template.format != fmt:
-        keras2_to_keras.verify(tmp, template, digests)
+        keras2_convert.verify(tmp, template, digests)
+    elif verify and _flat_h5(template, fmt):
+        keras2_convert.verify_h5(tmp, template, digests)
     elif verify:
         _verify(tmp, template, digests)
 
@@ -241,6 +244,17 @@ def _recipe_options(plan: MergePlan, paths: list[Path], n_models: int) -> dict[s
         "base": paths[n_models].name if plan.needs_base else None,
         "seed": None,
     }
+
+
+def _flat_h5(template: Layout, fmt: str) -> bool:
+    """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
+    if fmt != "h5" or not (template.keras_version or "").startswith("2."):
+        return False
+    try:
+        keras2_convert.places(template, "h5")
+    except NotFlat:
+        return False
+    return True
 
 
 def _size(path: Path) -> int:
@@ -263,7 +277,9 @@ def _write(
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, plan)
         if template.format != fmt:
-            return keras2_to_keras.write(tmp, template, tensors, progress, recipe)
+            return keras2_convert.write(tmp, template, tensors, progress, recipe)
+        if _flat_h5(template, fmt):
+            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe)
         with open_weights(template.path) as template_group:
             if fmt == "h5":
                 source = template_group.file
