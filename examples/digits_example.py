@@ -131,10 +131,11 @@ def main() -> None:
     # Tuning, two ways that must agree: on saved score arrays, and on the models themselves
     # (which also writes the fused model with the best weights).
     sh("fusecli predict cnn.keras val.npz -o cnn_val.npy --force", workdir)
-    sh("fusecli tune mlp_val.npy cnn_val.npy --labels y_val.npy --top 5", workdir)
+    sh("fusecli tune mlp_val.npy cnn_val.npy --labels y_val.npy --method grid --top 5", workdir)
     tuned = json.loads(
         sh(
-            "fusecli tune mlp.keras cnn.keras --data val.npz --top 3 -o fused.keras --force --json",
+            "fusecli tune mlp.keras cnn.keras --data val.npz --method grid --top 3 -o fused.keras "
+            "--force --json",
             workdir,
         )
     )
@@ -144,7 +145,7 @@ def main() -> None:
     # tuned for it. Both need a fusecli with `fuse --at logits`.
     names = ["mlp", "cnn", "fused"]
     logits_tuned = sh(
-        "fusecli tune mlp.keras cnn.keras --data val.npz --at logits --top 3 "
+        "fusecli tune mlp.keras cnn.keras --data val.npz --method grid --at logits --top 3 "
         "-o logits_tuned.keras --force --json",
         workdir,
         optional=True,

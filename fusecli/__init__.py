@@ -31,6 +31,10 @@ _LAZY = {
     "predict_array": "fusecli.scores.prediction",
     "tune": "fusecli.scores.tuning",
     "tune_scores": "fusecli.scores.tuning",
+    "apply_recipe": "fusecli.scores.recipe",
+    "load_recipe": "fusecli.scores.recipe",
+    "vote_scores": "fusecli.scores.recipe",
+    "fuse_recipe_file": "fusecli.fusion.recipe_head",
 }
 
 __all__ = [

@@ -35,3 +35,24 @@ class UnsafeModelError(ModelFileError):
 
 class VerificationError(FusecliError):
     """A written file does not compute what it should; it has been deleted."""
+
+
+def known_cause(e: BaseException) -> str | None:
+    """What a Keras failure while loading means, for the failures whose own message does not
+    say (Python's "bad marshal data" from a Lambda's bytecode); None for the others."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause)
+        if "bad marshal data" in text:
+            import sys
+
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            return (
+                "a Lambda layer's Python bytecode was written by another Python version and "
+                f"cannot be loaded by this one (Python {version}); load the file with the Python "
+                "version that saved it, or rebuild the model in code and save it without the Lambda"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None

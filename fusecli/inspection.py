@@ -16,7 +16,8 @@ from typing import Any
 
 import h5py
 
-from fusecli.config.shapes import MODEL_CLASSES, Spec, model_inputs, model_outputs
+from fusecli.config import walker
+from fusecli.config.shapes import Spec, model_inputs, model_outputs
 from fusecli.errors import ModelFileError
 from fusecli.formats.modelfile import (
     MODEL_SUFFIXES,
@@ -175,24 +176,9 @@ def _describe_config(model_file: ModelFile) -> dict[str, Any]:
 def _count_layers(model: dict[str, Any]) -> Counter[str]:
     """Every layer at every depth, by class; a nested model counts itself and its layers,
     a wrapper (TimeDistributed, Bidirectional...) itself and the layer it wraps."""
-    counts: Counter[str] = Counter()
-    pending = list(_layers(model))
-    while pending:
-        layer = pending.pop()
-        counts[_str(layer.get("class_name")) or "?"] += 1
-        pending.extend(_layers(layer))
-        wrapped = _dict(_dict(layer.get("config")).get("layer"))
-        if _str(wrapped.get("class_name")):
-            pending.append(wrapped)
-    return counts
-
-
-def _layers(model: dict[str, Any]) -> list[dict[str, Any]]:
-    if _str(model.get("class_name")) not in MODEL_CLASSES:
-        return []
-    config = model.get("config")
-    layers = config.get("layers") if isinstance(config, dict) else config  # Keras 1: a list
-    return [x for x in layers if isinstance(x, dict)] if isinstance(layers, list) else []
+    return Counter(
+        _str(layer.get("class_name")) or "?" for _, layer in walker.walk(model, wrapped=True)
+    )
 
 
 def _tensor(name: str, spec: Spec) -> dict[str, Any]:

@@ -5,7 +5,10 @@ temporary file left behind, also when the process is interrupted (SIGINT) or ter
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -14,6 +17,24 @@ from pathlib import Path
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.formats.modelfile import MODEL_FORMATS
 from fusecli.termination import cleanup_on_termination
+
+# Every temporary name fusecli makes starts so, then its process id: what a run killed by
+# SIGKILL (no cleanup can run) leaves behind, the next run removes (`sweep_stale`).
+TEMP_PREFIX = ".fusecli-"
+_STALE = re.compile(r"\.?fusecli-(\d+)-")
+# Why a write fails that is no bug of ours: the disk, the folder, the limits.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EFBIG: "File too large",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+    errno.EPERM: "Operation not permitted",
+    errno.EIO: "Input/output error",
+    errno.ELOOP: "Too many levels of symbolic links",
+}
+# Libraries that report them in text (HDF5: "errno = 28"; TensorFlow: the strerror).
+_ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
 
 
 def model_format(path: str | os.PathLike[str]) -> str:
@@ -46,8 +67,9 @@ def check_output_path(
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, source):
                     raise FusecliError(f"{path}: is one of the input files; choose another output")
-        if not force:
-            raise FusecliError(f"{path}: already exists (use --force to replace it)")
+    _refuse_link(path)
+    if path.exists() and not force:
+        raise FusecliError(f"{path}: already exists (use --force to replace it)")
     return path
 
 
@@ -62,16 +84,140 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path
     path = Path(path)
     # Keras picks a format by a lower-case extension only (OUT.KERAS is "not supported").
     suffix = path.suffix.lower()
-    with cleanup_on_termination():
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    with cleanup_on_termination(), writing(path):
+        sweep_stale(path.parent)
+        sweep_stale(Path(tempfile.gettempdir()))
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=suffix)
         tmp = Path(tmp_name)
         try:
             os.close(fd)
-            yield tmp
+            with _disk_checked(tmp):
+                yield tmp
+            _refuse_link(path)
             _move_into_place(tmp, path, force=force)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def temp_prefix(path: Path) -> str:
+    """The start of a temporary name beside `path`: `.fusecli-<pid>-<name>.`."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{path.stem}."
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A write that fails for a reason of the disk or the folder (full, too large for the
+    file size limit, read-only, not permitted) becomes one `FusecliError` naming `path` and the
+    OS's reason, wherever in the block (Keras' save, h5py, TensorFlow) it was raised."""
+    try:
+        yield
+    except Exception as e:
+        reason = _write_failure(e, Path(path))
+        if reason is None:
+            raise
+        raise FusecliError(f"{path}: cannot be written ({reason})") from None
+
+
+@contextlib.contextmanager
+def _disk_checked(tmp: Path) -> Iterator[None]:
+    """A writer that fails on a full disk without saying so (HDF5 may crash once a write has
+    failed, in the child process that writes) still failed for the disk: told by looking."""
+    try:
+        yield
+    except Exception as e:
+        refused = _disk_refused(tmp)
+        if refused is None:
+            raise
+        raise OSError(refused, os.strerror(refused)) from e
+
+
+# A file this close to the size limit, or a folder with this little room, was stopped by it.
+_NEAR_LIMIT = 1 << 20
+
+
+def _disk_refused(tmp: Path) -> int | None:
+    """EFBIG if `tmp` (a file, or a folder's files) reached the process's file size limit,
+    ENOSPC if its file system is (nearly) full, else None."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError):
+            files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]
+            if any(f.stat().st_size + _NEAR_LIMIT >= soft for f in files):
+                return errno.EFBIG
+    with contextlib.suppress(OSError):
+        room = os.statvfs(tmp.parent)
+        if room.f_bavail * room.f_frsize < _NEAR_LIMIT:
+            return errno.ENOSPC
+    return None
+
+
+def _write_failure(error: BaseException, path: Path) -> str | None:
+    """The OS's reason, if `error` (or what caused it) is a write into `path`'s folder that the
+    disk or the folder refused. A `FusecliError`'s own text is ours (it may quote an input's
+    failure), so only what caused it is looked at."""
+    folder = os.path.abspath(path.parent)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _WRITE_ERRNOS:
+            name = current.filename
+            if name is None or os.path.abspath(os.fsdecode(name)).startswith(folder):
+                return current.strerror or _WRITE_ERRNOS[current.errno]
+        elif not isinstance(current, FusecliError):
+            text = str(current)
+            match = _ERRNO_IN_TEXT.search(text)
+            if match and int(match.group(1)) in _WRITE_ERRNOS:
+                return _WRITE_ERRNOS[int(match.group(1))]
+            for reason in _WRITE_ERRNOS.values():
+                if reason in text:
+                    return reason
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove what a fusecli process killed by SIGKILL left in `folder` (temporary outputs,
+    scratch folders, private copies): entries named `[.]fusecli-<pid>-...`, owned by this user,
+    whose process no longer runs. A run that cannot remove one leaves it."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: alive
+    return True
+
+
+def _refuse_link(path: Path) -> None:
+    """An output that is a symbolic link is refused: writing through it would put the result
+    somewhere the command line does not name, and replacing it would drop the link."""
+    if path.is_symlink():
+        raise FusecliError(
+            f"{path}: is a symbolic link (to {os.readlink(path)!r}); fusecli does not write "
+            "through links: remove it or choose another output"
+        )
 
 
 def _move_into_place(tmp: Path, path: Path, *, force: bool) -> None:
@@ -100,6 +246,7 @@ def check_output_dir(
 ) -> Path:
     """`check_output_path` for an output that is a directory (a SavedModel)."""
     path = Path(path)
+    _refuse_link(path)
     if not path.parent.is_dir():
         raise FusecliError(f"{path}: the folder {str(path.parent)!r} does not exist")
     if path.exists() and not path.is_dir():
@@ -119,10 +266,14 @@ def atomic_output_dir(path: str | os.PathLike[str], *, force: bool) -> Iterator[
     """`atomic_output` for a directory: yield an empty temporary directory beside `path`; move it
     into place only if the block succeeds (with `force`, the old directory is removed after)."""
     path = Path(path)
-    with cleanup_on_termination():
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    with cleanup_on_termination(), writing(path):
+        sweep_stale(path.parent)
+        sweep_stale(Path(tempfile.gettempdir()))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path)))
         try:
-            yield tmp
+            with _disk_checked(tmp):
+                yield tmp
+            _refuse_link(path)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
@@ -137,8 +288,12 @@ def _move_dir(tmp: Path, path: Path, *, force: bool) -> None:
         return
     if not force:
         raise FusecliError(f"{path}: already exists (use --force to replace it)")
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-    os.replace(path, old)
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{temp_prefix(path)}old."))
+    try:
+        os.replace(path, old)
+    except OSError:
+        old.rmdir()
+        raise
     try:
         os.rename(tmp, path)
     except OSError:

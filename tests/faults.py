@@ -1,7 +1,7 @@
 """Writer faults, defined at module level: the tensors are written in a child process (of the
-helper, once Keras is imported), which gets these by name. The first ones go in
-`fusecli.formats.archive.fault`; the last ones stand in for
-`fusecli.fusion.file_fusion._write_and_prove`."""
+helper, once Keras is imported), which gets these by name. Each stands in for
+`fusecli.fusion.file_fusion._write_and_prove` (what the child runs), and runs the real one with
+one of the writer's real functions replaced, in the process that writes."""
 
 from __future__ import annotations
 
@@ -14,44 +14,68 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fusecli.formats import archive
 from fusecli.fusion import file_fusion as files
 from fusecli.fusion import writer
 
+_REAL_WRITE_AND_PROVE = files._write_and_prove
+
 
 @dataclass
-class FlipOneBit:
-    """One bit of one byte of the first tensor whose path ends in `suffix`."""
+class _DamageOneTensor:
+    """The first tensor written whose path in the output ends in `suffix` is damaged as it is
+    written: by `archive.write_tensor` (tensors Keras loaded, .h5 outputs) or `archive.copy_group`
+    (tensors copied from a file)."""
 
     suffix: str
-    hits: int = 0
 
-    def __call__(self, name: str, values: np.ndarray) -> np.ndarray:
-        if self.hits or not name.endswith(self.suffix):
-            return values
-        self.hits += 1
+    def damage(self, values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, *args: Any) -> Any:
+        hits = []
+        real_write, real_copy = archive.write_tensor, archive.copy_group
+
+        def damaged(name: str, values: np.ndarray) -> np.ndarray:
+            if hits or not name.endswith(self.suffix):
+                return values
+            hits.append(name)
+            return self.damage(values)
+
+        def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
+            return real_write(target, name, damaged(f"{target.name}/{name}", values))
+
+        def copy_group(source: h5py.Group, target: h5py.Group, skip: Any = ()) -> list[str]:
+            names = real_copy(source, target, skip)
+            for name in names:
+                dataset = target[name]
+                values = np.asarray(dataset[()])
+                changed = damaged(dataset.name, values)
+                if changed is not values:
+                    dataset[()] = changed
+            return names
+
+        with (
+            _replaced(archive, "write_tensor", write_tensor),
+            _replaced(archive, "copy_group", copy_group),
+        ):
+            return _REAL_WRITE_AND_PROVE(*args)
+
+
+class FlipOneBit(_DamageOneTensor):
+    """One bit of one byte of the first tensor whose path ends in `suffix`."""
+
+    def damage(self, values: np.ndarray) -> np.ndarray:
         damaged = values.copy()
         damaged.reshape(-1).view(np.uint8)[3] ^= 0x01
         return damaged
 
 
-@dataclass
-class AddOne:
+class AddOne(_DamageOneTensor):
     """+1 on the first tensor whose path ends in `suffix`."""
 
-    suffix: str
-    hits: int = 0
-
-    def __call__(self, name: str, values: np.ndarray) -> np.ndarray:
-        if self.hits or not name.endswith(self.suffix):
-            return values
-        self.hits += 1
+    def damage(self, values: np.ndarray) -> np.ndarray:
         return values + 1
-
-
-# Faults in the writer itself, for `fusecli.fusion.file_fusion._write_and_prove` (what the child
-# runs):
-# each runs the real one with one writer function replaced, in the process that writes.
-_REAL_WRITE_AND_PROVE = files._write_and_prove
 
 
 def swap_alike_branches(*args: Any) -> Any:
@@ -64,7 +88,7 @@ def swap_alike_branches(*args: Any) -> Any:
         keys[first], keys[second] = keys[second], keys[first]
         return keys
 
-    with _replaced("keras_keys", swapped):
+    with _replaced(writer, "keras_keys", swapped):
         return _REAL_WRITE_AND_PROVE(*args)
 
 
@@ -79,7 +103,7 @@ def list_h5_branches_reversed(*args: Any) -> Any:
             group.attrs["layer_names"] = group.attrs["layer_names"][::-1]
         return written
 
-    with _replaced("write_h5", reversed_list):
+    with _replaced(writer, "write_h5", reversed_list):
         return _REAL_WRITE_AND_PROVE(*args)
 
 
@@ -96,10 +120,10 @@ class ReplaceBeforeWriting:
 
 
 @contextlib.contextmanager
-def _replaced(name: str, replacement: Any) -> Iterator[None]:
-    right = getattr(writer, name)
-    setattr(writer, name, replacement)
+def _replaced(module: Any, name: str, replacement: Any) -> Iterator[None]:
+    right = getattr(module, name)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        setattr(writer, name, right)
+        setattr(module, name, right)

@@ -212,7 +212,7 @@ def test_subprocess_fuse_is_quiet_and_correct(tmp_path, keras, model_files, x4):
     assert result.stdout == f"{out}\n"
     # Only fusecli's own lines: no absl/oneDNN/CUDA/Keras chatter.
     lines = result.stderr.splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["Inputs:", "Wrote"], result.stderr
+    assert [line.split(" ")[0] for line in lines] == ["Inputs:", "Wrote", "f.keras"], result.stderr
     np.testing.assert_allclose(
         predict(keras.models.load_model(out), x4)[0],
         _expected(keras, [model_files["a_h5"], model_files["b_h5"]], [0.8, 0.2], x4),

@@ -177,7 +177,7 @@ def _bad_files(tmp_path):
     np.save(tmp_path / "nan.npy", nan)
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}] * 103, dtype=object), allow_pickle=True)
     np.save(tmp_path / "str.npy", np.array(["x"] * 103))
-    np.savez(tmp_path / "arch.npz", a=np.zeros(3))
+    np.savez(tmp_path / "arch.npz", a=np.zeros(3), b=np.zeros(3))
     (tmp_path / "trunc.npy").write_bytes(npy_bytes(np.zeros((103, 7), np.float32))[:500])
     (tmp_path / "junk.npy").write_bytes(b"hello world, not numpy")
     (tmp_path / "empty.npy").write_bytes(b"")
@@ -213,7 +213,7 @@ def _write_header_only(path, descr, shape, data: bytes) -> None:
         (
             ["arch.npz"],
             {},
-            "{d}/arch.npz: is a .npz archive, not a .npy array; save each score array with np.save",
+            "{d}/arch.npz: holds 2 arrays (a, b); name the one to read as {d}/arch.npz:NAME",
         ),
         (
             ["trunc.npy"],

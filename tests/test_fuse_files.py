@@ -18,7 +18,6 @@ from faults import AddOne, FlipOneBit
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, VerificationError
-from fusecli.formats import archive
 from fusecli.fusion import file_fusion as fusion_files
 from fusecli.fusion.fuse import fuse_to_file
 
@@ -229,7 +228,7 @@ def test_a_writer_fault_in_one_byte_is_caught_and_leaves_no_file(
     tmp_path, model_files, monkeypatch
 ):
     # One bit of one byte of one tensor; the fault travels to the process that writes.
-    monkeypatch.setattr(archive, "fault", FlipOneBit("vars/0"))
+    monkeypatch.setattr(fusion_files, "_write_and_prove", FlipOneBit("vars/0"))
     out = tmp_path / "f.keras"
     with pytest.raises(VerificationError, match="differs from its source") as info:
         fuse_to_file([model_files["a"], model_files["b"]], out, [0.8, 0.2])
@@ -275,7 +274,7 @@ def test_an_input_replaced_while_fusing_leaves_no_file(tmp_path, model_files, mo
 
 def test_the_cli_reports_a_caught_fault_in_one_line(tmp_path, model_files, monkeypatch):
     # In a .h5 output too (its writer writes tensors Keras loaded): one tensor off by one.
-    monkeypatch.setattr(archive, "fault", AddOne("bias"))
+    monkeypatch.setattr(fusion_files, "_write_and_prove", AddOne("bias"))
     out = tmp_path / "f.h5"
     result = CliRunner().invoke(
         cli, ["fuse", str(model_files["a"]), str(model_files["b"]), "-o", str(out)]

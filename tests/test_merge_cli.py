@@ -34,10 +34,16 @@ def test_average_of_three(runner, tmp_path, keras, model_files):
     result = _merge(runner, *files, "-o", out)
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
-    assert result.stderr == (
+    # a, b and c were initialised independently: they merge, with a warning for each
+    *warnings, wrote = result.stderr.splitlines()
+    assert wrote == (
         f"Wrote {out} (linear, weights 0.333333, 0.333333, 0.333333; 4 tensors merged; "
-        "67 parameters; read back and checked).\n"
+        "67 parameters; read back and checked)."
     )
+    assert [w.split(" does not look")[0] for w in warnings] == [
+        "Warning: b.keras",
+        "Warning: c.keras",
+    ]
     sources = [_weights(keras, f) for f in files]
     for got, *xs in zip(_weights(keras, out), *sources, strict=True):
         np.testing.assert_allclose(got, sum(xs) / 3, rtol=1e-6, atol=1e-7)
@@ -48,8 +54,16 @@ def test_weights_json_and_mixed_formats(runner, tmp_path, keras, model_files):
     out = tmp_path / "m.h5"
     result = _merge(runner, a, b, "--w", "0.7", "0.3", "--no-normalize", "-o", out, "--json", "-q")
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
+    assert result.stderr.startswith("Warning: b.keras does not look like a relative of a_h5.h5")
     report = json.loads(result.stdout)
+    relatedness = report.pop("relatedness")
+    assert relatedness["reference"] == "a_h5.h5"
+    assert relatedness["models"][0]["model"] == "b.keras"
+    assert relatedness["kernels"] == 2
+    assert report.pop("warnings") == [result.stderr.removeprefix("Warning: ").rstrip("\n")]
+    per_tensor = report.pop("per_tensor")
+    assert [t["weights"] for t in per_tensor] == [[0.7, 0.3]] * 4
+    assert report.pop("settings") == {"weights": [0.7, 0.3], "normalize": False}
     assert report == {
         "output": str(out),
         "format": "h5",
@@ -65,6 +79,8 @@ def test_weights_json_and_mixed_formats(runner, tmp_path, keras, model_files):
         "parameters": 67,
         "bytes": 268,
         "verified": True,
+        "seed": None,
+        "dtype": None,
     }
     for got, x, y in zip(_weights(keras, out), _weights(keras, a), _weights(keras, b), strict=True):
         np.testing.assert_allclose(got, 0.7 * x + 0.3 * y, rtol=1e-6, atol=1e-7)
@@ -77,14 +93,14 @@ def test_weights_json_and_mixed_formats(runner, tmp_path, keras, model_files):
             ["{c}", "--method", "slerp", "--t", "0.5"],
             "slerp merges exactly two models. Received: 3 models",
         ),
-        (["--method", "slerp"], "slerp needs the interpolation factor --t (0 <= t <= 1)"),
+        (["--method", "slerp"], "slerp needs --t (in [0, 1])"),
         (
             ["--method", "task-arithmetic"],
-            "task-arithmetic needs the model the others were tuned from: --base",
+            "task-arithmetic needs the model the others were fine-tuned from: --base",
         ),
         (
             ["--w", "1", "2", "3"],
-            "Expected one weight per model (2 models). Received: weights=(1.0, 2.0, 3.0)",
+            "Expected one weight per model (2 models). Received: weights=1,2,3",
         ),
     ],
 )
@@ -140,8 +156,8 @@ def test_subprocess_slerp_json(tmp_path, keras, model_files):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["t"] == 0.25
-    assert proc.stderr == (
-        f"Wrote {out} (slerp, t=0.25; 4 tensors merged; 67 parameters; read back and checked).\n"
+    assert proc.stderr.endswith(
+        f"\nWrote {out} (slerp, t=0.25; 4 tensors merged; 67 parameters; read back and checked).\n"
     )
     assert len(_weights(keras, out)) == 4
 

@@ -168,12 +168,15 @@ def test_nan_output_is_one_clean_error_and_writes_nothing(tmp_path, keras, x_dat
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_model_with_two_outputs_is_refused(tmp_path, keras, x_data):
+def test_model_with_two_outputs_is_refused_in_memory(tmp_path, keras, x_data):
     x = keras.Input((4,))
     model = keras.Model(x, [keras.layers.Dense(2)(x), keras.layers.Dense(3)(x)])
     np.savez(tmp_path / "d.npz", x=x_data)
-    with pytest.raises(FusecliError, match=r"has 2 outputs; predict writes one score array"):
-        predict_array(model, tmp_path / "d.npz")
+    with pytest.raises(FusecliError, match=r"has 2 outputs; tuning fuses one score array"):
+        predict_array(model, tmp_path / "d.npz")  # tune's: one score per model
+    with pytest.raises(InvalidRequest, match=r"write them to a \.npz file"):
+        predict_to_file(model, tmp_path / "d.npz", tmp_path / "s.npy")
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_cli_file_json_and_stdout(tmp_path, model_files, x_data, expected_a):

@@ -82,9 +82,10 @@ def test_merge_records_method_and_parameters(tmp_path, model_files, keras, suffi
         "sources": [{"file": a.name, "sha256": sha256(a)}, {"file": b.name, "sha256": sha256(b)}],
         "options": {
             "method": "linear",
-            "parameters": {"weights": [0.7, 0.3], "t": None, "normalize": True},
+            "parameters": {"weights": [0.7, 0.3], "normalize": True},
             "base": None,
             "seed": None,
+            "dtype": None,
         },
     }
     outputs(keras, out)  # loads

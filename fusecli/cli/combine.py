@@ -79,7 +79,8 @@ def combine_command(
 ) -> None:
     """Combine score arrays: out = w1*A + w2*B + ...
 
-    INPUTS are .npy arrays of the same shape (rows first); one of them may be - (stdin). They are
+    INPUTS are .npy arrays of the same shape (rows first), or arrays of a .npz named as
+    scores.npz:NAME (a .npz holding one array: its name); one of them may be - (stdin). They are
     read in chunks, so arrays larger than memory work. The result is float32 (float64 if an
     input is). Prints the output path (or, with --json, a JSON report) on stdout, unless -o -
     streams the scores there.

@@ -118,8 +118,9 @@ def join_weight_values(args: list[str]) -> list[str]:
 
 
 def _is_number_list(token: str) -> bool:
+    """Numbers, comma-separated; `merge` also takes a gradient's points joined by ':'."""
     try:
-        parse_weights(token)
+        parse_weights(token.replace(":", " "))
     except InvalidRequest:
         return False
     return True

@@ -15,7 +15,14 @@ from fusecli.cli.common import (
     weights_option,
 )
 from fusecli.errors import InvalidRequest
-from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
+from fusecli.fusion.loaders import loaded_by
+from fusecli.fusion.options import (
+    ACTIVATIONS,
+    FUSE_AT,
+    INPUT_MODES,
+    SCALE_MODES,
+    default_output,
+)
 
 
 @click.command(
@@ -28,10 +35,10 @@ from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODE
 @click.option(
     "-o",
     "--output",
-    default="fused.keras",
-    show_default=True,
+    default=None,
     type=click.Path(dir_okay=False),
-    help="Where to write the fused model; .keras or .h5 picks the format.",
+    help="Where to write the fused model; .keras or .h5 picks the format. [default: fused.h5 "
+    "when every model is a .h5 file, else fused.keras]",
 )
 @click.option(
     "--inputs",
@@ -85,7 +92,7 @@ def fuse_command(
     models: tuple[str, ...],
     weights: tuple[float, ...] | None,
     normalize: bool,
-    output: str,
+    output: str | None,
     inputs_mode: str,
     scale: str,
     at: str,
@@ -105,6 +112,7 @@ def fuse_command(
 
     \b
     Examples:
+      fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2                  # writes fused.h5
       fusecli fuse rgb.h5 pose.h5 --w 0.8 0.2 -o fused.keras
       fusecli fuse a.keras b.keras c.keras -o three.h5 --json
       fusecli fuse rgb.keras flow.keras --w 1 1.5 --at logits    # softmax(z_rgb + 1.5 z_flow)
@@ -113,6 +121,7 @@ def fuse_command(
 
     if trust:
         say("Warning: --trust: model files may run code while they load.")
+    output = output or default_output(list(models))
     if recipe is not None:
         from fusecli.fusion.recipe_head import fuse_recipe_file
 
@@ -156,6 +165,7 @@ def fuse_command(
         checked.append("not verified")
     details = "; ".join([weights_text, f"{report.params:,} parameters", *checked])
     say(f"Wrote {report.output} ({details}).")
+    say(loaded_by(report.output, report.format, scale))
     if report.verify is not None and report.verify["result"] == "inconclusive":
         say(f"Warning: the numeric check is inconclusive: {report.verify['reason']}.")
 

@@ -35,7 +35,8 @@ from fusecli.scores.options import AT_CHOICES
     "--output",
     required=True,
     type=click.Path(dir_okay=False, allow_dash=True),
-    help="Where to write the scores: a .npy file, or - for stdout.",
+    help="Where to write the scores: a .npy file, a .npz file (one array per model output, "
+    "named after the outputs; needed for a model with several), or - for stdout.",
 )
 @click.option(
     "--key",
@@ -65,7 +66,8 @@ def predict_command(
     trust: bool,
     as_json: bool,
 ) -> None:
-    """Run MODEL over DATA and write its output scores, (rows, ...), as a .npy array.
+    """Run MODEL over DATA and write its output scores, (rows, ...), as a .npy array (a .npz
+    with one array per output for a model with several outputs).
 
     DATA is a .npy, .npz or .h5 file. A .npz/.h5 feeds its array x (or --key); a model with
     several inputs takes the arrays named after its inputs, or x0, x1, ... in input order.
@@ -75,6 +77,7 @@ def predict_command(
     \b
     Examples:
       fusecli predict rgb.keras val.npz -o rgb_scores.npy
+      fusecli predict two_heads.keras val.npz -o scores.npz   # scores.npz:NAME per output
       fusecli predict rgb.keras val.npz -o - | fusecli combine - pose.npy -o fused.npy
     """
     from fusecli.scores.prediction import predict_to_file
@@ -99,7 +102,11 @@ def predict_command(
         )
     where = "stdout" if output == "-" else report.output
     what = "logits" if at == "logits" else "scores"
-    say(f"Wrote {where} ({what} of shape {tuple(report.shape)}, {report.dtype}).")
+    if report.arrays:
+        arrays = ", ".join(f"{n} {tuple(shape)}" for n, shape in report.arrays.items())
+        say(f"Wrote {where} ({what}, one array per output: {arrays}).")
+    else:
+        say(f"Wrote {where} ({what} of shape {tuple(report.shape)}, {report.dtype}).")
     if as_json:
         print_json(report.as_dict())
     elif output != "-":

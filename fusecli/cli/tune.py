@@ -162,12 +162,12 @@ def tune_command(
     """Choose how to fuse models, on validation data, and say how sure the choice is.
 
     INPUTS are two or more model files (.keras/.h5, run once each on --data) or score arrays
-    (.npy, with --labels; memory-mapped). --method auto (the default) scores grid (few models),
-    greedy, optimize and stack by k-fold cross-validation within a time budget and keeps the
-    best; it says what it chose and why. The choice's validation score and cross-validated
-    estimate are reported beside each model alone, the uniform average and the hard vote, and
-    differences within the noise are said to be. Prints a table on stdout (or, with --json, one
-    JSON document); messages go to stderr.
+    (.npy, memory-mapped, or scores.npz:NAME; with --labels). --method auto (the default) scores
+    grid (few models), greedy, optimize and stack by k-fold cross-validation within a time
+    budget and keeps the best; it says what it chose and why. The choice's validation score and
+    cross-validated estimate are reported beside each model alone, the uniform average and the
+    hard vote, and differences within the noise are said to be. Prints a table on stdout (or,
+    with --json, one JSON document); messages go to stderr.
 
     \b
     Examples:

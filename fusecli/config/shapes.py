@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
+
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES
 
 UNKNOWN = "?"  # a dimension the config does not determine
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
-
-MODEL_CLASSES = {"Functional", "Model", "Sequential"}
 
 # Layers whose output has the shape of their (first) input.
 _SAME_SHAPE = {
@@ -111,8 +112,8 @@ class OutputShapes:
         specs = self._run(model, [])
         names = [ref[0] for ref in _refs(_dict(model.get("config")).get("output_layers"))]
         if _str(model.get("class_name")) == "Sequential":
-            layers = _layers(model)
-            names = [_layer_name(layers[-1])] if layers else []
+            layers = walker.layers(model)
+            names = [walker.name(layers[-1])] if layers else []
         if len(names) != len(specs):
             specs = [_NOTHING] * len(names)
         self.outputs = list(zip(names, specs, strict=True))
@@ -171,7 +172,7 @@ class OutputShapes:
         return layer_outputs(class_name, config, inputs, call_kwargs)
 
     def _sequential(self, model: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
-        layers = _layers(model)
+        layers = walker.layers(model)
         declared = _declared_inputs(model)
         spec = _prefer(inputs[0] if inputs else _NOTHING, declared[0][1] if declared else _NOTHING)
         outputs = [spec]
@@ -185,7 +186,7 @@ class OutputShapes:
 
     def _functional(self, model: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
         config = _dict(model.get("config"))
-        layers = _layers(model)
+        layers = walker.layers(model)
         offsets = _node_offsets(layers, config)
         declared = dict(_declared_inputs(model))
         given = dict(zip((r[0] for r in _refs(config.get("input_layers"))), inputs, strict=False))
@@ -201,7 +202,7 @@ class OutputShapes:
             return _NOTHING
 
         for layer in layers:
-            name = _layer_name(layer)
+            name = walker.name(layer)
             if _is_input(layer):
                 own = declared.get(name, _input_spec(_dict(layer.get("config"))))
                 computed[name] = [[_prefer(given.get(name, _NOTHING), own)]]
@@ -212,7 +213,7 @@ class OutputShapes:
                 node_inputs = [
                     _prefer(resolve(ref), recorded) for ref, recorded in _node_inputs(node)
                 ]
-                calls.append((yield layer, node_inputs, _node_kwargs(node)))
+                calls.append((yield layer, node_inputs, walker.call_kwargs(node)))
         return [resolve(ref) for ref in _refs(config.get("output_layers"))]
 
     def _time_distributed(self, config: dict[str, Any], inputs: list[Spec]) -> _Evaluation:
@@ -380,6 +381,27 @@ def _same(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
 def _dense(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
     x = shapes[0]
     return [(*x[:-1], _int(config["units"]))]
+
+
+def _category_encoding(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
+    """Keras' `CategoryEncoding.compute_output_shape`: one slot per token."""
+    x, tokens = shapes[0], _int(config["num_tokens"])
+    if len(x) <= 1:
+        return [(*x, tokens)]
+    if config.get("output_mode") == "one_hot" and x[-1] != 1:
+        return [(*x, tokens)]
+    return [(*x[:-1], tokens)]
+
+
+def _resizing(config: dict[str, Any], shapes: list[Shape]) -> list[Shape] | None:
+    """Resizing, CenterCrop: images of `height` x `width`, channels kept."""
+    x = shapes[0]
+    if len(x) != 4:
+        return None
+    size = (_int(config["height"]), _int(config["width"]))
+    if config.get("data_format") == "channels_first":
+        return [(x[0], x[1], *size)]
+    return [(x[0], *size, x[3])]
 
 
 def _embedding(config: dict[str, Any], shapes: list[Shape]) -> list[Shape]:
@@ -634,6 +656,9 @@ _RULES: dict[str, _Rule] = {
     **{name: _recurrent(name) for name in _RNN},
     "Dense": _dense,
     "Embedding": _embedding,
+    "CategoryEncoding": _category_encoding,
+    "Resizing": _resizing,
+    "CenterCrop": _resizing,
     "Concatenate": _concatenate,
     "Dot": _dot,
     "Flatten": _flatten,
@@ -705,7 +730,7 @@ def _deconv_length(
 
 def _declared_inputs(model: dict[str, Any]) -> list[tuple[str, Spec]]:
     """Inputs as the model declares them (its InputLayers, or its first layer's input shape)."""
-    layers = _layers(model)
+    layers = walker.layers(model)
     if _str(model.get("class_name")) == "Sequential":
         first = _dict(layers[0].get("config")) if layers else {}
         spec = _input_spec(first)
@@ -717,7 +742,7 @@ def _declared_inputs(model: dict[str, Any]) -> list[tuple[str, Spec]]:
             spec = Spec(_shape(built), spec.dtype)
         name = _str(first.get("name")) if layers and _is_input(layers[0]) else None
         return [(name or "input", spec)]
-    by_name = {_layer_name(x): x for x in layers}
+    by_name = {walker.name(x): x for x in layers}
     return [
         (ref[0], _input_spec(_dict(_dict(by_name.get(ref[0])).get("config"))))
         for ref in _refs(_dict(model.get("config")).get("input_layers"))
@@ -745,53 +770,24 @@ def _node_inputs(node: Any) -> list[tuple[tuple[str, int, int], Spec]]:
     attention layer's `value` and `key` decide an output's shape (initial states and masks do
     not); they follow the positional ones.
     """
-    found: list[tuple[tuple[str, int, int], Spec]] = []
-    kwargs = _node_kwargs(node)
+    kwargs = walker.call_kwargs(node)
     extra = [kwargs[k] for k in _TENSOR_KWARGS if k in kwargs]
-    if isinstance(node, dict):
-        for tensor in _keras_tensors([node.get("args"), *extra]):
-            config = _dict(tensor.get("config"))
-            ref = _ref(config.get("keras_history")) or ("", -1, 0)
-            found.append((ref, Spec(_shape(config.get("shape")), _dtype_name(config.get("dtype")))))
-        return found
-    if isinstance(node, list) and len(node) >= 3 and isinstance(node[0], str):
-        node = [node]  # TFOpLambda-style single reference
-    for item in [*(node if isinstance(node, list) else []), *extra]:
-        ref = _ref(item)
-        if ref is not None:
-            found.append((ref, _NOTHING))
-    return found
+    found = [*walker.call_inputs(node), *walker.tensors(extra)]
+    return [((ref[0], ref[1], ref[2]), _recorded(config)) for ref, config in found]
 
 
-def _node_kwargs(node: Any) -> dict[str, Any]:
-    """A call's keyword arguments: Keras 3 `{"kwargs": {...}}`; Keras 2 keeps them with the
-    first input, `[[name, node, tensor, {...}], ...]`."""
-    if isinstance(node, dict):
-        return _dict(node.get("kwargs"))
-    if isinstance(node, list) and len(node) >= 4 and isinstance(node[0], str):
-        return _dict(node[3])
-    first = node[0] if isinstance(node, list) and node else None
-    return _dict(first[3]) if isinstance(first, list) and len(first) >= 4 else {}
-
-
-def _keras_tensors(value: Any) -> Iterator[dict[str, Any]]:
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            if item.get("class_name") == "__keras_tensor__":
-                yield item
-            else:
-                pending.extend(reversed(list(item.values())))
-        elif isinstance(item, list):
-            pending.extend(reversed(item))
+def _recorded(tensor: dict[str, Any] | None) -> Spec:
+    """The spec Keras 3 recorded for a tensor (Keras 2 records none)."""
+    if tensor is None:
+        return _NOTHING
+    return Spec(_shape(tensor.get("shape")), _dtype_name(tensor.get("dtype")))
 
 
 def _node_offsets(layers: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, int]:
     """Nested functional models own a node 0 that configs do not list, so references to their
     k-th listed call say k + 1. Which models do depends on the Keras version; the references
     tell: a model whose calls are referenced up to index len(inbound_nodes) is shifted by one."""
-    nested = {_layer_name(x): x for x in layers if _str(x.get("class_name")) in MODEL_CLASSES}
+    nested = {walker.name(x): x for x in layers if _str(x.get("class_name")) in MODEL_CLASSES}
     if not nested:
         return {}
     highest: dict[str, int] = {}
@@ -842,50 +838,12 @@ def _dtype_name(value: Any) -> str | None:
 
 
 def _count_layer_entries(model: dict[str, Any]) -> int:
-    count, pending = 0, [model]
-    while pending:
-        layer = pending.pop()
-        count += 1
-        pending.extend(_layers(layer))
-        wrapped = _dict(_dict(layer.get("config")).get("layer"))
-        if wrapped:
-            pending.append(wrapped)
-    return count
-
-
-def _layers(model: dict[str, Any]) -> list[dict[str, Any]]:
-    if _str(model.get("class_name")) not in MODEL_CLASSES:
-        return []
-    config = model.get("config")
-    layers = config.get("layers") if isinstance(config, dict) else config  # Keras <= 2.1: a list
-    return [x for x in layers if isinstance(x, dict)] if isinstance(layers, list) else []
+    return 1 + sum(1 for _ in walker.walk(model, wrapped=True))
 
 
 def _refs(value: Any) -> list[tuple[str, int, int]]:
-    """`input_layers`/`output_layers`: [name, node, tensor] references in a nest of lists and
-    dicts, flattened as Keras flattens a model's inputs and outputs (dicts by sorted key)."""
-    found, pending = [], [value]
-    while pending:
-        item = pending.pop()
-        ref = _ref(item)
-        if ref is not None:
-            found.append(ref)
-        elif isinstance(item, list):
-            pending.extend(reversed(item))
-        elif isinstance(item, dict):
-            pending.extend(item[k] for k in sorted(item, key=str, reverse=True))
-    return found
-
-
-def _ref(value: Any) -> tuple[str, int, int] | None:
-    if (
-        isinstance(value, list)
-        and len(value) >= 3
-        and isinstance(value[0], str)
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:3])
-    ):
-        return value[0], value[1], value[2]
-    return None
+    """`input_layers`/`output_layers` as (name, node, tensor), in Keras' order."""
+    return [(ref[0], ref[1], ref[2]) for ref in walker.io_refs(value)]
 
 
 def _shape(value: Any) -> Shape | None:
@@ -898,11 +856,6 @@ def _shape(value: Any) -> Shape | None:
 
 def _is_input(layer: dict[str, Any]) -> bool:
     return layer.get("class_name") == "InputLayer"
-
-
-def _layer_name(layer: dict[str, Any]) -> str:
-    name = layer.get("name", _dict(layer.get("config")).get("name"))
-    return name if isinstance(name, str) else ""
 
 
 def _combine(dims: list[Any], operation: Callable[[list[int]], int]) -> Dim:

@@ -8,6 +8,7 @@ static element shape.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def require() -> None:
 def write(signature: Signature, path: Path) -> None:
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory(prefix="fusecli-tflite-") as work:
+    with tempfile.TemporaryDirectory(prefix=f"fusecli-{os.getpid()}-tflite-") as work:
         saved = Path(work) / "saved_model"
         saved_model.write(signature, saved)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))

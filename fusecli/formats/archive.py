@@ -41,36 +41,44 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _RAW_CHUNK = 4 << 20
 _COPY_BUFFER = 1 << 20
 
-# A fault to inject while tensors are written (tests only): called with the dataset's path in the
-# output and the slice about to be written; returns what is written instead.
-fault: Callable[[str, np.ndarray], np.ndarray] | None = None
-
 
 @contextlib.contextmanager
 def keras_archive(
-    path: Path, members: Sequence[tuple[str, MemberSource | None]]
+    path: Path,
+    members: Sequence[tuple[str, MemberSource | None]],
+    date_time: tuple[int, int, int, int, int, int] | None = None,
 ) -> Iterator[h5py.File]:
     """Write a `.keras` archive at `path`: yields the weights file to fill, written in place
     inside the archive (no temporary copy), stored uncompressed as Keras stores it.
 
     `members` are the archive's members in order; the entry named `model.weights.h5` (value
-    None) is where the weights go.
+    None) is where the weights go. Every member is dated `date_time` if given (the same inputs
+    then give the same bytes), else now.
     """
+    when = date_time or time.localtime()[:6]
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
         for name, source in members:
             if name == WEIGHTS_MEMBER:
-                with _member_in_place(out, name) as h5:
+                with _member_in_place(out, name, when) as h5:
                     yield h5
             elif isinstance(source, bytes):
-                out.writestr(name, source)
+                out.writestr(_info(name, when), source)
             elif source is not None:
-                info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
-                with source() as src, out.open(info, "w") as dst:
+                with source() as src, out.open(_info(name, when), "w") as dst:
                     shutil.copyfileobj(src, dst, _COPY_BUFFER)
 
 
+def _info(name: str, date_time: tuple[int, int, int, int, int, int]) -> zipfile.ZipInfo:
+    """A member's header as `ZipFile.writestr(name, ...)` makes it, with this date."""
+    info = zipfile.ZipInfo(name, date_time=date_time)
+    info.external_attr = 0o600 << 16
+    return info
+
+
 @contextlib.contextmanager
-def _member_in_place(out: zipfile.ZipFile, name: str) -> Iterator[h5py.File]:
+def _member_in_place(
+    out: zipfile.ZipFile, name: str, date_time: tuple[int, int, int, int, int, int]
+) -> Iterator[h5py.File]:
     """An HDF5 file written straight into the archive as member `name`.
 
     HDF5 needs to seek, which a zip member being written cannot; so the member's local header
@@ -79,7 +87,7 @@ def _member_in_place(out: zipfile.ZipFile, name: str) -> Iterator[h5py.File]:
     zipfile would have done.
     """
     fp = out.fp
-    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info = zipfile.ZipInfo(name, date_time=date_time)
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = info.compress_size = info.CRC = 0
     info.header_offset = fp.tell()
@@ -193,7 +201,7 @@ def keras_members(
 def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
     """Write one tensor held in memory; returns its digest."""
     dataset = target.create_dataset(name, shape=values.shape, dtype=values.dtype)
-    values = _faulty(dataset.name, np.ascontiguousarray(values))
+    values = np.ascontiguousarray(values)
     if values.size:
         dataset[()] = values
     return tensor_digest(values)
@@ -207,15 +215,7 @@ def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ())
     for key in source:
         if key not in skip:
             source.copy(source[key], target, name=key)
-    names = [n for n in dataset_names(target) if n.split("/")[0] not in skip]
-    if fault is not None:
-        for name in names:
-            dataset = target[name]
-            values = np.asarray(dataset[()])
-            changed = fault(dataset.name, values)
-            if changed is not values:
-                dataset[()] = changed
-    return names
+    return [n for n in dataset_names(target) if n.split("/")[0] not in skip]
 
 
 def dataset_digest(dataset: h5py.Dataset) -> bytes:
@@ -371,7 +371,3 @@ def _slices(dataset: h5py.Dataset) -> Iterator[Any]:
 
 def _bytes(values: Any) -> np.ndarray:
     return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-
-
-def _faulty(name: str, values: np.ndarray) -> np.ndarray:
-    return values if fault is None else fault(name, values)

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fusecli import runtime
-from fusecli.errors import ModelFileError, UnsafeModelError
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES as _MODEL_CLASSES
+from fusecli.errors import ModelFileError, UnsafeModelError, known_cause
 from fusecli.formats import keras2_masks, keras2_ops
 from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
 
@@ -90,7 +92,6 @@ _CELL_BLOCKS = {
     "LSTMCell": (4, (0, 1, 3), ()),  # i, f, o | c
     "ConvLSTMCell": (4, (0, 1, 3), ()),
 }
-_MODEL_CLASSES = ("Functional", "Model", "Sequential")
 _SHAPE_KEYS = ("batch_input_shape",)  # Keras 2 wrote only this one into layer configs
 # dtype policies Keras 2 wrote whose variables (and an inserted InputLayer) are float32.
 _PLAIN_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -103,6 +104,29 @@ _HARD_SIGMOID_MESSAGE = (
     "{key}='hard_sigmoid' is clip(0.2x + 0.5) in Keras 2 but clip(x/6 + 0.5) in Keras 3, and "
     "this layer's weights cannot be rescaled to make up for it"
 )
+
+
+def float_embedding(class_name: str, conf: dict[str, Any]) -> None:
+    """Keras 2.0 recorded an `Embedding`'s input dtype (`int32`) as the layer's own; its
+    embeddings were float32. Neither Keras 3 nor tf-keras builds an Embedding whose dtype is
+    an integer ("Need minval < maxval"), so the layer gets its embeddings' dtype back."""
+    dtype = conf.get("dtype")
+    if class_name == "Embedding" and isinstance(dtype, str) and dtype.startswith(("int", "uint")):
+        conf["dtype"] = "float32"
+
+
+def loadable_keras2_config(config: Any) -> Any:
+    """A Keras 2 config (kept in Keras 2's schema) that today's loaders build: every layer
+    through `float_embedding`. Returns the config, changed in place."""
+    if isinstance(config, dict):
+        if isinstance(config.get("config"), dict):
+            float_embedding(str(config.get("class_name")), config["config"])
+        for value in config.values():
+            loadable_keras2_config(value)
+    elif isinstance(config, list):
+        for value in config:
+            loadable_keras2_config(value)
+    return config
 
 
 def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
@@ -242,6 +266,7 @@ class _Converter:
             conf.pop(key, None)
         if class_name in ("GRU", "GRUCell"):
             conf.setdefault("reset_after", False)  # Keras <= 2.1 had only this behaviour
+        float_embedding(class_name, conf)
         for old, new in _RENAMED.get(class_name, {}).items():
             if old in conf:
                 conf[new] = conf.pop(old)
@@ -312,7 +337,7 @@ class _Converter:
         }
         for spec in layers:
             for node in spec.get("inbound_nodes", []):
-                for ref in _tensor_refs(node):
+                for ref in walker.references(node):
                     if ref[0] in nested and ref[1] > 0:
                         ref[1] -= 1
         layers += keras2_masks.explicit_masks(
@@ -331,7 +356,7 @@ class _Converter:
                 self.drop_constants(spec, where)
             spec["inbound_nodes"] = [_keras3_node(node, states_in_inputs) for node in nodes]
         for key in ("input_layers", "output_layers"):
-            refs = list(_tensor_refs(conf.get(key)))
+            refs = walker.io_refs(conf.get(key))
             for ref in refs:
                 if nested.get(ref[0]) == "Sequential" and ref[1] > 0:
                     ref[1] -= 1
@@ -398,15 +423,15 @@ def _first_failing_layer(config: dict[str, Any], saving_utils: Any) -> tuple | N
 
 
 def _leaf_layers(
-    spec: dict[str, Any], parent: tuple[str, ...]
+    config: dict[str, Any], parent: tuple[str, ...]
 ) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
-    conf = spec.get("config", {})
-    where = (*parent, str(conf.get("name", spec.get("name", "?"))))
-    if spec.get("class_name") in _MODEL_CLASSES and isinstance(conf.get("layers"), list):
-        for child in conf["layers"]:
-            yield from _leaf_layers(child, where)
-    else:
-        yield where, {k: v for k, v in spec.items() if k not in ("name", "inbound_nodes")}
+    top = (*parent, str(config.get("config", {}).get("name", "?")))
+    for path, spec in walker.walk(config):
+        if not walker.is_model(spec):
+            yield (
+                (*top, *path),
+                {k: v for k, v in spec.items() if k not in ("name", "inbound_nodes")},
+            )
 
 
 def _load_weights(model: Any, path: Path) -> None:
@@ -513,16 +538,6 @@ def _has_own_node(spec: dict[str, Any]) -> bool:
     return False
 
 
-def _tensor_refs(data: Any) -> Iterator[list[Any]]:
-    """The [layer_name, node_index, tensor_index, ...] lists inside a node or I/O spec."""
-    if isinstance(data, list):
-        if len(data) >= 3 and isinstance(data[0], str) and isinstance(data[1], int):
-            yield data
-        else:
-            for item in data:
-                yield from _tensor_refs(item)
-
-
 def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     """Rewrite a Keras 2 node in Keras 3's node format where Keras 3 would misread it.
 
@@ -534,10 +549,10 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
     if not (isinstance(node, list) and node and all(isinstance(e, list) for e in node)):
         return node
     kwargs = node[-1][3] if len(node[-1]) > 3 and isinstance(node[-1][3], dict) else {}
-    tensor_kwargs = any(True for _ in _tensor_refs(list(kwargs.values())))
+    tensor_kwargs = next(walker.references(list(kwargs.values())), None) is not None
     if not (tensor_kwargs or states_in_inputs and len(node) > 1):
         return node
-    tensors = [_keras3_tensor(entry[:3]) for entry in node]
+    tensors = [walker.keras_tensor(entry) for entry in node]
     kwargs = {key: _map_refs(value) for key, value in kwargs.items()}
     if states_in_inputs and len(tensors) > 1:
         tensors, kwargs["initial_state"] = tensors[:1], tensors[1:]
@@ -547,17 +562,9 @@ def _keras3_node(node: Any, states_in_inputs: bool) -> Any:
 def _map_refs(data: Any) -> Any:
     if isinstance(data, list):
         if len(data) == 3 and isinstance(data[0], str) and isinstance(data[1], int):
-            return _keras3_tensor(data)
+            return walker.keras_tensor(data)
         return [_map_refs(item) for item in data]
     return data
-
-
-def _keras3_tensor(ref: list[Any]) -> dict[str, Any]:
-    # Shape and dtype are placeholders: Keras 3 takes the real tensor from the history.
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": [], "dtype": "float32", "keras_history": list(ref)},
-    }
 
 
 def _dtype_name(dtype: Any) -> Any:
@@ -577,6 +584,9 @@ def _layer_path(where: tuple[str, ...]) -> str:
 def _short(e: BaseException) -> str:
     """One line; of Keras' "Error when deserializing ... config={...} Exception encountered: X",
     only X."""
+    known = known_cause(e)
+    if known is not None:
+        return known
     text = str(e)
     if _KERAS_CAUSE in text:
         text = text.rsplit(_KERAS_CAUSE, 1)[1]

@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusecli.config import walker
 from fusecli.formats import keras2, keras2_masks
 from fusecli.fusion.naming import unique
 
@@ -37,7 +38,11 @@ class FlatLayer:
     nodes: list[list[list[Any]]] = field(default_factory=list)  # Keras 2 node lists
 
     def spec(self) -> dict[str, Any]:
+        # `module` (which tf-keras writes and reads too) has Keras 3 build the layer as from a
+        # `.keras` file: its legacy `.h5` reader turns strings naming a function of
+        # keras.layers (Attention's score_mode="dot") into that function.
         return {
+            "module": "keras.layers",
             "class_name": self.class_name,
             "config": self.config,
             "name": self.name,
@@ -227,12 +232,12 @@ class _Outputs(list):
 
 def _refs(value: Any) -> list[list[Any]]:
     """The [layer, node, tensor] refs of an input/output spec, flattened in order."""
-    return list(keras2._tensor_refs(value))
+    return [list(ref) for ref in walker.io_refs(value)]
 
 
 def _tensor_kwargs(entry: list[Any]) -> bool:
     kwargs = entry[3] if len(entry) > 3 and isinstance(entry[3], dict) else {}
-    return any(True for _ in keras2._tensor_refs(list(kwargs.values())))
+    return any(True for _ in walker.references(list(kwargs.values())))
 
 
 def _is_model(spec: dict[str, Any]) -> bool:

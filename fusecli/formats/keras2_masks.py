@@ -24,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES as _MODELS
+
 # Layers whose call reads a mask (the output depends on it).
 RNN_CLASSES = (
     "RNN", "SimpleRNN", "GRU", "LSTM", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "Bidirectional",
@@ -44,7 +47,6 @@ _PASS = frozenset(
 # Layers that pass a mask on in Keras 3 but not in Keras 2.
 _KERAS3_PASS = ("Rescaling", "Normalization")
 _MERGE = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
-_MODELS = ("Functional", "Model", "Sequential")
 SUFFIX = "_keras2_mask"  # layers that build a mask
 NO_MASK_SUFFIX = "_keras2_nomask"  # layers that drop one
 ADDED_SUFFIXES = (SUFFIX, NO_MASK_SUFFIX)
@@ -74,16 +76,16 @@ def sequential_masks(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     difference: no initial_state, no merges, no MultiHeadAttention)."""
     out: list[dict[str, Any]] = []
     keras2 = keras3 = False
-    taken = {_name(spec) for spec in layers}
+    taken = {walker.name(spec) for spec in layers}
     for spec in layers:
         cls = str(spec.get("class_name"))
         conf = spec.get("config") or {}
         reads = cls in (*RNN_CLASSES, *_POOLING)
         if reads and keras3 and not keras2:
-            name, n = f"{_name(spec)}{NO_MASK_SUFFIX}", 1
+            name, n = f"{walker.name(spec)}{NO_MASK_SUFFIX}", 1
             while name in taken:
                 n += 1
-                name = f"{_name(spec)}{NO_MASK_SUFFIX}_{n}"
+                name = f"{walker.name(spec)}{NO_MASK_SUFFIX}_{n}"
             taken.add(name)
             rank = _input_rank(cls)
             out.append(
@@ -114,7 +116,7 @@ def sequential_masks(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class _Graph:
     def __init__(self, layers: list[dict[str, Any]], fail: Fail) -> None:
         self.fail = fail
-        self.specs = {_name(spec): spec for spec in layers}
+        self.specs = {walker.name(spec): spec for spec in layers}
         self.masks: dict[Ref, Mask] = {}
         self.masks3: dict[Ref, Mask] = {}
         self.added: list[dict[str, Any]] = []
@@ -127,7 +129,7 @@ class _Graph:
         readers = self.mha_inputs()
         for name, spec in self.specs.items():
             for index, node in enumerate(spec.get("inbound_nodes") or []):
-                if _entries(node) is not None:
+                if walker.keras2_entries(node) is not None:
                     self.fix_call(name, spec, index, node, readers)
         return self.added
 
@@ -140,7 +142,7 @@ class _Graph:
             changed = False
             for name, spec in self.specs.items():
                 for index, node in enumerate(spec.get("inbound_nodes") or []):
-                    entries = _entries(node)
+                    entries = walker.keras2_entries(node)
                     if entries is None:
                         continue
                     for keras3, table in ((False, self.masks), (True, self.masks3)):
@@ -167,7 +169,7 @@ class _Graph:
         if cls == "Embedding":
             return [("ids", tuple(entries[0][:3])) if conf.get("mask_zero") else None]
         if cls == "Masking":
-            return [("opaque", f"Masking layer {_name(spec)!r}")]
+            return [("opaque", f"Masking layer {walker.name(spec)!r}")]
         if cls in RNN_CLASSES:
             inner = conf.get("layer") if cls == "Bidirectional" else None
             inner = inner.get("config") or {} if isinstance(inner, dict) else conf
@@ -185,15 +187,15 @@ class _Graph:
                 return [("time", tuple(masks))]
             if axis == -1:
                 return [_and(masks)]
-            return [("opaque", f"Concatenate layer {_name(spec)!r} (axis={axis})")]
+            return [("opaque", f"Concatenate layer {walker.name(spec)!r} (axis={axis})")]
         if cls in (*_ATTENTION, _MHA, *_PASS):
             return [first]
         if cls == "Lambda":
-            return [("opaque", f"Lambda layer {_name(spec)!r}") if conf.get("mask") else None]
+            return [("opaque", f"Lambda layer {walker.name(spec)!r}") if conf.get("mask") else None]
         if cls in _MODELS:
             if all(m is None for m in masks):
                 return [None]
-            return [("opaque", f"nested model {_name(spec)!r}")]
+            return [("opaque", f"nested model {walker.name(spec)!r}")]
         return [None]
 
     def mha_inputs(self) -> set[Ref]:
@@ -203,11 +205,11 @@ class _Graph:
             if spec.get("class_name") != _MHA:
                 continue
             for node in spec.get("inbound_nodes") or []:
-                entries = _entries(node) or []
+                entries = walker.keras2_entries(node) or []
                 for entry in entries:
                     found.add(tuple(entry[:3]))
-                for value in _kwargs(entries).values():
-                    if _is_ref(value):
+                for value in walker.call_kwargs(entries).values():
+                    if walker.is_ref(value):
                         found.add(tuple(value[:3]))
         return found
 
@@ -217,8 +219,8 @@ class _Graph:
         self, name: str, spec: dict[str, Any], index: int, node: Any, readers: set[Ref]
     ) -> None:
         cls = spec.get("class_name")
-        entries = _entries(node)
-        kwargs = _kwargs(entries)
+        entries = walker.keras2_entries(node)
+        kwargs = walker.call_kwargs(entries)
         if cls in _MODELS:
             self.check_nested(name, spec, entries)
             return
@@ -237,8 +239,8 @@ class _Graph:
             key = kwargs.get("key")
             wanted = {
                 "query_mask": self.mask_of(entries[0]),
-                "value_mask": self.mask_of(value if _is_ref(value) else entries[-1]),
-                "key_mask": self.mask_of(key) if _is_ref(key) else None,
+                "value_mask": self.mask_of(value if walker.is_ref(value) else entries[-1]),
+                "key_mask": self.mask_of(key) if walker.is_ref(key) else None,
             }
             keras3_sees = True
             why = ""
@@ -291,7 +293,7 @@ class _Graph:
         elif cls in (*_ATTENTION, *_POOLING):
             read = entries
         elif cls == _MHA:
-            read = [entries[0], *(v for v in kwargs.values() if _is_ref(v))]
+            read = [entries[0], *(v for v in kwargs.values() if walker.is_ref(v))]
         else:
             return
         rank = _input_rank(cls)
@@ -305,7 +307,7 @@ class _Graph:
                         {"dims": list(range(1, rank))},
                         [[*source, {}]],
                     )
-                    self.unmasked[source] = (_name(spec), 0, 0)
+                    self.unmasked[source] = (walker.name(spec), 0, 0)
                 ref[:3] = list(self.unmasked[source])
 
     def check_nested(self, name: str, spec: dict[str, Any], entries: list[list[Any]]) -> None:
@@ -347,7 +349,7 @@ class _Graph:
             spec = self.layer(
                 f"concatenate{SUFFIX}", "Concatenate", {"axis": 1}, [[*p, {}] for p in parts]
             )
-        ref = (_name(spec), 0, 0)
+        ref = (walker.name(spec), 0, 0)
         self.built[mask] = ref
         return ref
 
@@ -380,13 +382,13 @@ def _input_rank(cls: str) -> int:
 def _risky_layers(spec: dict[str, Any]) -> list[tuple[str, str]]:
     """Layers of a (converted) nested model whose mask Keras 3 can compute unlike Keras 2."""
     found = []
-    for layer in (spec.get("config") or {}).get("layers") or []:
+    for layer in walker.layers(spec):
         cls = str(layer.get("class_name"))
         nodes = layer.get("inbound_nodes") or []
         if cls in RNN_CLASSES and any(isinstance(n, dict) for n in nodes):
-            found.append((_name(layer), cls))  # called with initial_state or a mask
+            found.append((walker.name(layer), cls))  # called with initial_state or a mask
         elif cls in (*_MERGE, "Concatenate", _MHA, *_KERAS3_PASS, *_MODELS):
-            found.append((_name(layer), cls))
+            found.append((walker.name(layer), cls))
     return found
 
 
@@ -439,38 +441,8 @@ def _source(mask: Mask) -> str:
     return f"({_describe([mask])})"
 
 
-def _name(spec: dict[str, Any]) -> str:
-    conf = spec.get("config") or {}
-    return str(spec.get("name", conf.get("name")))
-
-
-def _is_ref(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) >= 3
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-        and isinstance(value[2], int)
-    )
-
-
 def _has_ref(value: Any) -> bool:
-    if _is_ref(value):
-        return True
-    return isinstance(value, list) and any(_has_ref(v) for v in value)
-
-
-def _entries(node: Any) -> list[list[Any]] | None:
-    """A Keras 2 node's input entries [layer, node, tensor, kwargs], or None if not that shape."""
-    if isinstance(node, list) and node and all(_is_ref(e) for e in node):
-        return node
-    return None
-
-
-def _kwargs(entries: list[list[Any]] | None) -> dict[str, Any]:
-    if entries and len(entries[-1]) > 3 and isinstance(entries[-1][3], dict):
-        return entries[-1][3]
-    return {}
+    return next(walker.references(value), None) is not None
 
 
 def node_kwargs(node: list[list[Any]]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fusecli.config import walker
+
 CLASSES = ("TFOpLambda", "SlicingOpLambda")
 _CONSTANT = "_CONSTANT_VALUE"
 _NUMPY, _NN, _MATH, _CORE = (f"keras.src.ops.{m}" for m in ("numpy", "nn", "math", "core"))
@@ -262,33 +264,15 @@ def _call(function: str, node: Any, fail: Fail) -> tuple[Any, dict[str, Any]]:
 def _entry(entry: list[Any]) -> Any:
     if entry[0] == _CONSTANT:
         return entry[2]
-    return _tensor(entry[:3])
+    return walker.keras_tensor(entry)
 
 
 def _value(value: Any) -> Any:
-    if _is_ref(value):
-        return _tensor(value)
+    if walker.is_ref(value) and len(value) == 3:
+        return walker.keras_tensor(value)
     if isinstance(value, list):
         return [_value(v) for v in value]
     return value
-
-
-def _is_ref(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 3
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-        and isinstance(value[2], int)
-    )
-
-
-def _tensor(ref: list[Any]) -> dict[str, Any]:
-    # Shape and dtype are placeholders: Keras 3 takes the real tensor from the history.
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": [], "dtype": "float32", "keras_history": list(ref)},
-    }
 
 
 def _slice_key(spec: Any) -> list[Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fusecli.config import walker
 from fusecli.errors import ModelFileError
 from fusecli.formats.modelfile import (
     Format,
@@ -77,7 +78,7 @@ class Variable:
     @property
     def mergeable(self) -> bool:
         """Floating-point variables are merged; integer and boolean ones are copied."""
-        return self.dtype.kind == "f"
+        return self.dtype.kind == "f" or self.dtype.name == "bfloat16"
 
 
 @dataclass
@@ -165,6 +166,8 @@ def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray
     """Read one variable's values; a clean `ModelFileError` if the file is broken."""
     try:
         values = np.asarray(group[variable.dataset][()])
+        if variable.dtype.name == "bfloat16":
+            values = values.view(variable.dtype)
     except (KeyError, TypeError, ValueError, OSError) as e:
         reason = f"weight {variable.dataset!r} cannot be read ({_short(e)})"
         raise ModelFileError(path, reason) from None
@@ -182,7 +185,7 @@ def _keras_variables(root: h5py.Group, config: dict[str, Any]) -> tuple[list[Var
     own = root.get("vars")
     if isinstance(own, h5py.Group):
         variables += _vars_of(own, "")
-    if _is_model(config):
+    if walker.is_model(config):
         _walk_keras_model(root, config, "", variables, composite)
     # Keras reads only what the config's layers own. A dataset among the layers' that the walk
     # did not reach is not guessed at (it used to be merged as a variable, bombs included).
@@ -216,8 +219,8 @@ def _walk_keras_model(
         if isinstance(vars_group, h5py.Group) and "name" in vars_group.attrs:
             by_name[_decode(vars_group.attrs["name"])] = key
     by_class = _class_keys(config)
-    for entry in _layer_entries(config):
-        name = _layer_name(entry)
+    for entry in walker.layers(config):
+        name = walker.name(entry)
         key = by_name.get(name) or by_class.get(name)
         layer_group = members.get(key) if key is not None else None
         if not isinstance(layer_group, h5py.Group):
@@ -226,7 +229,7 @@ def _walk_keras_model(
         base = f"{group.name.rstrip('/')}/layers/{key}".lstrip("/")
         if "vars" in layer_group:
             variables += _vars_of(layer_group["vars"], path, base=f"{base}/vars")
-        if _is_model(entry):
+        if walker.is_model(entry):
             _walk_keras_model(layer_group, entry, f"{path}/", variables, composite)
         others = sorted(k for k in layer_group if k not in ("vars", "layers"))
         for other in others:
@@ -244,7 +247,7 @@ def _vars_of(vars_group: h5py.Group, layer: str, base: str = "vars") -> list[Var
     out = []
     for k in sorted((k for k, n in nodes.items() if isinstance(n, h5py.Dataset)), key=_int_key):
         full = f"{base}/{k}"
-        out.append(Variable(layer, full, tuple(nodes[k].shape), nodes[k].dtype))
+        out.append(Variable(layer, full, tuple(nodes[k].shape), _dtype(nodes[k])))
     return out
 
 
@@ -253,7 +256,7 @@ def _class_keys(config: dict[str, Any]) -> dict[str, str]:
     used: dict[str, int] = {}
     keys: dict[str, str] = {}
     sequential = config.get("class_name") == "Sequential"
-    for entry in _layer_entries(config):
+    for entry in walker.layers(config):
         if sequential and entry.get("class_name") == "InputLayer":
             continue
         key = snake_case(str(entry.get("class_name", "")))
@@ -262,7 +265,7 @@ def _class_keys(config: dict[str, Any]) -> dict[str, str]:
             key = f"{key}_{used[key]}"
         else:
             used[key] = 0
-        keys[_layer_name(entry)] = key
+        keys[walker.name(entry)] = key
     return keys
 
 
@@ -272,13 +275,13 @@ def _class_keys(config: dict[str, Any]) -> dict[str, str]:
 def _h5_variables(group: h5py.Group, config: dict[str, Any]) -> list[Variable]:
     if "layer_names" not in group.attrs:
         raise ValueError("no layer_names attribute")
-    entries = {_layer_name(e): e for e in _layer_entries(config)}
+    entries = {walker.name(e): e for e in walker.layers(config)}
     variables: list[Variable] = []
     for layer_name in _strings(group.attrs["layer_names"]):
         layer_group = group[layer_name]
         names = _strings(layer_group.attrs.get("weight_names", []))
         entry = entries.get(layer_name)
-        if entry is not None and _is_model(entry):
+        if entry is not None and walker.is_model(entry):
             ordered = [
                 (f"{layer_name}/{leaf}", n) for leaf, n in _regroup(names, _leaf_layers(entry))
             ]
@@ -305,10 +308,7 @@ def _regroup(names: list[str], leaves: list[str]) -> list[tuple[str, str]]:
 
 
 def _leaf_layers(entry: dict[str, Any]) -> list[str]:
-    out = []
-    for sub in _layer_entries(entry):
-        out.extend(_leaf_layers(sub) if _is_model(sub) else [_layer_name(sub)])
-    return out
+    return [walker.name(e) for _, e in walker.walk(entry) if not walker.is_model(e)]
 
 
 # -- architecture ----------------------------------------------------------------------------
@@ -325,24 +325,24 @@ class _Layer:
 def _flat_layers(config: dict[str, Any], prefix: str = "") -> list[_Layer]:
     """The layers depth-first (a nested model, then its layers), with names replaced by
     positions so that models whose layers are named differently compare equal."""
-    entries = _layer_entries(config)
-    names = {_layer_name(e): i for i, e in enumerate(entries)}
+    entries = walker.layers(config)
+    names = {walker.name(e): i for i, e in enumerate(entries)}
     out: list[_Layer] = []
     for entry in entries:
-        name = _layer_name(entry)
+        name = walker.name(entry)
         inner = entry.get("config") if isinstance(entry.get("config"), dict) else {}
         edges = _edges(entry.get("inbound_nodes", []), names)
-        if _is_model(entry):
+        if walker.is_model(entry):
             edges += [("in", *e) for e in _edges(inner.get("input_layers", []), _names(entry))]
             edges += [("out", *e) for e in _edges(inner.get("output_layers", []), _names(entry))]
         out.append(_Layer(f"{prefix}{name}", str(entry.get("class_name")), edges, _settings(inner)))
-        if _is_model(entry):
+        if walker.is_model(entry):
             out += _flat_layers(entry, f"{prefix}{name}/")
     return out
 
 
 def _names(config: dict[str, Any]) -> dict[str, int]:
-    return {_layer_name(e): i for i, e in enumerate(_layer_entries(config))}
+    return {walker.name(e): i for i, e in enumerate(walker.layers(config))}
 
 
 def _edges(nodes: Any, names: dict[str, int]) -> list[tuple[Any, ...]]:
@@ -350,29 +350,7 @@ def _edges(nodes: Any, names: dict[str, int]) -> list[tuple[Any, ...]]:
 
     Works for Keras 3 (`keras_history`) and Keras 2 (`[[name, node, tensor, kwargs]]`) configs.
     """
-    found: list[tuple[Any, ...]] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, list | tuple):
-            if (
-                len(value) >= 3
-                and isinstance(value[0], str)
-                and value[0] in names
-                and isinstance(value[1], int)
-                and isinstance(value[2], int)
-            ):
-                found.append((names[value[0]], value[1], value[2]))
-                for rest in value[3:]:
-                    walk(rest)
-                return
-            for item in value:
-                walk(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-
-    walk(nodes)
-    return found
+    return [(names[r[0]], r[1], r[2]) for r in walker.references(nodes) if r[0] in names]
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -418,29 +396,29 @@ def _variable(root: h5py.Group, dataset: str, *, layer: str) -> Variable:
     node = root[dataset]
     if not isinstance(node, h5py.Dataset):
         raise ValueError(f"{dataset!r} is not a dataset")
-    return Variable(layer=layer, dataset=dataset, shape=tuple(node.shape), dtype=node.dtype)
+    return Variable(layer=layer, dataset=dataset, shape=tuple(node.shape), dtype=_dtype(node))
+
+
+def _dtype(node: h5py.Dataset) -> np.dtype:
+    """The dataset's dtype; Keras stores bfloat16 as 2 opaque bytes marked dtype="bfloat16"."""
+    if (
+        node.dtype.kind == "V"
+        and node.dtype.itemsize == 2
+        and node.attrs.get("dtype")
+        in (
+            "bfloat16",
+            b"bfloat16",
+        )
+    ):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return node.dtype
 
 
 def _all_datasets(group: h5py.Group) -> list[str]:
     names = [e.name for e in walk_hdf5(group, Path(group.file.filename)) if e.kind == "dataset"]
     return sorted(names, key=lambda n: [_int_key(p) for p in n.split("/")])
-
-
-def _layer_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
-    inner = config.get("config")
-    layers = inner.get("layers") if isinstance(inner, dict) else None
-    return [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
-
-
-def _is_model(entry: dict[str, Any]) -> bool:
-    inner = entry.get("config")
-    return isinstance(inner, dict) and isinstance(inner.get("layers"), list)
-
-
-def _layer_name(entry: dict[str, Any]) -> str:
-    inner = entry.get("config")
-    name = inner.get("name") if isinstance(inner, dict) else None
-    return str(name if name is not None else entry.get("name"))
 
 
 def snake_case(name: str) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from fusecli.errors import FusecliError, ModelFileError
-from fusecli.formats import archive, keras2
+from fusecli.config import walker
+from fusecli.errors import FusecliError, ModelFileError, known_cause
+from fusecli.formats import keras2
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
 from fusecli.fusion import flat_h5, flat_keras, writer
-from fusecli.fusion.graph import (
-    Assembly,
-    assemble,
-    common_axes,
-    layer_entries,
-    prepare_branch,
-)
+from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
-from fusecli.output import atomic_output
+from fusecli.output import atomic_output, temp_prefix
 from fusecli.safety.isolation import call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.safety.scan import refuse_unsafe
@@ -80,6 +76,8 @@ def fuse_files(
     names = _branch_names(paths)
     for path in paths:
         _check_name(Path(path))
+    if fmt == "h5":
+        _check_h5_assets(paths, names)
     if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
         files = [refuse_unsafe(p, trust=trust) for p in paths]
         if all(f.written_by_keras2 for f in files):
@@ -112,7 +110,7 @@ def fuse_files(
         if others:
             scratch = Path(
                 stack.enter_context(
-                    tempfile.TemporaryDirectory(dir=output.parent, prefix=".fusecli-")
+                    tempfile.TemporaryDirectory(dir=output.parent, prefix=temp_prefix(output))
                 )
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
@@ -156,7 +154,6 @@ def fuse_files(
                 ready,
                 dict(weights=weights, scale=scale, activation=activation, axes=axes, trust=trust),
                 recipe,
-                archive.fault,
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
@@ -242,7 +239,6 @@ def _fuse_keras2_flat(
             sources,
             weights,
             recipe,
-            archive.fault,
             inputs=[s.given for s in sources],
             nbytes=_source_bytes(sources),
         )
@@ -266,12 +262,10 @@ def _write_and_prove_flat(
     sources: list[writer.Source],
     weights: tuple[float, ...],
     recipe: tuple[list[str], list[Path], dict[str, Any]],
-    fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
     `fuse_files`)."""
-    archive.fault = fault
     module = flat_h5 if fmt == "h5" else flat_keras
     written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
     return written, module.prove(tmp, flat, sources, written, weights)
@@ -285,12 +279,10 @@ def _write_and_prove(
     sources: list[writer.Source],
     options: dict[str, Any],
     recipe: tuple[list[str], list[Path], dict[str, Any]],
-    fault: Any,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
     are hashed for the recipe meanwhile, in a thread."""
-    archive.fault = fault  # the tests' fault injection, carried into the helper's child
     write = writer.write_keras if fmt == "keras" else writer.write_h5
     written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
@@ -304,6 +296,20 @@ def _source_bytes(sources: list[writer.Source]) -> int:
             total += path.stat().st_size
     legacy = (values for s in sources for _, values in s.legacy or [])
     return total + sum(values.nbytes for values in legacy)
+
+
+def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
+    """Every output's shape from `fusecli.config.shapes`, or None unless all are known."""
+    from fusecli.config.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return None
+    shapes = [spec.shape for spec in specs]
+    if any(shape is None or UNKNOWN in shape for shape in shapes):
+        return None
+    return [list(shape) for shape in shapes]
 
 
 def _looks_keras2(path: Path) -> bool:
@@ -372,35 +378,18 @@ def _through_keras(
 
 
 def _fill_unknown_shapes(branches: list[Any], configs: list[dict[str, Any]], trust: bool) -> None:
-    """Where the quick look at a model's last layers does not give an output's shape, the
-    config-wide computation of `fusecli.config.shapes` may; failing that, Keras builds the model
-    (without weights) to find it."""
+    """Where `fusecli.config.shapes` cannot compute an output's shape from the config (a layer
+    outside the ones it knows), Keras builds the model (without weights) to find it."""
     for branch, config in zip(branches, configs, strict=True):
         if all(shape is not None for shape in branch.output_shapes):
             continue
-        shapes = _shapes_from_config(branch.given)
-        if shapes is None or len(shapes) != len(branch.output_shapes):
-            shapes = _shapes_from_keras(config, branch.name, trust)
+        shapes = _shapes_from_keras(config, branch.name, trust)
         if len(shapes) != len(branch.output_shapes):
             continue
         branch.output_shapes = [
             known if known is not None else shape
             for known, shape in zip(branch.output_shapes, shapes, strict=True)
         ]
-
-
-def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
-    """Every output's shape from `fusecli.config.shapes`, or None unless all are known."""
-    from fusecli.config.shapes import UNKNOWN, model_outputs
-
-    try:
-        specs = [spec for _, spec in model_outputs(config)]
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
-        return None
-    shapes = [spec.shape for spec in specs]
-    if any(shape is None or UNKNOWN in shape for shape in shapes):
-        return None
-    return [list(shape) for shape in shapes]
 
 
 def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[list[int | None]]:
@@ -412,7 +401,10 @@ def _shapes_from_keras(config: dict[str, Any], name: str, trust: bool) -> list[l
             model = keras.saving.deserialize_keras_object(config, safe_mode=not trust)
         return [list(t.shape) for t in keras.tree.flatten(model.outputs)]
     except Exception as e:  # Keras raises many types; the message says which layer
-        raise FusecliError(f"Model {name!r} cannot be built to read its output shapes: {e}") from e
+        reason = known_cause(e) or e
+        raise FusecliError(
+            f"Model {name!r} cannot be built to read its output shapes: {reason}"
+        ) from e
 
 
 def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:
@@ -427,13 +419,26 @@ def _check_h5_limits(configs: list[dict[str, Any]], names: list[str]) -> None:
             )
 
 
+def _check_h5_assets(paths: Sequence[str | os.PathLike[str]], names: list[str]) -> None:
+    """A `.h5` file holds no asset files: a model that needs one (a TextVectorization's or
+    StringLookup's vocabulary) would load without it and fail when called. Said before any
+    model is loaded."""
+    for name, path in zip(names, paths, strict=True):
+        try:
+            needed = writer.asset_members(Path(path))
+        except (OSError, zipfile.BadZipFile):
+            continue  # the door reports a file it cannot read
+        if needed:
+            raise FusecliError(
+                f"Model {name!r} needs asset files ({needed[0]}: a vocabulary or lookup table) "
+                "that a .h5 file cannot hold (a plain model.save('x.h5') loses them the same "
+                f"way); write a .keras file instead. Received: {path}"
+            )
+
+
 def _first_op(config: dict[str, Any]) -> str | None:
-    for entry in layer_entries(config):
+    for _, entry in walker.walk(config):
         module = str(entry.get("module") or "")
         if module.startswith(_OP_MODULES):
             return f"{entry.get('class_name')} {entry.get('name')!r}"
-        if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
-            found = _first_op(entry)
-            if found is not None:
-                return found
     return None

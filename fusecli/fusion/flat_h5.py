@@ -300,7 +300,6 @@ def write(
                     raise ModelFileError(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
-                _apply_fault(layer_group[dataset])
                 names.append(dataset)
                 written.placed.append(Placed(branch, f"{name}/{dataset}", source_path))
                 written.params += int(layer_group[dataset].size)
@@ -310,16 +309,6 @@ def write(
         if recipe is not None:
             write_h5_recipe(h5, recipe)
     return written
-
-
-def _apply_fault(dataset: h5py.Dataset) -> None:
-    """The tests' fault injection (`archive.fault`), as the other writers apply it."""
-    if archive.fault is None:
-        return
-    values = np.asarray(dataset[()])
-    changed = archive.fault(dataset.name, values)
-    if changed is not values:
-        dataset[()] = changed
 
 
 def prove(

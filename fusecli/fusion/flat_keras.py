@@ -107,16 +107,9 @@ def write(
                     raise ModelFileError(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
-                _apply_fault(h5[target])
                 written.placed.append(Placed(branch, target, source_path))
                 written.params += int(h5[target].size)
     return written
-
-
-def _apply_fault(dataset: h5py.Dataset) -> None:
-    from fusecli.fusion.flat_h5 import _apply_fault as apply
-
-    apply(dataset)
 
 
 def prove(

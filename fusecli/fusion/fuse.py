@@ -12,8 +12,7 @@ its file carries Python bytecode and loads only with safe_mode=False.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -22,8 +21,9 @@ import numpy as np
 
 from fusecli import runtime
 from fusecli.coefficients import resolve_weights
-from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.fusion.logits import cut_before_softmax
+from fusecli.config.models import config_of, rebuild
+from fusecli.errors import InvalidRequest, ModelFileError, VerificationError
+from fusecli.fusion.graph import Assembly, Branch, Head, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.options import ACTIVATIONS, FUSE_AT, INPUT_MODES, SCALE_MODES
 from fusecli.output import atomic_output, check_output_path, model_format
@@ -42,8 +42,6 @@ Activation = Literal["softmax", "none"]
 # Size of the random batch used to check a written file, and the length given to free dimensions.
 _VERIFY_BATCH = 4
 _FREE_DIM = 32
-# Input names Keras makes up; the fused model says "input" instead.
-_GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
 # Beyond this (relative to the outputs' magnitude) a difference is more than float32 round-off.
 _RELATIVE_TOLERANCE = 1e-5
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -66,6 +64,7 @@ class Fusion:
     activation: Activation
     axes: list[int]  # the softmax axis of each output (at="logits")
     originals: list[keras.Model]  # the models as loaded
+    assembly: Assembly  # the fused config it was built from
 
     @property
     def formula(self) -> str:
@@ -201,8 +200,8 @@ def fuse_to_file(
         formula=fusion.formula,
         inputs_mode=fusion.inputs_mode,
         inputs_reason=fusion.inputs_reason,
-        inputs=[_tensor_info(t) for t in fusion.model.inputs],
-        outputs=[_tensor_info(t) for t in fusion.model.outputs],
+        inputs=fusion.assembly.inputs,
+        outputs=fusion.assembly.outputs,
         params=int(fusion.model.count_params()),
         max_abs_diff=None if numeric is None else numeric.max_abs_diff,
         verify=None if numeric is None else numeric.as_dict(),
@@ -308,75 +307,65 @@ def _build(
     at: FuseAt,
     activation: Activation | None,
     trust: bool,
-    head: Callable[[Any, list[Any], list[str], set[str], str], Any] | None = None,
+    head: Head | None = None,
 ) -> Fusion:
     """`build_fusion` for a request `_check_request` has passed (weights resolved).
 
-    `head(keras, outputs, branches, taken, name)`, if given, joins the branches' outputs
-    instead of the weighted sum (a tune recipe's head, `fusecli.fusion.recipe_head`)."""
+    The fused graph is decided on configs, by `fusecli.fusion.graph`, as for model files: each
+    model's config (cut at the logits if asked) is renamed and nested, the fused model is built
+    from the fused config and each branch takes its model's weights. `head`, if given, joins the
+    branches' outputs instead of the weighted sum (a tune recipe's, `fusecli.fusion.recipe_head`).
+    """
     activation = activation or ("softmax" if at == "logits" else "none")
     originals = _load_sources(models, trust=trust)
-    keras = runtime.keras()
-    branches = _branch_names(models, originals)
-    originals = [
-        _with_unique_names(model, name, keras)
-        for model, name in zip(originals, branches, strict=True)
+    names = _branch_names(models, originals)
+    branches = [
+        prepare_branch(config_of(model, name), name, at=at)
+        for model, name in zip(originals, names, strict=True)
     ]
-    sources, axes = originals, None
-    if at == "logits":
-        cuts = [cut_before_softmax(m, b) for m, b in zip(originals, branches, strict=True)]
-        sources = [model for model, _ in cuts]
-        axes = _common_axes([axes for _, axes in cuts], branches)
-
-    signatures = [_input_signature(m, b) for m, b in zip(sources, branches, strict=True)]
-    mode, reason = _choose_inputs_mode(inputs, signatures, branches)
-    taken = set(branches)
-    new_inputs, slots = _fused_inputs(keras, mode, signatures, branches, taken)
-
-    branch_outputs = []
-    for model, slot in zip(sources, slots, strict=True):
-        args = [new_inputs[i] for i in slot]
-        branch_outputs.append(keras.tree.flatten(model(_pack_inputs(model, args, keras))))
-    _check_outputs_match(branch_outputs, branches)
-    out_names = _output_names(originals[0], len(branch_outputs[0]), taken)
-
-    fused_outputs = []
-    for j, out_name in enumerate(out_names):
-        if head is not None:
-            outs = [outs[j] for outs in branch_outputs]
-            fused_outputs.append(head(keras, outs, branches, taken, out_name))
-            continue
-        suffix = "" if len(out_names) == 1 else f"_{j}"
-        scaled = [
-            _scale_layer(keras, scale, w, unique(f"{branch}_scale{suffix}", taken))(outs[j])
-            for branch, w, outs in zip(branches, weights, branch_outputs, strict=True)
-        ]
-        if activation == "none":
-            fused_outputs.append(keras.layers.Add(name=out_name)(scaled))
-        else:
-            total = keras.layers.Add(name=unique(f"{out_name}_logits", taken))(scaled)
-            axis = axes[j] if axes else -1
-            fused_outputs.append(keras.layers.Softmax(axis=axis, name=out_name)(total))
-
-    fused = keras.Model(
-        inputs=new_inputs[0] if len(new_inputs) == 1 else new_inputs,
-        outputs=fused_outputs[0] if len(fused_outputs) == 1 else fused_outputs,
-        name="fused",
+    for branch, model in zip(branches, originals, strict=True):
+        _fill_output_shapes(branch, model)
+    axes = common_axes(branches) if at == "logits" else None
+    assembly = assemble(
+        branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes, head=head
     )
+    fused = rebuild(assembly.config, "fused")
+    for branch, model in zip(branches, originals, strict=True):
+        fused.get_layer(branch.name).set_weights(model.get_weights())
+    sources = originals
+    if at == "logits":  # the reference of the numeric check: each model's logits on its own
+        sources = [
+            rebuild(branch.given, branch.name, model.get_weights())
+            for branch, model in zip(branches, originals, strict=True)
+        ]
     return Fusion(
         model=fused,
         sources=sources,
-        branches=branches,
+        branches=names,
         weights=weights,
-        inputs_mode=mode,
-        inputs_reason=reason,
+        inputs_mode=assembly.inputs_mode,
+        inputs_reason=assembly.inputs_reason,
         scale=scale,
-        input_slots=slots,
+        input_slots=assembly.input_slots,
         at=at,
         activation=activation,
-        axes=axes or [-1] * len(out_names),
+        axes=axes or [-1] * len(assembly.outputs),
         originals=originals,
+        assembly=assembly,
     )
+
+
+def _fill_output_shapes(branch: Branch, model: keras.Model) -> None:
+    """An output shape the config does not determine is the loaded model's (the cut at the
+    logits keeps every output's shape)."""
+    if all(shape is not None for shape in branch.output_shapes):
+        return
+    tensors = runtime.keras().tree.flatten(model.outputs)
+    if len(tensors) == len(branch.output_shapes):
+        branch.output_shapes = [
+            known if known is not None else list(t.shape)
+            for known, t in zip(branch.output_shapes, tensors, strict=True)
+        ]
 
 
 @dataclass
@@ -616,38 +605,12 @@ def _load_sources(models: Sequence[ModelSource], *, trust: bool) -> list[keras.M
             _check_finite(model, item)
         elif isinstance(item, keras.Model):
             model = item
-            if any(model is s for s in sources):  # the same object twice: give it its own copy
-                model = keras.models.clone_model(item)
-                model.set_weights(item.get_weights())
         else:
             raise InvalidRequest(
                 f"Expected model file paths or keras.Model objects. Received: {type(item)}"
             )
         sources.append(model)
     return sources
-
-
-def _with_unique_names(model: keras.Model, branch: str, keras: Any) -> keras.Model:
-    """A copy of `model` named `branch`, its layers renamed `<branch>_<name>` at every depth (as
-    in the files `fuse_to_file` writes), so that the fused model's variable paths are unique.
-
-    The copy is rebuilt from the model's own config, which this process just serialized, and
-    takes the model's weights; a model that cannot be rebuilt so (a subclassed one) is only
-    renamed itself.
-    """
-    from fusecli.fusion.graph import rename_layers
-
-    try:
-        config = keras.saving.serialize_keras_object(model)
-        rename_layers(config, branch)
-        with runtime.quiet():
-            copy = keras.saving.deserialize_keras_object(config, safe_mode=False)
-        copy.set_weights(model.get_weights())
-    except Exception:  # Keras raises many types for models it cannot rebuild from config
-        if model.name != branch:
-            model.name = branch
-        return model
-    return copy
 
 
 def _check_finite(model: keras.Model, path: str | os.PathLike[str]) -> None:
@@ -666,96 +629,6 @@ def _branch_names(models: Sequence[ModelSource], sources: list[keras.Model]) -> 
     return names
 
 
-def _input_signature(model: keras.Model, branch: str) -> list[tuple[str, tuple, str]]:
-    try:
-        tensors = model.inputs
-    except (AttributeError, ValueError):
-        tensors = None
-    if not tensors:
-        raise FusecliError(f"Model {branch!r} has no defined inputs (build it with an Input)")
-    return [(_tensor_name(t), tuple(t.shape), str(t.dtype)) for t in tensors]
-
-
-def _tensor_name(tensor: Any) -> str:
-    history = getattr(tensor, "_keras_history", None)
-    name = history.operation.name if history else getattr(tensor, "name", "tensor")
-    return identifier(name)
-
-
-def _choose_inputs_mode(
-    requested: str, signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
-) -> tuple[Literal["shared", "separate"], str]:
-    mismatch = _first_input_mismatch(signatures, branches)
-    if requested == "separate":
-        return "separate", "asked for"
-    if requested == "shared":
-        if mismatch:
-            raise FusecliError(f"Cannot share inputs: {mismatch}. Use --inputs separate")
-        return "shared", "asked for"
-    if mismatch:
-        return "separate", mismatch
-    return "shared", "all models take the same inputs"
-
-
-def _first_input_mismatch(
-    signatures: list[list[tuple[str, tuple, str]]], branches: list[str]
-) -> str | None:
-    first = signatures[0]
-    for branch, signature in zip(branches[1:], signatures[1:], strict=True):
-        if len(signature) != len(first):
-            return f"{branches[0]!r} takes {len(first)} inputs, {branch!r} takes {len(signature)}"
-        for k, ((_, s0, d0), (_, s, d)) in enumerate(zip(first, signature, strict=True)):
-            if s0 != s or d0 != d:
-                return (
-                    f"input {k} of {branches[0]!r} is {_fmt_shape(s0)} {d0}, "
-                    f"of {branch!r} {_fmt_shape(s)} {d}"
-                )
-    return None
-
-
-def _fused_inputs(
-    keras: Any,
-    mode: str,
-    signatures: list[list[tuple[str, tuple, str]]],
-    branches: list[str],
-    taken: set[str],
-) -> tuple[list[Any], list[list[int]]]:
-    """The fused model's Input layers, and for each branch the positions of its inputs."""
-    if mode == "shared":
-        new_inputs = [
-            keras.Input(batch_shape=shape, dtype=dtype, name=unique(name, taken))
-            for name, shape, dtype in _shared_input_names(signatures[0])
-        ]
-        return new_inputs, [list(range(len(new_inputs))) for _ in branches]
-    new_inputs, slots = [], []
-    for branch, signature in zip(branches, signatures, strict=True):
-        slots.append([])
-        for name, shape, dtype in signature:
-            label = f"{branch}_{'input' if _GENERIC_INPUT.fullmatch(name) else name}"
-            slots[-1].append(len(new_inputs))
-            new_inputs.append(
-                keras.Input(batch_shape=shape, dtype=dtype, name=unique(label, taken))
-            )
-    return new_inputs, slots
-
-
-def _common_axes(per_model: list[list[int]], branches: list[str]) -> list[int]:
-    for branch, axes in zip(branches[1:], per_model[1:], strict=True):
-        if axes != per_model[0]:
-            raise FusecliError(
-                f"The final softmax of {branches[0]!r} works over axes {per_model[0]}, that of "
-                f"{branch!r} over {axes}; they must agree to fuse at the logits"
-            )
-    return per_model[0]
-
-
-def _shared_input_names(signature: list[tuple[str, tuple, str]]) -> list[tuple[str, tuple, str]]:
-    return [
-        ("input" if _GENERIC_INPUT.fullmatch(name) else name, shape, dtype)
-        for name, shape, dtype in signature
-    ]
-
-
 def _pack_inputs(model: keras.Model, args: list[Any], keras: Any) -> Any:
     struct = getattr(model, "_inputs_struct", None)
     if struct is not None:
@@ -767,53 +640,9 @@ def _call(model: keras.Model, args: list[Any], keras: Any) -> list[Any]:
     return keras.tree.flatten(model(_pack_inputs(model, args, keras), training=False))
 
 
-def _output_names(model: keras.Model, count: int, taken: set[str]) -> list[str]:
-    if count == 1:
-        return [unique("fused", taken)]
-    names = list(getattr(model, "output_names", None) or [])
-    if len(names) != count:
-        names = [str(j) for j in range(count)]
-    return [unique(f"fused_{identifier(n)}", taken) for n in names]
-
-
-def _check_outputs_match(branch_outputs: list[list[Any]], branches: list[str]) -> None:
-    first = branch_outputs[0]
-    for branch, outs in zip(branches[1:], branch_outputs[1:], strict=True):
-        if len(outs) != len(first):
-            raise FusecliError(
-                f"Models must have the same number of outputs to be fused. "
-                f"Received: {branches[0]!r} has {len(first)}, {branch!r} has {len(outs)}"
-            )
-        for j, (a, b) in enumerate(zip(first, outs, strict=True)):
-            if tuple(a.shape) != tuple(b.shape):
-                raise FusecliError(
-                    f"Output {j} of {branches[0]!r} has shape {_fmt_shape(a.shape)} but output "
-                    f"{j} of {branch!r} has shape {_fmt_shape(b.shape)}; outputs are fused "
-                    "position by position and must match"
-                )
-
-
-def _scale_layer(keras: Any, scale: ScaleMode, weight: float, name: str) -> Any:
-    if scale == "lambda":
-        return keras.layers.Lambda(lambda x, w: x * w, arguments={"w": weight}, name=name)
-    return keras.layers.Rescaling(scale=weight, offset=0.0, name=name)
-
-
 def _finite_max_abs(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(np.max(np.abs(finite))) if finite.size else 0.0
-
-
-def _fmt_shape(shape: Sequence[int | None]) -> str:
-    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
-
-
-def _tensor_info(tensor: Any) -> dict[str, Any]:
-    return {
-        "name": _tensor_name(tensor),
-        "shape": list(tensor.shape),
-        "dtype": str(tensor.dtype),
-    }
 
 
 def _describe_source(item: ModelSource) -> str:

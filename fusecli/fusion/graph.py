@@ -18,33 +18,25 @@ from __future__ import annotations
 import base64
 import copy
 import marshal
-import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusecli.config import walker
+from fusecli.config.walker import MODEL_CLASSES, io_refs, is_model, layers
 from fusecli.errors import FusecliError
+from fusecli.fusion.inputs import choose_mode
+from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.naming import identifier, unique
 
 # Input names Keras makes up; the fused model says "input" instead.
 _GENERIC_INPUT = re.compile(r"(input|input_layer|keras_tensor)(_\d+)?")
-_MODEL_CLASSES = ("Functional", "Sequential", "Model")
 _FLOAT32 = {
     "module": "keras",
     "class_name": "DTypePolicy",
     "config": {"name": "float32"},
     "registered_name": None,
 }
-# Layers whose output has their input's shape.
-_SAME_SHAPE = {
-    "Activation", "Softmax", "ReLU", "LeakyReLU", "ELU", "PReLU", "Dropout", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-    "BatchNormalization", "LayerNormalization", "GroupNormalization", "UnitNormalization",
-    "Rescaling", "Identity", "ActivityRegularization", "Masking", "Normalization",
-}  # fmt: skip
-_MERGES = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
-_GLOBAL_POOLS = {f"Global{kind}Pooling{d}D" for kind in ("Average", "Max") for d in "123"}
 
 
 def _scale(x: Any, w: Any) -> Any:
@@ -79,6 +71,16 @@ class Branch:
 
 
 @dataclass
+class Head:
+    """A tune recipe's head in place of the plain weighted sum (`fusecli.fusion.recipe_head`):
+    each branch's output calibrated, softmax(z / T), and/or the branches' outputs stacked into a
+    Dense layer (its weights are set once the model is built) followed by a softmax."""
+
+    temperatures: list[float] | None = None
+    stack_units: int | None = None
+
+
+@dataclass
 class Assembly:
     """The fused config and what it is made of."""
 
@@ -95,17 +97,7 @@ class Assembly:
 def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> Branch:
     """A model's config made ready to nest as branch `name`: cut at the logits if asked, every
     inner layer renamed, its inputs and outputs read."""
-    config = copy.deepcopy(config)
-    config.pop("compile_config", None)
-    inner = config.get("config")
-    if config.get("class_name") not in _MODEL_CLASSES or not isinstance(inner, dict):
-        raise FusecliError(
-            f"Model {name!r} is not a functional or Sequential model (its config holds a "
-            f"{config.get('class_name')!r}); it cannot be nested in a fused model"
-        )
-    axes: list[int] = []
-    if at == "logits":
-        axes = _cut_before_softmax(config, name)
+    config, axes = _given(config, name, at)
     output_shapes = output_shapes_of(config)
     output_names = _output_layer_names(config)
     inputs = _inputs_of(config, name)
@@ -113,6 +105,26 @@ def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> 
     renames: dict[str, str] = {}
     _rename(config, name, f"{name}_", renames)
     return Branch(name, config, renames, inputs, output_shapes, output_names, axes, given)
+
+
+def given_config(config: dict[str, Any], name: str, *, at: str = "output") -> dict[str, Any]:
+    """`prepare_branch(config, name, at=at).given`, without reading the rest."""
+    return _given(config, name, at)[0]
+
+
+def _given(config: dict[str, Any], name: str, at: str) -> tuple[dict[str, Any], list[int]]:
+    """A copy of a model's config as it is nested before the renames (cut at the logits if
+    asked), and the softmax axes of the cut."""
+    config = copy.deepcopy(config)
+    config.pop("compile_config", None)
+    inner = config.get("config")
+    if config.get("class_name") not in MODEL_CLASSES or not isinstance(inner, dict):
+        raise FusecliError(
+            f"Model {name!r} is not a functional or Sequential model (its config holds a "
+            f"{config.get('class_name')!r}); it cannot be nested in a fused model"
+        )
+    axes = cut_before_softmax(config, name) if at == "logits" else []
+    return config, axes
 
 
 def assemble(
@@ -123,12 +135,14 @@ def assemble(
     inputs: str,
     activation: str,
     axes: list[int] | None,
+    head: Head | None = None,
 ) -> Assembly:
-    """The fused model's config; see the module's docstring."""
+    """The fused model's config; see the module's docstring. `head` replaces the weighted sum."""
     names = [b.name for b in branches]
-    mode, reason = _choose_inputs_mode(inputs, [b.inputs for b in branches], names)
+    signatures = [[(i.name, i.shape, i.dtype) for i in b.inputs] for b in branches]
+    mode, reason, shared = choose_mode(inputs, signatures, names)
     taken = set(names)
-    new_inputs, slots = _fused_inputs(mode, branches, taken)
+    new_inputs, slots = _fused_inputs(shared, branches, taken)
     _check_outputs_match(branches)
     out_names = _fused_output_names(branches[0], taken)
     layers: list[dict[str, Any]] = [_input_layer(i) for i in new_inputs]
@@ -148,10 +162,15 @@ def assemble(
     for j, out_name in enumerate(out_names):
         suffix = "" if len(out_names) == 1 else f"_{j}"
         shape = branches[0].output_shapes[j]
+        sources = [_tensor(b.output_shapes[j], "float32", b.name, tensor=j) for b in branches]
+        if head is not None and head.temperatures is not None:
+            sources = _calibrated(branches, sources, head.temperatures, shape, taken, scales)
+        if head is not None and head.stack_units is not None:
+            outputs.append(_stack(sources, head.stack_units, out_name, shape, taken, adds))
+            continue
         scaled = []
-        for branch, w in zip(branches, weights, strict=True):
+        for branch, w, source in zip(branches, weights, sources, strict=True):
             scale_name = unique(f"{branch.name}_scale{suffix}", taken)
-            source = _tensor(branch.output_shapes[j], "float32", branch.name, tensor=j)
             scales.append(_scale_layer(scale, w, scale_name, source, shape))
             scaled.append(_tensor(shape, "float32", scale_name))
         add_name = out_name if activation == "none" else unique(f"{out_name}_logits", taken)
@@ -198,6 +217,51 @@ def assemble(
     )
 
 
+def _calibrated(
+    branches: list[Branch],
+    sources: list[dict[str, Any]],
+    temperatures: list[float],
+    shape: Shape | None,
+    taken: set[str],
+    layers: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """softmax(z / T) of each branch's output: Rescaling(1 / T), then Softmax."""
+    out = []
+    for branch, source, t in zip(branches, sources, temperatures, strict=True):
+        scaled = unique(f"{branch.name}_temperature", taken)
+        layers.append(
+            _layer("Rescaling", scaled, {"scale": 1.0 / t, "offset": 0.0}, [source], {}, shape)
+        )
+        calibrated = unique(f"{branch.name}_calibrated", taken)
+        args = [_tensor(shape, "float32", scaled)]
+        layers.append(_layer("Softmax", calibrated, {"axis": -1}, args, {"mask": None}, shape))
+        out.append(_tensor(shape, "float32", calibrated))
+    return out
+
+
+def _stack(
+    sources: list[dict[str, Any]],
+    units: int,
+    out_name: str,
+    shape: Shape | None,
+    taken: set[str],
+    layers: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """softmax(Dense(concat(outputs))): the stacking head; the output's description."""
+    features = unique("stack_features", taken)
+    layers.append(_layer("Concatenate", features, {"axis": -1}, [sources], {}, None))
+    joined = None
+    if shape is not None and shape and isinstance(shape[-1], int):
+        joined = [*shape[:-1], shape[-1] * len(sources)]
+    dense = unique("stack", taken)
+    args = [_tensor(joined, "float32", features)]
+    layers.append(_layer("Dense", dense, {"units": units}, args, {}, joined))
+    out_shape = None if shape is None else [*shape[:-1], units]
+    args = [_tensor(out_shape, "float32", dense)]
+    layers.append(_layer("Softmax", out_name, {"axis": -1}, args, {"mask": None}, out_shape))
+    return {"name": out_name, "shape": out_shape, "dtype": "float32"}
+
+
 def common_axes(branches: list[Branch]) -> list[int]:
     first = branches[0]
     for branch in branches[1:]:
@@ -214,27 +278,6 @@ def undo_renames(config: Any, renames: dict[str, str]) -> Any:
     return _map_names(config, renames)
 
 
-def layer_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
-    inner = config.get("config")
-    layers = inner.get("layers") if isinstance(inner, dict) else None
-    return [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
-
-
-def is_model(entry: dict[str, Any]) -> bool:
-    inner = entry.get("config")
-    return (
-        entry.get("class_name") in _MODEL_CLASSES
-        and isinstance(inner, dict)
-        and isinstance(inner.get("layers"), list)
-    )
-
-
-def layer_name(entry: dict[str, Any]) -> str:
-    inner = entry.get("config")
-    name = inner.get("name") if isinstance(inner, dict) else None
-    return str(name if name is not None else entry.get("name"))
-
-
 # -- renaming --------------------------------------------------------------------------------
 
 
@@ -249,12 +292,12 @@ def rename_layers(config: dict[str, Any], name: str) -> dict[str, str]:
 def _rename(config: dict[str, Any], new_name: str, prefix: str, renames: dict[str, str]) -> None:
     """Rename the model to `new_name` and its layers to `prefix + name`, at every depth."""
     inner = config["config"]
-    entries = layer_entries(config)
-    mapping = {layer_name(e): f"{prefix}{layer_name(e)}" for e in entries}
+    entries = layers(config)
+    mapping = {walker.name(e): f"{prefix}{walker.name(e)}" for e in entries}
     for old, new in mapping.items():
         renames[new] = old
     for entry in entries:
-        old = layer_name(entry)
+        old = walker.name(entry)
         new = mapping[old]
         if isinstance(entry.get("config"), dict):
             entry["config"]["name"] = new
@@ -271,10 +314,10 @@ def _rename(config: dict[str, Any], new_name: str, prefix: str, renames: dict[st
 
 
 def _map_names(value: Any, mapping: dict[str, str]) -> Any:
-    """Replace layer names in references ([name, node, tensor] lists, keras_history) and in
-    `name` fields."""
-    if isinstance(value, list):
-        if _is_ref(value) and value[0] in mapping:
+    """Replace layer names in references ([name, node, tensor] lists or tuples, keras_history)
+    and in `name` fields."""
+    if isinstance(value, list | tuple):
+        if walker.is_ref(value) and value[0] in mapping:
             return [mapping[value[0]], *(_map_names(v, mapping) for v in value[1:])]
         return [_map_names(v, mapping) for v in value]
     if isinstance(value, dict):
@@ -288,156 +331,11 @@ def _map_names(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def _is_ref(value: list[Any]) -> bool:
-    return (
-        len(value) >= 3
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-        and isinstance(value[2], int)
-    )
-
-
-# -- cutting at the logits -------------------------------------------------------------------
-
-
-def _cut_before_softmax(config: dict[str, Any], name: str) -> list[int]:
-    """Cut `config` (in place) before its final softmax; the softmax axis of each output."""
-    entries = layer_entries(config)
-    if config["class_name"] == "Sequential":
-        real = [e for e in entries if e.get("class_name") != "InputLayer"]
-        if not real:
-            raise FusecliError(f"Model {name!r} has no layers")
-        last = real[-1]
-        axis, drop = _softmax_end(last, name, 0)
-        if drop:
-            if len(real) == 1:
-                raise FusecliError(f"Model {name!r} is only a softmax; it has no logits")
-            config["config"]["layers"].remove(last)
-        return [axis]
-    inner = config["config"]
-    refs = list(_output_refs(inner.get("output_layers")))
-    by_name = {layer_name(e): e for e in entries}
-    axes = []
-    dropped: set[str] = set()
-    for j, ref in enumerate(refs):
-        layer = by_name.get(ref[0])
-        if layer is None:
-            raise FusecliError(f"Model {name!r}: output {j} names no layer ({ref[0]!r})")
-        uses = _uses(entries, ref[0]) + sum(1 for r in refs if r[0] == ref[0])
-        axis, drop = _softmax_end(layer, name, j)
-        axes.append(axis)
-        if uses > 1:
-            raise FusecliError(
-                f"Model {name!r}: the output of its final layer {ref[0]!r} is also used "
-                "elsewhere in the model; --at logits cannot cut it"
-            )
-        if drop:
-            source = _input_ref(layer, ref[1], name)
-            ref[:3] = source[:3]
-            dropped.add(layer_name(layer))
-    inner["layers"] = [e for e in inner["layers"] if layer_name(e) not in dropped]
-    return axes
-
-
-def _softmax_end(layer: dict[str, Any], name: str, j: int) -> tuple[int, bool]:
-    """(axis, whether the layer is dropped) for a layer that ends in a softmax; refuses others."""
-    class_name = layer.get("class_name")
-    conf = layer.get("config") if isinstance(layer.get("config"), dict) else {}
-    if class_name == "Softmax":
-        return _single_axis(conf.get("axis", -1), name, layer), True
-    if class_name == "Activation" and _is_softmax(conf.get("activation")):
-        return -1, True
-    if _is_softmax(conf.get("activation")) and not is_model(layer):
-        conf["activation"] = "linear"
-        return -1, False
-    activation = conf.get("activation")
-    note = f", activation {_activation_name(activation)!r}" if activation is not None else ""
-    raise FusecliError(
-        f"Model {name!r} has no final softmax to fuse before: output {j} comes from "
-        f"layer {layer_name(layer)!r} ({class_name}{note}). --at logits needs a last layer with "
-        "activation='softmax', or a trailing Softmax or Activation('softmax') layer"
-    )
-
-
-def _is_softmax(activation: Any) -> bool:
-    return _activation_name(activation) == "softmax"
-
-
-def _activation_name(activation: Any) -> Any:
-    if isinstance(activation, dict):  # {"class_name": "function", "config": "softmax", ...}
-        inner = activation.get("config")
-        return inner if isinstance(inner, str) else activation.get("class_name")
-    return activation
-
-
-def _single_axis(axis: Any, name: str, layer: dict[str, Any]) -> int:
-    if isinstance(axis, int):
-        return axis
-    if isinstance(axis, list | tuple) and len(axis) == 1 and isinstance(axis[0], int):
-        return int(axis[0])
-    raise FusecliError(
-        f"Model {name!r}: the final Softmax layer {layer_name(layer)!r} works over several axes "
-        f"({axis}); --at logits supports one. Received: axis={axis}"
-    )
-
-
-def _uses(entries: list[dict[str, Any]], target: str) -> int:
-    count = 0
-    for entry in entries:
-        for ref in _refs(entry.get("inbound_nodes", [])):
-            if ref[0] == target:
-                count += 1
-    return count
-
-
-def _input_ref(layer: dict[str, Any], node: int, name: str) -> list[Any]:
-    nodes = layer.get("inbound_nodes") or []
-    refs = list(_refs(nodes[node] if node < len(nodes) else []))
-    if len(refs) != 1:
-        raise FusecliError(
-            f"Model {name!r}: cannot find the input of its final layer {layer_name(layer)!r}"
-        )
-    return refs[0]
-
-
-def _refs(value: Any) -> Iterator[list[Any]]:
-    """Every tensor reference in a node: keras_history lists and Keras 2 [name, node, tensor]."""
-    if isinstance(value, dict):
-        conf = value.get("config")
-        if value.get("class_name") == "__keras_tensor__" and isinstance(conf, dict):
-            history = conf.get("keras_history")
-            if isinstance(history, list):
-                yield history
-            return
-        for item in value.values():
-            yield from _refs(item)
-    elif isinstance(value, list):
-        if _is_ref(value):
-            yield value
-            return
-        for item in value:
-            yield from _refs(item)
-
-
-def _output_refs(value: Any) -> Iterator[list[Any]]:
-    """The references in an input/output spec, in the order keras.tree.flatten gives the
-    tensors (a dict's by sorted key)."""
-    if isinstance(value, dict):
-        for key in sorted(value):
-            yield from _output_refs(value[key])
-    elif isinstance(value, list):
-        if _is_ref(value):
-            yield value
-        else:
-            for item in value:
-                yield from _output_refs(item)
-
-
 # -- inputs and outputs ----------------------------------------------------------------------
 
 
 def _inputs_of(config: dict[str, Any], name: str) -> list[BranchInput]:
-    entries = layer_entries(config)
+    entries = layers(config)
     if config.get("class_name") == "Sequential":
         found = entries[:1] if entries and entries[0].get("class_name") == "InputLayer" else []
     else:
@@ -447,185 +345,57 @@ def _inputs_of(config: dict[str, Any], name: str) -> list[BranchInput]:
                 f"Model {name!r} takes its inputs as a dict; fuse supports models taking one "
                 "input or a list"
             )
-        by_name = {layer_name(e): e for e in entries}
-        found = [by_name.get(ref[0]) for ref in _output_refs(inner.get("input_layers"))]
+        by_name = {walker.name(e): e for e in entries}
+        found = [by_name.get(ref[0]) for ref in io_refs(inner.get("input_layers"))]
     if not found or any(e is None or e.get("class_name") != "InputLayer" for e in found):
         raise FusecliError(f"Model {name!r} has no defined inputs (build it with an Input)")
     out = []
     for entry in found:
         conf = entry["config"]
         shape = conf.get("batch_shape", conf.get("batch_input_shape"))
-        if not isinstance(shape, list):
-            raise FusecliError(f"Model {name!r}: input {layer_name(entry)!r} has no shape")
+        if not isinstance(shape, list | tuple):
+            raise FusecliError(f"Model {name!r}: input {walker.name(entry)!r} has no shape")
         dtype = conf.get("dtype", "float32")
         if isinstance(dtype, dict):
             dtype = dtype.get("config", {}).get("name", "float32")
-        out.append(BranchInput(identifier(layer_name(entry)), list(shape), str(dtype)))
+        out.append(BranchInput(identifier(walker.name(entry)), list(shape), str(dtype)))
     return out
 
 
 def output_shapes_of(config: dict[str, Any]) -> list[Shape | None]:
-    """The shapes of a model's outputs, read from its config where the last layers say them;
-    None where they do not."""
-    entries = layer_entries(config)
-    if config.get("class_name") == "Sequential":
-        real = [e for e in entries if e.get("class_name") != "InputLayer"]
-        if not real:
-            return [None]
-        inputs = _sequential_input_shape(config)
-        for entry in real:
-            inputs = _layer_output(entry, [inputs] if inputs is not None else None, 0)
-        return [inputs]
-    by_name = {layer_name(e): e for e in entries}
-    shapes = []
-    for ref in _output_refs(config["config"].get("output_layers")):
-        entry = by_name.get(ref[0])
-        shapes.append(None if entry is None else _shape_of(entry, by_name, ref[1], ref[2], 0))
-    return shapes
+    """The shapes of a model's outputs as `fusecli.config.shapes` computes them from its config;
+    None for one it cannot compute fully."""
+    from fusecli.config.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return [None] * len(_output_layer_names(config))
+    return [
+        None if spec.shape is None or UNKNOWN in spec.shape else list(spec.shape) for spec in specs
+    ]
 
 
 def _output_layer_names(config: dict[str, Any]) -> list[str]:
     if config.get("class_name") == "Sequential":
-        return [layer_name(layer_entries(config)[-1])] if layer_entries(config) else ["output"]
+        return [walker.name(layers(config)[-1])] if layers(config) else ["output"]
     value = config["config"].get("output_layers")
     if isinstance(value, dict):
         return [str(k) for k in sorted(value)]
-    return [str(ref[0]) for ref in _output_refs(value)]
-
-
-def _sequential_input_shape(config: dict[str, Any]) -> Shape | None:
-    entries = layer_entries(config)
-    if entries and entries[0].get("class_name") == "InputLayer":
-        shape = entries[0]["config"].get("batch_shape")
-        return list(shape) if isinstance(shape, list) else None
-    build = config.get("build_config") or {}
-    shape = build.get("input_shape")
-    return list(shape) if isinstance(shape, list) else None
-
-
-def _shape_of(
-    entry: dict[str, Any], by_name: dict[str, dict[str, Any]], node: int, tensor: int, depth: int
-) -> Shape | None:
-    if depth > 200:
-        return None
-    nodes = entry.get("inbound_nodes") or []
-    in_shapes = None
-    if node < len(nodes):
-        in_shapes = [_ref_shape(ref, by_name, depth) for ref in _tensor_configs(nodes[node])]
-    return _layer_output(entry, in_shapes, tensor)
-
-
-def _tensor_configs(node: Any) -> list[dict[str, Any]]:
-    """The __keras_tensor__ configs among a node's positional args, in order."""
-    args = node.get("args", []) if isinstance(node, dict) else []
-    found: list[dict[str, Any]] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            if value.get("class_name") == "__keras_tensor__" and isinstance(
-                value.get("config"), dict
-            ):
-                found.append(value["config"])
-            return
-        if isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(args)
-    return found
-
-
-def _ref_shape(tensor: dict[str, Any], by_name: dict[str, dict[str, Any]], depth: int) -> Any:
-    shape = tensor.get("shape")
-    return list(shape) if isinstance(shape, list) else None
-
-
-def _layer_output(entry: dict[str, Any], in_shapes: list[Any] | None, tensor: int) -> Shape | None:
-    """A layer's output shape from its input shapes, for the layers models usually end with."""
-    class_name = entry.get("class_name")
-    conf = entry.get("config") if isinstance(entry.get("config"), dict) else {}
-    if is_model(entry):
-        shapes = output_shapes_of(entry)
-        return shapes[tensor] if tensor < len(shapes) else None
-    if tensor != 0:
-        return None
-    if not in_shapes or in_shapes[0] is None:
-        build = entry.get("build_config") or {}
-        shape = build.get("input_shape")
-        if not isinstance(shape, list):
-            return None
-        in_shapes = [shape]
-    first = in_shapes[0]
-    if not isinstance(first, list) or (first and isinstance(first[0], list)):
-        return None
-    if class_name in _SAME_SHAPE:
-        return list(first)
-    if class_name == "Dense" and isinstance(conf.get("units"), int):
-        return [*first[:-1], conf["units"]]
-    if class_name in _MERGES:
-        return list(first)
-    if class_name == "Flatten" and first:
-        rest = first[1:]
-        return [first[0], math.prod(rest) if all(isinstance(d, int) for d in rest) else None]
-    if class_name in _GLOBAL_POOLS and len(first) >= 2:
-        if conf.get("keepdims"):
-            return None
-        channels_first = conf.get("data_format") == "channels_first"
-        return [first[0], first[1] if channels_first else first[-1]]
-    if class_name == "Reshape" and isinstance(conf.get("target_shape"), list):
-        target = list(conf["target_shape"])
-        if -1 in target:
-            known = first[1:]
-            if not all(isinstance(d, int) for d in known):
-                return None
-            rest = math.prod(d for d in target if d != -1)
-            target[target.index(-1)] = math.prod(known) // rest if rest else None
-        return [first[0], *target]
-    if class_name == "EinsumDense" and isinstance(conf.get("output_shape"), list):
-        return [first[0], *conf["output_shape"]]
-    return None
-
-
-def _choose_inputs_mode(
-    requested: str, signatures: list[list[BranchInput]], names: list[str]
-) -> tuple[str, str]:
-    mismatch = _first_input_mismatch(signatures, names)
-    if requested == "separate":
-        return "separate", "asked for"
-    if requested == "shared":
-        if mismatch:
-            raise FusecliError(f"Cannot share inputs: {mismatch}. Use --inputs separate")
-        return "shared", "asked for"
-    if mismatch:
-        return "separate", mismatch
-    return "shared", "all models take the same inputs"
-
-
-def _first_input_mismatch(signatures: list[list[BranchInput]], names: list[str]) -> str | None:
-    first = signatures[0]
-    for name, signature in zip(names[1:], signatures[1:], strict=True):
-        if len(signature) != len(first):
-            return f"{names[0]!r} takes {len(first)} inputs, {name!r} takes {len(signature)}"
-        for k, (a, b) in enumerate(zip(first, signature, strict=True)):
-            if a.shape != b.shape or a.dtype != b.dtype:
-                return (
-                    f"input {k} of {names[0]!r} is {fmt_shape(a.shape)} {a.dtype}, "
-                    f"of {name!r} {fmt_shape(b.shape)} {b.dtype}"
-                )
-    return None
+    return [str(ref[0]) for ref in io_refs(value)]
 
 
 def _fused_inputs(
-    mode: str, branches: list[Branch], taken: set[str]
+    shared: list[tuple[int | None, ...]] | None, branches: list[Branch], taken: set[str]
 ) -> tuple[list[BranchInput], list[list[int]]]:
-    if mode == "shared":
+    if shared is not None:
         new_inputs = [
             BranchInput(
                 unique("input" if _GENERIC_INPUT.fullmatch(i.name) else i.name, taken),
-                i.shape,
+                list(shape),
                 i.dtype,
             )
-            for i in branches[0].inputs
+            for i, shape in zip(branches[0].inputs, shared, strict=True)
         ]
         return new_inputs, [list(range(len(new_inputs))) for _ in branches]
     new_inputs, slots = [], []
@@ -669,10 +439,7 @@ def _fused_output_names(branch: Branch, taken: set[str]) -> list[str]:
 
 
 def _tensor(shape: Shape | None, dtype: str, layer: str, tensor: int = 0) -> dict[str, Any]:
-    return {
-        "class_name": "__keras_tensor__",
-        "config": {"shape": shape, "dtype": dtype, "keras_history": [layer, 0, tensor]},
-    }
+    return walker.keras_tensor([layer, 0, tensor], shape, dtype)
 
 
 def _input_layer(spec: BranchInput) -> dict[str, Any]:

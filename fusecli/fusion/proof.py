@@ -23,18 +23,21 @@ from typing import Any
 
 import h5py
 
+from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights, read_model_file
 from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
-from fusecli.fusion.graph import (
-    Assembly,
-    layer_entries,
-    layer_name,
-    prepare_branch,
-    undo_renames,
+from fusecli.fusion.graph import Assembly, given_config, undo_renames
+from fusecli.fusion.writer import (
+    ASSETS,
+    H5_WEIGHTS,
+    Placed,
+    Source,
+    Written,
+    asset_members,
+    snake_case,
 )
-from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written, snake_case
 from fusecli.safety.scan import scan
 
 
@@ -60,7 +63,7 @@ def prove(
     config = model_file.config
     if config != assembly.config:
         raise VerificationError("The written file's config differs from the composed one")
-    by_name = {layer_name(e): e for e in layer_entries(config)}
+    by_name = {walker.name(e): e for e in walker.layers(config)}
     for branch, original in zip(assembly.branches, given, strict=True):
         skip = ("inbound_nodes", "name", "compile_config")
         entry = {k: v for k, v in by_name[branch.name].items() if k not in skip}
@@ -81,7 +84,7 @@ def prove(
     if fmt == "h5":
         _check_h5_layer_order(path, config, assembly)
     tensors, nbytes = _check_tensors(path, fmt, sources, written)
-    _check_assets(path, written)
+    _check_assets(path, fmt, _branch_groups(config, fmt, assembly), sources, written)
     _check_sources_unchanged(assembly, given, sources, axes)
     return {
         "config": "as composed; each branch holds its model's config (layers renamed)",
@@ -169,18 +172,7 @@ def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written:
     """Each branch's tensors are where Keras will load that branch from, found from the written
     config alone (not from the writer's layer keys): a swap of two alike branches' groups keeps
     every tensor equal to a source, yet computes another function."""
-    index = {b.name: i for i, b in enumerate(assembly.branches)}
-    counts: dict[str, int] = {}
-    groups: dict[int, str] = {}
-    for entry in layer_entries(config):
-        key = snake_case(str(entry.get("class_name")))
-        n = counts.get(key, 0)
-        counts[key] = n + 1
-        name = layer_name(entry)
-        if name in index:
-            groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
-            if fmt != "keras":
-                groups[index[name]] = f"{name}/"
+    groups = _branch_groups(config, fmt, assembly)
     for p in written.placed:
         if not p.output.startswith(groups.get(p.branch, "\0")):
             name = assembly.branches[p.branch].name
@@ -190,12 +182,30 @@ def _check_places(config: dict[str, Any], fmt: str, assembly: Assembly, written:
             )
 
 
+def _branch_groups(config: dict[str, Any], fmt: str, assembly: Assembly) -> dict[int, str]:
+    """Where Keras loads each branch's weights (and, in `.keras`, its assets) from, found from
+    the written config: `layers/<class>_<n>/` in `.keras`, `<name>/` in `.h5`."""
+    index = {b.name: i for i, b in enumerate(assembly.branches)}
+    counts: dict[str, int] = {}
+    groups: dict[int, str] = {}
+    for entry in walker.layers(config):
+        key = snake_case(str(entry.get("class_name")))
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        name = walker.name(entry)
+        if name in index:
+            groups[index[name]] = (f"layers/{key}_{n}" if n else f"layers/{key}") + "/"
+            if fmt != "keras":
+                groups[index[name]] = f"{name}/"
+    return groups
+
+
 def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly) -> None:
     """Keras' legacy loader gives the k-th layer listed in `layer_names` (among those with
     weights) to the model's k-th layer with weights, whatever the groups are called: the branches
     must be listed in the written config's order."""
     branches = {b.name for b in assembly.branches}
-    wanted = [layer_name(e) for e in layer_entries(config) if layer_name(e) in branches]
+    wanted = [walker.name(e) for e in walker.layers(config) if walker.name(e) in branches]
     with h5py.File(path, "r") as h5:
         group = h5[H5_WEIGHTS]
         listed = [
@@ -286,7 +296,7 @@ def _check_sources_unchanged(
         if source.converted:  # Keras' private copy: nobody else writes it
             continue
         try:
-            now = prepare_branch(read_model_file(source.path).config, branch.name, at=at).given
+            now = given_config(read_model_file(source.path).config, branch.name, at=at)
         except FusecliError:
             now = None
         if now != original:
@@ -308,8 +318,26 @@ def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
         )
 
 
-def _check_assets(path: Path, written: Written) -> None:
-    """Every asset file of a branch is in the written archive, byte for byte."""
+def _check_assets(
+    path: Path, fmt: str, groups: dict[int, str], sources: list[Source], written: Written
+) -> None:
+    """Every asset file of every branch (a vocabulary...: without it the layer does not load,
+    or loads empty) is in the written archive where Keras looks for it, under the branch's own
+    path, byte for byte; nothing else is. A `.h5` file holds no assets: none may be needed."""
+    wanted = set()
+    for i, source in enumerate(sources):
+        for name in asset_members(source.path):
+            if fmt != "keras":
+                raise VerificationError(
+                    f"{source.given} needs asset file {name!r}, which a .h5 file cannot hold"
+                )
+            wanted.add(f"{ASSETS}{groups.get(i, '?/')}{name[len(ASSETS) :]}")
+    placed = {name for name, _, _ in written.assets}
+    if placed != wanted:
+        missing = sorted(wanted - placed) or sorted(placed - wanted)
+        raise VerificationError(
+            f"Asset {missing[0]!r} is not where Keras loads it from in the written file"
+        )
     if not written.assets:
         return
     with zipfile.ZipFile(path) as out:
@@ -385,15 +413,7 @@ def _unexpected_findings(model_file: Any, scale: str, assembly: Assembly) -> lis
 
 
 def _names_unique(config: dict[str, Any]) -> bool:
-    names: list[str] = []
-
-    def walk(conf: dict[str, Any]) -> None:
-        for entry in layer_entries(conf):
-            names.append(layer_name(entry))
-            if isinstance(entry.get("config"), dict) and "layers" in entry["config"]:
-                walk(entry)
-
-    walk(config)
+    names = [walker.name(entry) for _, entry in walker.walk(config)]
     return len(names) == len(set(names))
 
 

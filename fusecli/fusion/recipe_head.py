@@ -2,8 +2,9 @@
 
 A recipe of plain weights (grid, greedy, optimize, uniform; at the outputs or the logits) is
 fused as any `fuse --w` is: file to file, proved (models with weight 0 are left out). A recipe
-with temperatures (`tune --calibrate`) or a stacking head is built in Keras from ordinary layers
-on top of the branches, so the file loads with safe_mode and no custom code:
+with temperatures (`tune --calibrate`) or a stacking head is built in Keras, its graph decided by
+`fusecli.fusion.graph` (a `Head`) from ordinary layers on top of the branches, so the file loads
+with safe_mode and no custom code:
 
     temperatures:  z_i -> Rescaling(1 / T_i) -> Softmax                    (each branch)
     weights:       p_i -> Rescaling(w_i) -> Add (-> Softmax at the logits)
@@ -21,16 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fusecli import runtime
 from fusecli.errors import FusecliError, InvalidRequest, VerificationError
-from fusecli.fusion.fuse import (
-    FusionReport,
-    _build,
-    _call,
-    _tensor_info,
-    fuse_to_file,
-    random_batch,
-)
-from fusecli.fusion.naming import unique
+from fusecli.fusion.fuse import FusionReport, _build, _call, fuse_to_file, random_batch
+from fusecli.fusion.graph import Head
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.scores.recipe import Recipe
 
@@ -82,18 +77,17 @@ def fuse_recipe_to_file(
         )
     fmt = model_format(output)
     output = check_output_path(output, inputs=list(models), force=force)
-    dense: list[Any] = []
-
-    def head(keras: Any, outs: list[Any], branches: list[str], taken: set[str], name: str) -> Any:
-        return _head(keras, recipe, outs, branches, taken, name, dense)
-
+    head = Head(
+        temperatures=None if recipe.temperatures is None else list(recipe.temperatures),
+        stack_units=len(recipe.intercept) if recipe.is_stack else None,
+    )
     fusion = _build(
         list(models),
         tuple(recipe.weights or [1.0] * len(models)),
         scale="rescaling",
         inputs="auto",
         at=at,
-        activation="none",
+        activation="softmax" if recipe.softmax and not recipe.is_stack else "none",
         trust=trust,
         head=head,
     )
@@ -103,8 +97,10 @@ def fuse_recipe_to_file(
             f"The recipe was tuned on rows of shape {tuple(recipe.row_shape)}. Received: models "
             f"whose fused output has shape {fusion.model.outputs[0].shape}"
         )
-    if dense:
-        dense[0].set_weights(
+    if recipe.is_stack:  # the stacking Dense, the one Dense outside the branches
+        keras = runtime.keras()
+        (dense,) = [x for x in fusion.model.layers if isinstance(x, keras.layers.Dense)]
+        dense.set_weights(
             [np.asarray(recipe.coef, np.float32), np.asarray(recipe.intercept, np.float32)]
         )
     with atomic_output(output, force=force) as tmp:
@@ -122,51 +118,16 @@ def fuse_recipe_to_file(
         formula=_formula(recipe),
         inputs_mode=fusion.inputs_mode,
         inputs_reason=fusion.inputs_reason,
-        inputs=[_tensor_info(t) for t in fusion.model.inputs],
-        outputs=[_tensor_info(t) for t in fusion.model.outputs],
+        inputs=fusion.assembly.inputs,
+        outputs=fusion.assembly.outputs,
         params=int(fusion.model.count_params()),
         max_abs_diff=difference,
         verify={"result": "passed", "max_abs_diff": difference},
     )
 
 
-def _head(
-    keras: Any,
-    recipe: Recipe,
-    outs: list[Any],
-    branches: list[str],
-    taken: set[str],
-    name: str,
-    dense: list[Any],
-) -> Any:
-    """The layers on top of the branches' outputs (see the module doc)."""
-    layers = keras.layers
-    if recipe.temperatures is not None:
-        outs = [
-            layers.Softmax(name=unique(f"{b}_calibrated", taken))(
-                layers.Rescaling(1.0 / t, name=unique(f"{b}_temperature", taken))(z)
-            )
-            for z, b, t in zip(outs, branches, recipe.temperatures, strict=True)
-        ]
-    if recipe.is_stack:
-        features = layers.Concatenate(axis=-1, name=unique("stack_features", taken))(outs)
-        layer = layers.Dense(len(recipe.intercept), name=unique("stack", taken))
-        dense.append(layer)
-        return layers.Softmax(name=name)(layer(features))
-    scaled = [
-        layers.Rescaling(w, name=unique(f"{b}_scale", taken))(p)
-        for p, b, w in zip(outs, branches, recipe.weights, strict=True)
-    ]
-    if recipe.softmax:
-        total = layers.Add(name=unique(f"{name}_logits", taken))(scaled)
-        return layers.Softmax(name=name)(total)
-    return layers.Add(name=name)(scaled)
-
-
 def _check(fusion: Any, recipe: Recipe, path: Any) -> float:
     """Load the written file with safe_mode; its output must be the recipe's on a random batch."""
-    from fusecli import runtime
-
     keras = runtime.keras()
     try:
         loaded = keras.saving.load_model(path, safe_mode=True)

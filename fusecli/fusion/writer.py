@@ -110,11 +110,24 @@ def _assets(
     source_zip = stack.enter_context(zipfile.ZipFile(source.path))
     out: list[tuple[str, archive.MemberSource | None]] = []
     for info in source_zip.infolist():
-        if info.filename.startswith(ASSETS) and not info.is_dir():
+        if _is_asset(info):
             name = f"{ASSETS}layers/{key}/{info.filename[len(ASSETS) :]}"
             out.append((name, lambda info=info: source_zip.open(info)))
             written.assets.append((name, info.filename, source.path))
     return out
+
+
+def asset_members(path: Path) -> list[str]:
+    """The asset files in a `.keras` archive (vocabularies...), which its layers load; none in
+    any other file."""
+    if not zipfile.is_zipfile(path):
+        return []
+    with zipfile.ZipFile(path) as source_zip:
+        return [info.filename for info in source_zip.infolist() if _is_asset(info)]
+
+
+def _is_asset(info: zipfile.ZipInfo) -> bool:
+    return info.filename.startswith(ASSETS) and not info.is_dir()
 
 
 def write_h5(

@@ -1,12 +1,14 @@
 """Weight-space merging of same-architecture models, streamed from the files.
 
-    linear:           out = sum(w_i * M_i)                    (weights sum to 1 by default)
-    slerp:            out = slerp(t, M_1, M_2)                (per tensor, as in mergekit)
-    task-arithmetic:  out = BASE + sum(w_i * (M_i - BASE))
+The methods (linear, slerp, task-arithmetic, ties, dare-linear, dare-ties, breadcrumbs,
+model-stock) live in `methods/`, one module each, with their parameters declared there; the
+per-tensor values (gradients over the layers, `--set` patterns) are resolved in `settings.py`.
 
-Nothing is built and TensorFlow is never imported: the files' configs and variable lists are
-compared first (no tensor is read before the architectures match), then one variable at a time is
-read from every model, combined, and written. Peak memory is a few copies of the largest tensor.
+Nothing is built and TensorFlow is never imported. Everything that can be wrong with the request
+is found before a tensor is read: the parameters against their declarations, the files' configs
+and variable lists against each other, and every tensor's parameter values (patterns that match
+nothing, densities that keep nothing). Then one variable at a time is read from every model,
+combined, and written. Peak memory is a few copies of the largest tensor.
 
 The output takes the first input of its format as a template: its config, metadata and layout
 are copied, its tensors replaced by the merged ones, and training state (optimizer variables,
@@ -22,8 +24,8 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +34,34 @@ import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive
-from fusecli.formats.keras2 import check_keras2_layout
+from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
 from fusecli.formats.recipe import Pending, Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import (
     TRAINING_STATE_GROUPS,
     Layout,
+    Variable,
     architecture_difference,
     read_layout,
     read_tensor,
 )
 from fusecli.merging import keras2_convert
-from fusecli.merging.methods import MergePlan, plan_merge
+from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
+from fusecli.merging.relatedness import Relatedness, warnings_from
+from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated, call_isolated_write
 from fusecli.safety.scan import check_written, refuse_unsafe
 
 Progress = Callable[[int, int], None]
 
+DTYPES = ("float32", "float16", "bfloat16")
+
 _H5_WEIGHTS_GROUP = "model_weights"
 _H5_TRAINING_ATTRS = ("training_config",)
+# Members of the written .keras archive are dated so: the same inputs give the same bytes.
+_ARCHIVE_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass
@@ -73,6 +82,12 @@ class MergeReport:
     parameters: int
     bytes: int
     verified: bool
+    seed: int | None = None
+    dtype: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    per_tensor: list[dict[str, Any]] = field(default_factory=list)
+    relatedness: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -81,24 +96,28 @@ class MergeReport:
 def merge(
     models: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
-    weights: Sequence[float] | None = None,
+    weights: Sequence[Any] | None = None,
     *,
     method: str = "linear",
-    t: float | None = None,
     base: str | os.PathLike[str] | None = None,
-    normalize: bool | None = None,
+    overrides: Iterable[str | Override] = (),
+    dtype: str | None = None,
     force: bool = False,
     verify: bool = True,
     trust: bool = False,
     progress: Progress | None = None,
+    **parameters: Any,
 ) -> MergeReport:
     """Merge the weights of same-architecture model files into `output` (.keras or .h5).
 
-    `method`: "linear" (default; `weights` default to 1/N and are normalized unless
-    `normalize=False`), "slerp" (two models, `t` in [0, 1]) or "task-arithmetic" (`base`
-    required, `weights` default to 1 each, not normalized). Integer and boolean variables are
-    copied from the first model. Unless `verify` is False, the written file is read back and
-    compared with what was computed. `progress(done_bytes, total_bytes)` is called per tensor.
+    `method` is a name in `fusecli.merging.methods.METHODS`; `parameters` are its parameters by
+    name (`t=0.5`, `density=0.5` or a gradient `density=(0.2, 0.8)`, `lambda_=0.9`, `seed=1`,
+    ...), checked against its declarations. `weights`: one per model, each a number or a
+    gradient. `overrides`: "PATTERN:NAME=VALUE" strings, a parameter for the layers whose path
+    matches. `dtype`: "float32", "float16" or "bfloat16" for the merged tensors (default: each
+    keeps its own); integer and boolean variables are copied from the first model, never cast.
+    Unless `verify` is False, the written file is read back and compared with what was
+    computed. `progress(done_bytes, total_bytes)` is called per tensor.
     """
     if isinstance(models, str | os.PathLike):
         raise InvalidRequest(f"Expected a list of model files. Received: models={str(models)!r}")
@@ -107,30 +126,37 @@ def merge(
         method,
         len(models),
         weights=weights,
-        t=t,
         has_base=base is not None,
-        normalize=normalize,
+        overrides=overrides,
+        **parameters,
     )
+    _check_dtype(dtype, fmt)
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
     layouts = [_read_input(p, trust=trust) for p in sources]
     _check_pairing(layouts)
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
+    resolved = resolve_settings(plan, template.variables)
+    values = [None if r is None else r.values for r in resolved]
+    names = [p.name for p in sources]
+    settings = summarize(plan, resolved)
+    recipe_options = _recipe_options(plan, settings, None if base is None else Path(base), dtype)
 
-    request = dict(
-        method=method, weights=weights, t=t, has_base=base is not None, normalize=normalize
-    )
     with atomic_output(output, force=force) as tmp:
         # The inputs' tensors are read here for the first time: in a child process, so that a
         # file whose data crashes or hangs HDF5 costs an error, not this process.
-        call_isolated_write(
+        evidence = call_isolated_write(
             _write_and_verify,
             tmp,
             fmt,
             template,
             layouts,
-            (len(models), request),
+            plan,
+            values,
+            dtype,
+            names,
+            recipe_options,
             verify,
             inputs=sources,
             nbytes=sum(_size(p) for p in sources),
@@ -140,6 +166,7 @@ def merge(
 
     variables = template.variables
     merged = sum(v.mergeable for v in variables)
+    per_layer = per_layer_names(plan)
     return MergeReport(
         output=str(output),
         format=fmt,
@@ -155,7 +182,26 @@ def merge(
         parameters=sum(int(np.prod(v.shape, dtype=np.int64)) for v in variables),
         bytes=sum(v.nbytes for v in variables),
         verified=verify,
+        seed=plan.seed,
+        dtype=dtype,
+        settings=settings,
+        per_tensor=[r.as_dict(per_layer) for r in resolved if r is not None],
+        relatedness=evidence,
+        warnings=[] if evidence is None else warnings_from(evidence),
     )
+
+
+def _check_dtype(dtype: str | None, fmt: str) -> None:
+    if dtype is None:
+        return
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"Expected --dtype to be one of {DTYPES}. Received: dtype={dtype!r}")
+    if dtype == "bfloat16" and fmt == "h5":
+        raise InvalidRequest(
+            "--dtype bfloat16 needs a .keras output: Keras stores bfloat16 weights only in "
+            "the .keras format (its legacy .h5 loader cannot read them back). Received: "
+            "dtype='bfloat16', output format h5"
+        )
 
 
 # -- checks before anything heavy ------------------------------------------------------------
@@ -217,32 +263,60 @@ def _write_and_verify(
     fmt: str,
     template: Layout,
     layouts: list[Layout],
-    plan_request: tuple[int, dict[str, Any]],
+    plan: MergePlan,
+    values: list[dict[str, Any] | None],
+    dtype: str | None,
+    names: list[str],
+    recipe_options: dict[str, Any],
     verify: bool,
     progress: Progress | None,
-) -> None:
-    """Write the merged file at `tmp` and read it back (run isolated: see `merge`). The plan is
-    made again here: its `combine` is a closure, which cannot be sent to another process."""
-    n_models, options = plan_request
-    plan = plan_merge(options.pop("method"), n_models, **options)
+) -> dict[str, Any] | None:
+    """Write the merged file at `tmp` and read it back (run isolated: see `merge`); returns
+    the relatedness evidence gathered on the way."""
+    expected = [_output_variable(v, dtype) for v in template.variables]
+    n_models = plan.n_models
+    reference = names[-1] if plan.needs_base else names[0]
+    compared = names[:n_models] if plan.needs_base else names[1:n_models]
+    evidence = Relatedness(compared, reference)
     paths = [layout.path for layout in layouts]  # read in place: hashed as they are
-    recipe = Pending("merge", paths, paths, _recipe_options(plan, paths, n_models))
-    digests = _write(tmp, fmt, template, layouts, plan, progress, recipe)
+    recipe = Pending("merge", paths, paths, recipe_options)
+    digests = _write(
+        tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
+    )
     if verify and template.format != fmt:
         keras2_convert.verify(tmp, template, digests)
     elif verify and _flat_h5(template, fmt):
         keras2_convert.verify_h5(tmp, template, digests)
     elif verify:
-        _verify(tmp, template, digests)
+        _verify(tmp, template, expected, digests)
+    return evidence.as_dict() if compared else None
 
 
-def _recipe_options(plan: MergePlan, paths: list[Path], n_models: int) -> dict[str, Any]:
-    """What the recipe records of a merge: the method and its parameters as resolved."""
+def _output_variable(variable: Variable, dtype: str | None) -> Variable:
+    if dtype is None or not variable.mergeable:
+        return variable
+    return Variable(variable.layer, variable.dataset, variable.shape, _numpy_dtype(dtype))
+
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _recipe_options(
+    plan: MergePlan, settings: dict[str, Any], base: Path | None, dtype: str | None
+) -> dict[str, Any]:
+    """What the recipe records of a merge: the method, every parameter as resolved (a
+    per-layer one as given, with the range it took, and the --set patterns), seed and dtype."""
     return {
         "method": plan.method,
-        "parameters": {"weights": plan.weights, "t": plan.t, "normalize": plan.normalize},
-        "base": paths[n_models].name if plan.needs_base else None,
-        "seed": None,
+        "parameters": settings,
+        "base": None if base is None else base.name,
+        "seed": plan.seed,
+        "dtype": dtype,
     }
 
 
@@ -270,12 +344,15 @@ def _write(
     template: Layout,
     layouts: list[Layout],
     plan: MergePlan,
+    values: list[dict[str, Any] | None],
+    expected: list[Variable],
+    evidence: Relatedness,
     progress: Progress | None,
     recipe: Recipe,
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
-        tensors = _merged_tensors(layouts, groups, plan)
+        tensors = _merged_tensors(layouts, groups, plan, values, expected, evidence)
         if template.format != fmt:
             return keras2_convert.write(tmp, template, tensors, progress, recipe)
         if _flat_h5(template, fmt):
@@ -284,26 +361,44 @@ def _write(
             if fmt == "h5":
                 source = template_group.file
                 attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
+                _loadable_keras2(attrs)
                 with archive.h5_model(tmp, attrs) as out:
                     digests = _write_h5(out, template, template_group, tensors, progress)
                     write_h5_recipe(out, recipe)
                     return digests
             with (
                 zipfile.ZipFile(template.path) as source,
-                archive.keras_archive(tmp, _template_members(source, recipe)) as out,
+                archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
             ):
                 return _fill(out, template, template_group, tensors, progress)
 
 
+def _loadable_keras2(attrs: dict[str, Any]) -> None:
+    """A Keras 2 template's config as today's loaders build it (see `loadable_keras2_config`)."""
+    version = attrs.get("keras_version")
+    version = version.decode() if isinstance(version, bytes) else str(version or "")
+    if version.startswith("2.") and "model_config" in attrs:
+        config = attrs["model_config"]
+        config = json.loads(config.decode() if isinstance(config, bytes) else config)
+        attrs["model_config"] = json.dumps(loadable_keras2_config(config))
+
+
 def _merged_tensors(
-    layouts: list[Layout], groups: list[h5py.Group], plan: MergePlan
+    layouts: list[Layout],
+    groups: list[h5py.Group],
+    plan: MergePlan,
+    values: list[dict[str, Any] | None],
+    expected: list[Variable],
+    evidence: Relatedness,
 ) -> Iterator[np.ndarray]:
     """The output's variables in order, each computed from one tensor per input."""
-    n_models = len(layouts) - (1 if plan.needs_base else 0)
+    method = METHODS[plan.method]
+    n_models = plan.n_models
     models = list(zip(layouts[:n_models], groups[:n_models], strict=True))
     first_layout, first_group = models[0]
     for k, variable in enumerate(first_layout.variables):
-        if not variable.mergeable:
+        settings = values[k]
+        if settings is None:
             yield read_tensor(first_layout.path, first_group, variable)
             continue
 
@@ -319,16 +414,23 @@ def _merged_tensors(
             return values
 
         base = read(layouts[-1], groups[-1]) if plan.needs_base else None
+        inputs = [read(layout, group) for layout, group in models]
+        if base is not None:
+            evidence.add(variable.layer, base, inputs)
+        else:
+            evidence.add(variable.layer, inputs[0], inputs[1:])
+        rng = np.random.default_rng([settings["seed"], k]) if method.random else None
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-            result = plan.combine((read(layout, group) for layout, group in models), base)
-            values = result.astype(variable.dtype)
-        if not np.isfinite(values).all():
+            result = method.combine(iter(inputs), base, settings, rng)
+            out = result.astype(expected[k].dtype)
+        del inputs
+        if not np.isfinite(out).all():
             raise FusecliError(
                 f"The merged weight {k} (layer {variable.layer!r}) is not finite in "
-                f"{variable.dtype} (the weights are too large?). Received: method={plan.method}, "
-                f"weights={plan.weights}"
+                f"{expected[k].dtype} (the weights are too large?). Received: method="
+                f"{plan.method}, weights={plan.weights}"
             )
-        yield values
+        yield out
 
 
 def _write_h5(
@@ -365,6 +467,8 @@ def _fill(
     for variable, values in zip(template.variables, tensors, strict=True):
         digests.append(archive.write_tensor(out, variable.dataset, values))
         archive.copy_attrs(template_group[variable.dataset], out[variable.dataset])
+        if values.dtype.name == "bfloat16":  # how Keras marks them (saving_lib.H5IOStore)
+            out[variable.dataset].attrs["dtype"] = "bfloat16"
         done += variable.nbytes
         if progress is not None:
             progress(done, total)
@@ -415,12 +519,15 @@ def _template_members(
 # -- verification ----------------------------------------------------------------------------
 
 
-def _verify(path: Path, template: Layout, digests: list[bytes]) -> None:
+def _verify(path: Path, template: Layout, expected: list[Variable], digests: list[bytes]) -> None:
     """Read the written file back as a new input: same architecture, the values we computed."""
     try:
         written = read_layout(path)
     except ModelFileError as e:
         raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
+    template = Layout(
+        template.path, template.format, template.config, template.keras_version, expected
+    )
     difference = architecture_difference(template, written)
     if difference is not None:
         raise VerificationError(

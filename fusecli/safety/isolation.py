@@ -417,6 +417,7 @@ def _forked(
             for signum in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
+            _quiet_stderr()
             _forget_parent_state()
             _write_frame(sender, _perform(job, sender))
         finally:
@@ -442,6 +443,15 @@ def _forked(
     if reply is None:
         return pickle.dumps(("crashed", os.waitstatus_to_exitcode(status)))
     return reply
+
+
+def _quiet_stderr() -> None:
+    """What libraries print while failing on a file (HDF5's error stack, h5py's messages from
+    objects freed after a failed write) is not for the user: the reply says what went wrong."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        sys.stderr = open(devnull, "w")  # noqa: SIM115 - the child ends with os._exit
 
 
 def _forget_parent_state() -> None:

@@ -9,7 +9,8 @@ scanner, which reads paths, read the very same bytes.)
 
 A broken file raises `ModelFileError`, one that holds code `UnsafeModelError`, and whatever else
 a file makes Keras raise becomes a `ModelFileError` too. Keras 2 era `.h5` files go through
-`fusecli.formats.keras2`, which rewrites their config for Keras 3.
+`fusecli.formats.keras2`, which rewrites their config for Keras 3; Keras 3 `.h5` files that Keras'
+own loader misreads (Attention's `score_mode="dot"`) through `fusecli.formats.keras3_h5`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusecli import runtime
-from fusecli.errors import FusecliError, ModelFileError
-from fusecli.formats import keras2
+from fusecli.errors import FusecliError, ModelFileError, known_cause
+from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
+from fusecli.output import sweep_stale
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
@@ -93,7 +95,12 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
         if checked.model_file.written_by_keras2:
             return keras2.load_keras2_h5(checked.model_file, trust=trust)
         keras = runtime.keras()
-        model = keras.saving.load_model(checked.copy, compile=False, safe_mode=not trust)
+        if checked.model_file.format == "h5" and keras3_h5.misread_layers(
+            checked.model_file.config
+        ):
+            model = keras3_h5.load(checked.model_file, trust=trust)
+        else:
+            model = keras.saving.load_model(checked.copy, compile=False, safe_mode=not trust)
         if not isinstance(model, keras.Model):
             raise ModelFileError(source, f"holds a {type(model).__name__}, not a Keras model")
         return model
@@ -117,6 +124,9 @@ def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     except MemoryError as e:
         raise ModelFileError(path, "cannot be loaded: it needs more memory than there is") from e
     except Exception as e:
+        known = known_cause(e)
+        if known is not None:
+            raise ModelFileError(path, f"cannot be loaded: {known}") from e
         raise ModelFileError(path, f"cannot be loaded by Keras: {_first_line(e)}") from e
 
 
@@ -126,7 +136,8 @@ def keras_errors(path: str | os.PathLike[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _private_folder() -> Iterator[Path]:
     try:
-        folder = Path(tempfile.mkdtemp(prefix="fusecli-"))  # mode 0700: only this user
+        sweep_stale(Path(tempfile.gettempdir()))  # what a killed run left
+        folder = Path(tempfile.mkdtemp(prefix=f"fusecli-{os.getpid()}-"))  # 0700: this user only
     except OSError as e:
         raise FusecliError(
             f"Cannot make a private folder for the model files in {tempfile.gettempdir()} "

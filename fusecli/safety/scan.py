@@ -565,6 +565,9 @@ _SIZE_PRODUCTS = (
     ("num_heads", "value_dim"),
 )
 _SIZE_FLOOR = 1 << 16  # below this, a declared size is never questioned
+# Values one row may hold in a layer's input or output: 256 MiB of float32, beyond any model's
+# activations on one example (a 4096 x 4096 RGB image is 50 million).
+MAX_ROW_VALUES = 1 << 26
 
 
 def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
@@ -576,7 +579,11 @@ def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
     Input channels come from the shapes the config gives (`fusecli.config.shapes`), for the
     layers whose shapes it can follow."""
     limit = max(values, _SIZE_FLOOR)
-    first_inputs = OutputShapes(model_file.config).first_inputs
+    shapes = OutputShapes(model_file.config)
+    first_inputs = shapes.first_inputs
+    widest = _widest_declared(model_file.config)
+    for name, spec in shapes.outputs:
+        _check_row_values(model_file.path, name, [spec.shape], None)
     stack: list[Any] = [model_file.config]
     while stack:
         node = stack.pop()
@@ -587,7 +594,9 @@ def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
             continue
         config = node.get("config")
         if "class_name" in node and isinstance(config, dict):
-            declared = _declared_values(config, first_inputs.get(id(config), []))
+            inputs = first_inputs.get(id(config), [])
+            _check_row_values(model_file.path, config.get("name"), inputs, config)
+            declared = _declared_values(config, inputs, widest)
             too_many = next((said for size, said in declared if size > limit), None)
             if too_many is not None:
                 raise ModelFileError(
@@ -599,8 +608,86 @@ def _check_declared_sizes(model_file: ModelFile, values: int) -> None:
         stack.extend(reversed(node.values()))  # layers in the file's order: causes first
 
 
+def _check_row_values(
+    path: Path, name: Any, shapes: list[Shape | None], config: dict[str, Any] | None
+) -> None:
+    """Refuse a layer whose inputs or outputs (as far as the config gives them) hold more than
+    MAX_ROW_VALUES values for one row: running the model would allocate that much per row (a
+    `Resizing(40000, 40000)` in a 19 KB file asks for 6.4 GB on one image)."""
+    candidates = []
+    for shape in shapes:
+        known = [d for d in (shape or ())[1:] if isinstance(d, int) and d > 0]
+        if known:
+            candidates.append((math.prod(known), f"inputs of shape {_shape_text(shape)}"))
+    if config is not None:
+        candidates.extend(_declared_outputs(config))
+    for count, said in candidates:
+        if count > MAX_ROW_VALUES:
+            raise ModelFileError(
+                path,
+                f"layer {_text(name)!r} works on {said}, {count} values for each row (more "
+                f"than {MAX_ROW_VALUES}); running it would allocate memory out of proportion "
+                "to any model",
+            )
+
+
+def _declared_outputs(config: dict[str, Any]) -> list[tuple[int, str]]:
+    """Values per row a layer's config says its output holds, shapes known or not: an image of
+    `height` x `width` (Resizing, CenterCrop, RandomCrop), one slot per token (CategoryEncoding,
+    and lookups whose `output_mode` is not "int")."""
+    found = []
+    height, width = _declared_size(config.get("height")), _declared_size(config.get("width"))
+    if height is not None and width is not None:
+        found.append((height * width, f"outputs of height={height} and width={width} (at least)"))
+    widening = _widening(config)
+    if widening is not None:
+        found.append(widening)
+    return found
+
+
+_WIDENING_KEYS = ("num_tokens", "max_tokens", "num_bins")
+
+
+def _widening(config: dict[str, Any]) -> tuple[int, str] | None:
+    """The channels a layer makes one per token (CategoryEncoding's `num_tokens`, a lookup's
+    `max_tokens` in a one-hot, multi-hot, count or tf-idf output), if its config says so."""
+    mode = config.get("output_mode")
+    for key in ("num_tokens",) if mode in (None, "int") else _WIDENING_KEYS:
+        size = _declared_size(config.get(key))
+        if size is not None and size > 1:
+            return size, f"outputs of {key}={size} channels"
+    return None
+
+
+def _widest_declared(model: dict[str, Any]) -> tuple[int, str] | None:
+    """The most channels any layer of the config declares it makes (see `_widening`): a bound
+    on the channels of layers whose inputs' shapes the config does not give."""
+    widest = None
+    stack: list[Any] = [model]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            config = node.get("config")
+            if "class_name" in node and isinstance(config, dict):
+                found = _widening(config)
+                if found is not None and (widest is None or found[0] > widest[0]):
+                    name = _text(config.get("name"))
+                    widest = (found[0], f"{found[1].removeprefix('outputs of ')} of {name!r}")
+            stack.extend(node.values())
+    return widest
+
+
+def _shape_text(shape: Shape | None) -> str:
+    dims = ", ".join("None" if not isinstance(d, int) else str(d) for d in shape or ())
+    return f"({dims})"
+
+
 def _declared_values(
-    config: dict[str, Any], input_shapes: list[Shape | None]
+    config: dict[str, Any],
+    input_shapes: list[Shape | None],
+    widest: tuple[int, str] | None = None,
 ) -> list[tuple[int, str]]:
     """Values the layer's variables must hold, by its config and the inputs it is called on,
     each with how the config says so: single keys, their products, then per input channel."""
@@ -625,7 +712,32 @@ def _declared_values(
                 f"({size * channels} values)",
             )
         )
+    elif kernel is not None and widest is not None and not _channels_known(config, input_shapes):
+        # The config does not give this layer's inputs; they may be as wide as the widest
+        # layer of the model says it makes (a Dense after CategoryEncoding(num_tokens=2e7)).
+        key, size = kernel
+        bound, said = widest
+        candidates.append(
+            (
+                size * bound,
+                f"{key}={_text(config[key])} on inputs whose channels the config does not "
+                f"give, up to {said} ({size * bound} values)",
+            )
+        )
     return candidates
+
+
+def _channels_known(config: dict[str, Any], input_shapes: list[Shape | None]) -> bool:
+    if not input_shapes:
+        return False
+    for shape in input_shapes:
+        if not shape:
+            return False
+        axis = 1 if config.get("data_format") == "channels_first" and len(shape) > 2 else -1
+        channels = shape[axis]
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            return False
+    return True
 
 
 def _per_channel_kernel(sizes: dict[str, int]) -> tuple[str, int] | None:

@@ -1,10 +1,12 @@
 """Score arrays: reading and writing .npy files and streams in row chunks, and their weighted sum.
 
-A score array is a .npy file whose first axis is rows (samples), e.g. (N, classes). Files and
-stdin (`-`) are read the same way: the .npy header is parsed, then rows are read chunk by chunk
-into a reused buffer, so arrays of any size - and pipes, which cannot be memory-mapped - go through
-in bounded memory. Plain reads rather than a memory map keep the process' resident memory bounded
-too: pages of a map stay resident (and counted) until it is closed.
+A score array is a .npy file whose first axis is rows (samples), e.g. (N, classes), or one array
+of a .npz (`scores.npz:NAME`, or a .npz holding one array; `predict` writes one array per output
+of a model with several). Files, .npz members and stdin (`-`) are read the same way: the .npy
+header is parsed, then rows are read chunk by chunk into a reused buffer, so arrays of any size -
+and pipes, which cannot be memory-mapped - go through in bounded memory. Plain reads rather than
+a memory map keep the process' resident memory bounded too: pages of a map stay resident (and
+counted) until it is closed.
 
     combine_scores(["a.npy", "b.npy"], "fused.npy", weights=(0.6, 0.4), labels="y.npy")
 """
@@ -16,6 +18,7 @@ import math
 import os
 import stat
 import sys
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +111,11 @@ def open_scores(
     as long as its header says.
     """
     name = str(path)
+    archive = npz_part(name)
+    if archive is not None:
+        with _open_npz_member(*archive) as reader:
+            yield reader
+        return
     if name == STDIO:
         stream = stdin if stdin is not None else sys.stdin.buffer
         shape, fortran, dtype = _read_header(stream, "-")
@@ -162,7 +170,12 @@ def map_scores(path: str | os.PathLike[str], *, stdin: BinaryIO | None = None) -
     Fortran-ordered files are read into memory. Checked as `open_scores` checks, not for NaN
     (the caller checks the rows it reads)."""
     name = str(path)
-    if name == STDIO or not Path(path).exists() or not stat.S_ISREG(os.stat(path).st_mode):
+    if (
+        name == STDIO
+        or npz_part(name) is not None
+        or not Path(path).exists()
+        or not stat.S_ISREG(os.stat(path).st_mode)
+    ):
         return read_scores(path, stdin=stdin)
     with open_scores(path) as reader:
         fortran = reader.fortran
@@ -232,16 +245,51 @@ def score_output(
 
 
 def check_score_output(
-    output: str | os.PathLike[str], *, inputs: Sequence[str | os.PathLike[str]], force: bool
+    output: str | os.PathLike[str],
+    *,
+    inputs: Sequence[str | os.PathLike[str]],
+    force: bool,
+    npz: bool = False,
 ) -> None:
-    """Refuse a bad output path before any work: not over an input, not over a file unasked."""
+    """Refuse a bad output path before any work: not over an input, not over a file unasked;
+    `npz`: a .npz (one array per output) is allowed too."""
     if str(output) == STDIO:
         return
-    if Path(output).suffix.lower() != ".npy":
+    if Path(output).suffix.lower() not in ((".npy", ".npz") if npz else (".npy",)):
+        what = "a .npy or .npz file" if npz else "a .npy file"
         raise InvalidRequest(
-            f"The output must be a .npy file (or - for stdout). Received: output={str(output)!r}"
+            f"The output must be {what} (or - for stdout). Received: output={str(output)!r}"
         )
     check_output_path(output, inputs=[p for p in inputs if str(p) != STDIO], force=force)
+
+
+@contextlib.contextmanager
+def npz_output(
+    output: str | os.PathLike[str],
+    arrays: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+    *,
+    force: bool,
+) -> Iterator[list[ScoreWriter]]:
+    """One `ScoreWriter` per (name, shape, dtype), written row chunk by row chunk to files beside
+    `output`, then stored (uncompressed) as the arrays of one .npz that appears atomically."""
+    with atomic_output(output, force=force) as tmp:
+        parts = [tmp.with_name(f"{tmp.name}.{i}.npy") for i in range(len(arrays))]
+        try:
+            with contextlib.ExitStack() as stack:
+                files = [stack.enter_context(open(p, "wb")) for p in parts]
+                writers = [
+                    ScoreWriter(f, shape, dtype)
+                    for f, (_, shape, dtype) in zip(files, arrays, strict=True)
+                ]
+                yield writers
+                for writer in writers:
+                    writer.close()
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for part, (name, _, _) in zip(parts, arrays, strict=True):
+                    z.write(part, arcname=f"{name}.npy")
+        finally:
+            for part in parts:
+                part.unlink(missing_ok=True)
 
 
 def check_finite(values: np.ndarray, name: str, *, first_row: int = 0) -> None:
@@ -391,6 +439,72 @@ def output_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
     """float64 if any input is float64, else float32: scores rarely need more."""
     wide = any(np.dtype(d).kind == "f" and np.dtype(d).itemsize >= 8 for d in dtypes)
     return np.dtype(np.float64 if wide else np.float32)
+
+
+# -- .npz members ------------------------------------------------------------------------------
+
+
+def npz_part(name: str) -> tuple[Path, str | None] | None:
+    """(archive, array name or None) for `scores.npz` or `scores.npz:NAME`; None for others."""
+    lower = name.lower()
+    if lower.endswith(".npz"):
+        return Path(name), None
+    at = lower.rfind(".npz:")
+    if at < 0:
+        return None
+    return Path(name[: at + 4]), name[at + 5 :]
+
+
+def is_score_path(name: str) -> bool:
+    """A .npy file, a .npz (or one of its arrays, `scores.npz:NAME`), or `-`."""
+    return name == STDIO or Path(name).suffix.lower() == ".npy" or npz_part(name) is not None
+
+
+@contextlib.contextmanager
+def _open_npz_member(archive: Path, key: str | None) -> Iterator[ScoreReader]:
+    from fusecli.limits import check_inflation
+
+    path = _check_input_path(archive)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise FusecliError(f"{path}: is not a regular file")
+    try:
+        npz = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise FusecliError(f"{path}: is not a .npz archive ({e})") from None
+    with npz:
+        arrays = {
+            i.filename.removesuffix(".npy"): i
+            for i in npz.infolist()
+            if i.filename.endswith(".npy")
+        }
+        names = ", ".join(sorted(arrays)) or "none"
+        if key is None:
+            if len(arrays) != 1:
+                raise InvalidRequest(
+                    f"{path}: holds {len(arrays)} arrays ({names}); name the one to read as "
+                    f"{path}:NAME"
+                )
+            key = next(iter(arrays))
+        if key not in arrays:
+            raise InvalidRequest(f"{path}: has no array {key!r} (it holds: {names})")
+        info = arrays[key]
+        label = f"{path}:{key}"
+        check_inflation(path, info)
+        with npz.open(info) as stream:
+            shape, fortran, dtype = _read_header(stream, label)
+            shape = _check_shape(shape, label)
+            if fortran and len(shape) > 1:
+                raise FusecliError(
+                    f"{label}: a Fortran-ordered array cannot be read in rows from a .npz; "
+                    "save it as C-ordered (np.ascontiguousarray)"
+                )
+            expected = dtype.itemsize * math.prod(shape)
+            if expected > info.file_size:
+                raise FusecliError(
+                    f"{label}: is truncated (its header promises {expected} bytes of data for "
+                    f"shape {shape}, the member holds {info.file_size})"
+                )
+            yield ScoreReader(label, shape, dtype, stream=stream)
 
 
 # -- helpers ---------------------------------------------------------------------------------

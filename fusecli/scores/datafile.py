@@ -16,7 +16,9 @@ import contextlib
 import io
 import math
 import os
+import shutil
 import stat
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -24,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import h5py
 import numpy as np
 import numpy.lib.format as npy_format
 
 from fusecli.errors import FusecliError, InvalidRequest
-from fusecli.limits import GUARD_FLOOR, MAX_EXPANSION
+from fusecli.limits import GUARD_FLOOR
+from fusecli.scores.h5data import H5Array, read_h5_data
+from fusecli.termination import cleanup_on_termination
 
 DEFAULT_INPUT_KEY = "x"
 DEFAULT_LABELS_KEY = "y"
@@ -53,11 +56,7 @@ class DataFile:
             return []
         if self.format == "npz":
             return list(self._handle.files)
-        names: list[str] = []
-        self._handle.visititems(
-            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
-        )
-        return names
+        return list(self._handle)  # an .h5 file's datasets, copied by `read_h5_data`
 
     def __contains__(self, key: str) -> bool:
         return key in self.names()
@@ -70,17 +69,16 @@ class DataFile:
             if key not in self:
                 listing = ", ".join(self.names()) or "nothing"
                 raise FusecliError(f"{self.path}: has no array {key!r} (it holds: {listing})")
+            if self.format == "h5":
+                return self._h5_array(key)
             try:
-                if self.format == "npz":
-                    self._check_npz_member(key)
+                self._check_npz_member(key)
                 values = self._handle[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 # an object array in a .npz (allow_pickle is off), or a damaged member
                 raise FusecliError(
                     f"{self.path}: array {key!r} cannot be read ({_short(e)})"
                 ) from None
-            if isinstance(values, h5py.Dataset):
-                self._check_h5_dataset(key, values)
         label = f"{self.path}" if key is None else f"{self.path}: array {key!r}"
         if not hasattr(values, "dtype") or not hasattr(values, "shape"):
             # np.load returns the raw bytes of a .npz member that is not a .npy
@@ -128,17 +126,15 @@ class DataFile:
                 f"{max(info.file_size - header, 0)})"
             )
 
-    def _check_h5_dataset(self, key: str, dataset: h5py.Dataset) -> None:
-        """A dataset declaring far more than it stores (a few KB promising a terabyte of zeros)
-        would have every command run over it for hours and write outputs as large: refused, as
-        in model files."""
-        declared = math.prod(dataset.shape or ()) * dataset.dtype.itemsize
-        stored = dataset.id.get_storage_size()
-        if declared > GUARD_FLOOR and declared > MAX_EXPANSION * stored:
-            raise FusecliError(
-                f"{self.path}: array {key!r} declares {declared} bytes but stores {stored} (more "
-                f"than {MAX_EXPANSION} times less); refusing a possible decompression bomb"
-            )
+    def _h5_array(self, key: str) -> np.ndarray:
+        """A dataset of an .h5 file, from the private .npy copy the child process made."""
+        array: H5Array = self._handle[key]
+        if array.npy is None:
+            raise FusecliError(f"{self.path}: array {key!r} {array.problem}")
+        try:
+            return np.load(array.npy, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # empty arrays cannot be mapped
+            return np.load(array.npy, allow_pickle=False)
 
 
 @contextlib.contextmanager
@@ -162,7 +158,8 @@ def open_data(path: str | os.PathLike[str]) -> Iterator[DataFile]:
             elif fmt == "npz":
                 handle = stack.enter_context(np.load(source, allow_pickle=False))
             else:
-                handle = stack.enter_context(h5py.File(source, "r"))
+                folder = stack.enter_context(_private_folder())
+                handle = read_h5_data(path, folder)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise FusecliError(f"{path}: cannot be read as {fmt} data ({_short(e)})") from None
         yield DataFile(path, fmt, handle)
@@ -232,6 +229,23 @@ def read_labels(
 # -- helpers ---------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _private_folder() -> Iterator[Path]:
+    """A folder only this user can open, for the copies of an .h5 file's arrays."""
+    with cleanup_on_termination():
+        try:
+            folder = tempfile.mkdtemp(prefix=f"fusecli-{os.getpid()}-data-")
+        except OSError as e:
+            raise FusecliError(
+                f"Cannot make a private folder for the data in {tempfile.gettempdir()} "
+                f"({e.strerror or e}); set TMPDIR to a folder you can write to"
+            ) from None
+        try:
+            yield Path(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _check_path(path: str | os.PathLike[str]) -> Path:
     if str(path) == "-":
         raise InvalidRequest("Data and labels are read from files, not from stdin ('-')")
@@ -240,6 +254,10 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
         raise FusecliError(f"{path}: no such file")
     if path.is_dir():
         raise FusecliError(f"{path}: is a directory, not a data file")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        # a device (/dev/zero, /dev/urandom...) or a socket: endless, or not data at all
+        raise FusecliError(f"{path}: is not a regular file or a pipe; data is read from files")
     if _is_regular(path) and path.stat().st_size == 0:
         raise FusecliError(f"{path}: is empty")
     return path
@@ -302,9 +320,29 @@ def _data_format(path: Path, source: Path | io.BytesIO) -> DataFormat:
         return "npy"
     if head.startswith(b"PK"):
         return "npz"
-    if head == b"\x89HDF\r\n\x1a\n" or (isinstance(source, Path) and h5py.is_hdf5(path)):
+    if head == _HDF5_SIGNATURE or (isinstance(source, Path) and _hdf5_after_user_block(path)):
         return "h5"
     raise FusecliError(f"{path}: is not a .npy, .npz or .h5 data file")
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _hdf5_after_user_block(path: Path) -> bool:
+    """HDF5's signature where HDF5 looks for it after a user block (512 bytes, then each
+    power of two), read here without HDF5: the file is not opened in this process."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 512
+            while offset + 8 <= size:
+                f.seek(offset)
+                if f.read(8) == _HDF5_SIGNATURE:
+                    return True
+                offset *= 2
+    except OSError:
+        return False
+    return False
 
 
 def _short(e: BaseException) -> str:

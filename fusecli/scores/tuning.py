@@ -27,8 +27,8 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.formats.modelfile import MODEL_SUFFIXES
 from fusecli.scores import estimate, metrics
-from fusecli.scores.arrays import check_finite
-from fusecli.scores.methods import METHODS, chooser
+from fusecli.scores.arrays import check_finite, is_score_path
+from fusecli.scores.methods import check_parameters, chooser
 from fusecli.scores.methods.base import Problem, single, uniform, vote_row_values
 from fusecli.scores.methods.grid import (  # noqa: F401 - the grid's API, as before
     MAX_GRID_POINTS,
@@ -157,6 +157,7 @@ def tune_scores(
     divisions(step)
     if method == "grid":
         check_grid_size(n, step)
+    parameters = check_parameters(parameters)
     names = list(names) if names is not None else [f"scores{i}" for i in range(n)]
     for name, s in zip(names[1:], scores[1:], strict=True):
         if s.shape != scores[0].shape:
@@ -337,6 +338,9 @@ def _auto(
     for index, name in enumerate(candidates):
         if progress is not None:
             progress(index, len(candidates))
+        if tried and time.perf_counter() - start > budget:
+            skipped.append(f"{name} (out of time)")
+            continue
         choose = chooser(name, {"step": step, **parameters})
         fit_start = time.perf_counter()
         scored = estimate.score_method(problem, name, choose, [])
@@ -492,9 +496,7 @@ def tune(
     divisions(step)
     if method == "grid":
         check_grid_size(len(sources), step)  # refuse a huge grid before any model runs
-    for name in parameters:
-        if not any(name == p.name for m in METHODS.values() for p in m.PARAMETERS):
-            raise InvalidRequest(f"Unknown tune parameter {name!r}")
+    check_parameters(parameters)
     if metric is not None and metric not in metrics.METRICS:
         raise InvalidRequest(
             f"Expected metric to be one of {metrics.METRICS}. Received: {metric!r}"
@@ -601,7 +603,8 @@ def tune(
 
 
 def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
-    """'models' (.keras/.h5 files) or 'scores' (.npy files or -); a mix is an error."""
+    """'models' (.keras/.h5 files) or 'scores' (.npy files, .npz arrays or -); a mix is an
+    error."""
     kinds = {"models" if Path(s).suffix.lower() in MODEL_SUFFIXES else "scores" for s in sources}
     if len(kinds) > 1:
         raise InvalidRequest(
@@ -609,12 +612,7 @@ def source_kind(sources: Sequence[str | os.PathLike[str]]) -> str:
             f"Received: {tuple(str(s) for s in sources)}"
         )
     for s in sources:
-        if (
-            "scores" in kinds
-            and str(s) != "-"
-            and Path(s).suffix.lower() != ".npy"
-            and not _is_pipe(s)
-        ):
+        if "scores" in kinds and not is_score_path(str(s)) and not _is_pipe(s):
             raise InvalidRequest(
                 f"Expected model files (.keras, .h5) or score arrays (.npy). Received: {str(s)!r}"
             )

@@ -568,6 +568,19 @@ def bn_virtual() -> k.Model:
     )
 
 
+def text_gru() -> k.Model:
+    """A text classifier as Keras 2.0 tutorials wrote it: Embedding(input_length) into a GRU
+    (rewritten as Keras 2.0 saved it by `write_keras20`)."""
+    return k.Sequential(
+        [
+            L.Embedding(VOCAB, 6, input_length=LENGTH),
+            L.GRU(5, reset_after=False),
+            L.Dense(3, activation="softmax"),
+        ],
+        name="text_gru",
+    )
+
+
 # Models fed padded_ids / padded_floats (4 rows) rather than the plain inputs.
 PADDED = (
     "s2s", "s2s_states", "s2s_bidirectional", "masking_states", "masking_merged",
@@ -614,6 +627,7 @@ MODELS: dict[str, Callable[[], k.Model]] = {
     "stacked_rnns": stacked_rnns,
     "bn_renorm": bn_renorm,
     "bn_virtual": bn_virtual,
+    "text_gru": text_gru,
 }
 
 
@@ -641,7 +655,7 @@ def sample_inputs(model: k.Model, rng: np.random.Generator) -> list[np.ndarray]:
     xs = []
     for tensor in model.inputs:
         shape = (BATCH, *tensor.shape[1:])
-        if tensor.dtype.is_integer or model.name in ("text_conv", "masked_text"):
+        if tensor.dtype.is_integer or model.name in ("text_conv", "masked_text", "text_gru"):
             x = rng.integers(1, VOCAB, size=shape)
             x[:, -2:] = 0  # padding, so masks matter
             xs.append(x.astype("int32"))
@@ -659,6 +673,21 @@ def strip_input_layer(src: Path, dst: Path) -> None:
         assert layers[0]["class_name"] == "InputLayer"
         config["config"]["layers"] = layers[1:]
         f.attrs["model_config"] = json.dumps(config).encode("utf8")
+
+
+def write_keras20(src: Path, dst: Path) -> None:
+    """Copy a Sequential .h5 as Keras 2.0.x wrote it: the config a bare list of layers, no
+    InputLayer, the Embedding's dtype its input's (`int32`), keras_version 2.0.8."""
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        layers = [x for x in config["config"]["layers"] if x["class_name"] != "InputLayer"]
+        for layer in layers:
+            if layer["class_name"] == "Embedding":
+                layer["config"]["dtype"] = "int32"
+        config["config"] = layers
+        f.attrs["model_config"] = json.dumps(config).encode("utf8")
+        f.attrs["keras_version"] = b"2.0.8"
 
 
 def write_attention_causal(path: Path) -> None:
@@ -690,6 +719,8 @@ def main(out: Path) -> None:
     strip_input_layer(out / "gru.h5", out / "gru_old.h5")
     write_attention_causal(out / "causal_attention.h5")
     shutil.copyfile(out / "gru.npz", out / "gru_old.npz")
+    write_keras20(out / "text_gru.h5", out / "text_gru_k20.h5")
+    shutil.copyfile(out / "text_gru.npz", out / "text_gru_k20.npz")
 
 
 if __name__ == "__main__":

@@ -1,42 +1,35 @@
-"""linear: each tensor the weighted sum of the models' tensors (a model soup)."""
+"""linear: each tensor the weighted sum of the models' tensors (a model soup).
+
+As mergekit/merge_methods/linear.py defines it: sum(w_i * M_i), divided by sum(w_i) when
+normalizing (the default).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from fusecli.merging.methods.base import Method
+from fusecli.merging.methods.parameters import NORMALIZE, WEIGHTS
 
-from fusecli.coefficients import resolve_weights
-from fusecli.errors import InvalidRequest
-from fusecli.merging.methods.base import MergePlan
-
-NAME = "linear"
+if TYPE_CHECKING:
+    import numpy as np
 
 
-def plan(
-    n_models: int,
-    *,
-    weights: Sequence[float] | None,
-    t: float | None,
-    has_base: bool,
-    normalize: bool | None,
-) -> MergePlan:
-    """Equal weights by default; weights are rescaled to sum to 1 unless `normalize` is False."""
-    if n_models < 2:
-        raise InvalidRequest(f"Expected two or more models to merge. Received: {n_models}")
-    if t is not None:
-        raise InvalidRequest(f"t is only for --method slerp. Received: t={t}")
-    if has_base:
-        raise InvalidRequest("A base model is only for --method task-arithmetic")
-    normalize = True if normalize is None else normalize
-    resolved = resolve_weights(weights, n_models, normalize=normalize)
-    return MergePlan(
-        NAME, resolved, None, normalize, False, lambda tensors, _base: linear(tensors, resolved)
-    )
+def combine(
+    tensors: Iterable[np.ndarray], _base: Any, values: Mapping[str, Any], _rng: Any
+) -> np.ndarray:
+    weights = values["weights"]
+    if values["normalize"]:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return linear(tensors, weights)
 
 
 def linear(tensors: Iterable[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """sum(w_i * x_i) in float64, reading one model's tensor at a time."""
+    import numpy as np
+
     total: np.ndarray | None = None
     for w, x in zip(weights, tensors, strict=True):
         term = np.multiply(x, w, dtype=np.float64)
@@ -46,3 +39,24 @@ def linear(tensors: Iterable[np.ndarray], weights: Sequence[float]) -> np.ndarra
             total += term
     assert total is not None
     return total
+
+
+def _check(values: Mapping[str, Any], _shape: tuple[int, ...]) -> str | None:
+    if values["normalize"] and sum(values["weights"]) == 0:
+        return (
+            f"cannot normalize weights that sum to 0. Received: weights={tuple(values['weights'])}"
+        )
+    return None
+
+
+METHOD = Method(
+    name="linear",
+    formula="sum(w_i * M_i) / sum(w_i)",
+    parameters=(
+        WEIGHTS.with_default(None, "1/N each"),
+        NORMALIZE.with_default(True),
+    ),
+    combine=combine,
+    reference="mergekit/merge_methods/linear.py",
+    check_tensor=_check,
+)

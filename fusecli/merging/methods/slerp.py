@@ -1,4 +1,5 @@
-"""slerp: spherical interpolation between two models, per tensor, as mergekit defines it.
+"""slerp: spherical interpolation between two models, per tensor, as mergekit defines it
+(mergekit/merge_methods/slerp.py).
 
 Both flattened tensors are normalized (unless their norm is below 1e-8); if the cosine between
 them exceeds 0.9995 in absolute value they are nearly parallel and plain linear interpolation is
@@ -11,49 +12,30 @@ used, otherwise, with theta = arccos(dot):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from fusecli.merging.methods.base import Method
+from fusecli.merging.methods.parameters import T
 
-from fusecli.errors import InvalidRequest
-from fusecli.merging.methods.base import MergePlan
+if TYPE_CHECKING:
+    import numpy as np
 
-NAME = "slerp"
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def plan(
-    n_models: int,
-    *,
-    weights: Sequence[float] | None,
-    t: float | None,
-    has_base: bool,
-    normalize: bool | None,
-) -> MergePlan:
-    """Exactly two models and an interpolation factor 0 <= t <= 1 (0 gives the first model)."""
-    if n_models != 2:
-        raise InvalidRequest(f"slerp merges exactly two models. Received: {n_models} models")
-    if t is None:
-        raise InvalidRequest("slerp needs the interpolation factor --t (0 <= t <= 1)")
-    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
-        raise InvalidRequest(f"Expected 0 <= t <= 1 for slerp. Received: t={t}")
-    if weights is not None:
-        raise InvalidRequest(f"slerp takes --t, not weights. Received: weights={tuple(weights)}")
-    if has_base:
-        raise InvalidRequest("A base model is only for --method task-arithmetic")
-    if normalize:
-        raise InvalidRequest("--normalize applies to weights; slerp takes none")
-
-    def combine(tensors: Iterable[np.ndarray], _base: np.ndarray | None) -> np.ndarray:
-        v0, v1 = tensors
-        return slerp(t, v0, v1)
-
-    return MergePlan(NAME, None, float(t), False, False, combine)
+def combine(
+    tensors: Iterable[np.ndarray], _base: Any, values: Mapping[str, Any], _rng: Any
+) -> np.ndarray:
+    v0, v1 = tensors
+    return slerp(values["t"], v0, v1)
 
 
 def slerp(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
     """Spherical interpolation from v0 (t=0) to v1 (t=1), in float64."""
+    import numpy as np
+
     a = np.asarray(v0, dtype=np.float64)
     b = np.asarray(v1, dtype=np.float64)
     dot = float(np.sum(_unit(a) * _unit(b)))
@@ -67,5 +49,18 @@ def slerp(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     norm = float(np.linalg.norm(v.reshape(-1)))
     return v / norm if norm > EPS else v
+
+
+METHOD = Method(
+    name="slerp",
+    formula="spherical interpolation of two models, per tensor",
+    parameters=(T.as_required(),),
+    combine=combine,
+    min_models=2,
+    max_models=2,
+    reference="mergekit/merge_methods/slerp.py",
+)

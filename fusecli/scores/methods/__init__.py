@@ -32,6 +32,17 @@ def parameters() -> list[Parameter]:
     return list(seen.values())
 
 
+def check_parameters(given: dict[str, Any]) -> dict[str, Any]:
+    """`given` checked against the declarations: unknown names and bad values are usage errors."""
+    declared = {p.name: p for p in parameters()}
+    for name in given:
+        if name not in declared:
+            raise InvalidRequest(
+                f"Unknown tune parameter {name!r}. Expected one of: {', '.join(declared)}"
+            )
+    return {name: declared[name].check(value) for name, value in given.items()}
+
+
 def chooser(name: str, given: dict[str, Any] | None = None) -> Callable[[Problem], Choice]:
     """`choose` of method `name` with its parameters from `given` (checked; others ignored)."""
     if name not in METHODS:
