@@ -222,3 +222,76 @@ def test_merge_into_keras_refuses_what_has_no_flat_form(tmp_path, keras2_dir):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "hard_sigmoid" in result.stderr and "write a .h5 file instead" in result.stderr
     assert not (tmp_path / "m.keras").exists()
+
+
+# -- the proof -------------------------------------------------------------------------------
+
+
+def _flat_plan(paths: list[Path]):
+    from fusecli.formats import keras2
+    from fusecli.formats.modelfile import read_model_file
+    from fusecli.fusion import file_fusion, flat_h5
+    from fusecli.fusion.graph import assemble, prepare_branch
+
+    files = [read_model_file(p) for p in paths]
+    branches = [
+        prepare_branch(keras2.convert_config(f.config, f.path), name)
+        for f, name in zip(files, ("a", "b"), strict=True)
+    ]
+    for branch in branches:
+        branch.output_shapes = file_fusion._shapes_from_config(branch.given)
+    assembly = assemble(
+        branches, (0.8, 0.2), scale="rescaling", inputs="auto", activation="none", axes=None
+    )
+    return flat_h5.plan(files, assembly, (0.8, 0.2), "none")
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_the_proof_catches_what_would_load_wrong(tmp_path, keras2_dir, suffix):
+    from fusecli.errors import VerificationError
+    from fusecli.fusion import flat_h5, flat_keras
+    from fusecli.fusion.writer import Source
+
+    paths = [keras2_dir / "multi_io.h5", keras2_dir / "multi_io.h5"]
+    flat = _flat_plan(paths)
+    sources = [Source(given=p, path=p) for p in paths]
+    module = flat_h5 if suffix == ".h5" else flat_keras
+    out = tmp_path / f"f{suffix}"
+    written = module.write(out, flat, sources)
+    assert module.prove(out, flat, sources, written, (0.8, 0.2))["tensors"] == len(written.placed)
+    with pytest.raises(VerificationError, match="weighted sum"):
+        module.prove(out, flat, sources, written, (0.2, 0.8))
+    # Groups listed in another order than Keras gives its layers: Keras would pair them wrongly.
+    if suffix == ".h5":
+        with h5py.File(out, "r+") as f:
+            names = list(f["model_weights"].attrs["layer_names"])
+            f["model_weights"].attrs["layer_names"] = names[::-1]
+        with pytest.raises(VerificationError, match="order"):
+            module.prove(out, flat, sources, written, (0.8, 0.2))
+        written = module.write(out, flat, sources)
+    # One tensor off by a little: caught bit for bit.
+    placed = written.placed[0].output
+    if suffix == ".h5":
+        with h5py.File(out, "r+") as f:
+            f["model_weights"][placed][...] = f["model_weights"][placed][...] + 1e-6
+    else:
+        out = _tamper_keras(out, placed, tmp_path)
+    with pytest.raises(VerificationError, match="differs from its source"):
+        module.prove(out, flat, sources, written, (0.8, 0.2))
+
+
+def _tamper_keras(path: Path, dataset: str, tmp_path: Path) -> Path:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    buffer = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(buffer, "r+") as f:
+        f[dataset][...] = f[dataset][...] + 1e-6
+    members["model.weights.h5"] = buffer.getvalue()
+    out = tmp_path / "tampered.keras"
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out
