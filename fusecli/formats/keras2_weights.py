@@ -11,6 +11,7 @@ which is that layer's own order.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -48,6 +49,20 @@ def layer_weights(root: h5py.Group, config: dict[str, Any]) -> dict[Origin, list
                 )
             out.setdefault(leaves[owners[-1]], []).append(f"{name}/{n}")
     return out
+
+
+def read_layer_weights(path: Path) -> dict[Origin, list[str]] | str:
+    """`layer_weights` of a model file, for `fusecli.safety.isolation.call_isolated` (which
+    runs it in a child process, so that a hostile file's HDF5 cannot crash the caller): the
+    reason as a string where the file's weights cannot be given to its layers."""
+    from fusecli.formats.modelfile import open_weights, read_model_file
+
+    config = read_model_file(path).config
+    try:
+        with open_weights(path) as root:
+            return layer_weights(root, config)
+    except NotFlat as e:
+        return str(e)
 
 
 def _leaves(entry: dict[str, Any], where: Origin) -> list[Origin]:

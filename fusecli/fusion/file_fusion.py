@@ -26,7 +26,7 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, known_cause
-from fusecli.formats import keras2
+from fusecli.formats import keras2, keras2_weights
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
@@ -35,7 +35,7 @@ from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
 from fusecli.output import atomic_output, temp_prefix
-from fusecli.safety.isolation import call_isolated_write
+from fusecli.safety.isolation import call_isolated, call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
@@ -213,7 +213,12 @@ def _fuse_keras2_flat(
         branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
     )
     try:
-        flat = flat_h5.plan(files, assembly, weights, activation)
+        # The weights' names are read in a child process, as every untrusted read is.
+        found = [call_isolated(keras2_weights.read_layer_weights, Path(f.path)) for f in files]
+        reason = next((r for r in found if isinstance(r, str)), None)
+        if reason is not None:
+            raise NotFlat(reason)
+        flat = flat_h5.plan(files, assembly, weights, activation, found)
         if fmt == "keras":
             flat_keras.placements(flat)
     except NotFlat as e:

@@ -64,10 +64,15 @@ def check(model_file: ModelFile, name: str) -> None:
 
 
 def plan(
-    files: list[ModelFile], assembly: Assembly, weights: tuple[float, ...], activation: str
+    files: list[ModelFile],
+    assembly: Assembly,
+    weights: tuple[float, ...],
+    activation: str,
+    found: list[dict[tuple[str, ...], list[str]]] | None = None,
 ) -> FlatPlan:
     """Compose the flat fused config for Keras 2 `.h5` inputs, following the decisions (input
-    sharing, names, outputs) of `assembly`. Raises `NotFlat`."""
+    sharing, names, outputs) of `assembly`; `found`: each file's `layer_weights`, if read
+    already (in a child process). Raises `NotFlat`."""
     taken_head = {layer_name for _, layer_name in assembly.layer_order}
     layers: list[dict[str, Any]] = []
     fused_inputs = assembly.inputs
@@ -86,8 +91,11 @@ def plan(
         if len(flat.inputs) != len(slot):
             raise NotFlat(f"model {branch.name!r} has {len(flat.inputs)} inputs after inlining")
         to_fused = {t[0]: fused_inputs[k]["name"] for t, k in zip(flat.inputs, slot, strict=True)}
-        with open_weights(model_file.path) as root:
-            by_origin = layer_weights(root, model_file.config)
+        if found is not None:
+            by_origin = found[i]
+        else:
+            with open_weights(model_file.path) as root:
+                by_origin = layer_weights(root, model_file.config)
         known = {layer.origin for layer in flat.layers}
         stray = [o for o, names in by_origin.items() if names and o not in known]
         if stray:
