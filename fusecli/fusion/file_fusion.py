@@ -1,11 +1,13 @@
 """Fusing model files as files: read the configs, compose the fused config, copy the tensors,
-prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output.
+prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output, nor for
+Keras 2 era `.h5` inputs (inlined into a flat graph, `fusecli.fusion.flat_h5`: a `.h5` output in
+Keras 2's schema, which tf-keras and Keras 3 both load, or a `.keras` one).
 
 Keras is imported only where the file alone cannot say enough:
-- Keras 2 era `.h5` inputs, legacy `.h5` inputs going into a `.keras` output, and every input of
-  a `.h5` output: Keras loads the model (through `fusecli.safety.loading`, the one door) and its
-  own saver lays its tensors out; the fused file is then assembled from that copy, and checked
-  against it;
+- Keras 3 `.h5` inputs going into a `.keras` output, every Keras 3 input of a `.h5` output, and
+  Keras 2 files with no flat form going into a `.keras` output: Keras loads the model (through
+  `fusecli.safety.loading`, the one door) and its own saver lays its tensors out; the fused file
+  is then assembled from that copy, and checked against it;
 - a model whose output shape its config does not state (a last layer outside the common ones):
   Keras builds it, without weights, to read the shape.
 """
