@@ -80,7 +80,7 @@ def fuse_files(
         _check_name(Path(path))
     if fmt == "h5":
         _check_h5_assets(paths, names)
-    if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
+    if all(_looks_keras2(Path(p)) for p in paths):
         files = [refuse_unsafe(p, trust=trust) for p in paths]
         if all(f.written_by_keras2 for f in files):
             try:
