@@ -1,12 +1,14 @@
 """`fusecli merge` against the same merge written by hand in Keras 3, on two ResNet50 files.
 
-    python bench/bench_merge.py [--repeat 3] [--previous CHECKOUT]
+    python bench/bench_merge.py [--repeat 3] [--previous CHECKOUT] [--save]
 
-Makes two ResNet50 .keras files (keras.applications, weights=None, different seeds, ~100 MB
-each) in a temporary folder, then runs each variant in its own process and prints wall time,
-peak memory and the ratios. fusecli is measured as shipped (it reads the written file back and
-checks every tensor) and with --no-verify, which does what the hand-written script does. Both
-results are then compared tensor by tensor.
+Makes two ResNet50 .keras files (keras.applications, weights=None, ~100 MB each; two random
+initialisations, which measure the speed and make no useful model) in a temporary folder, then
+runs each variant in its own process and prints wall time, peak memory and the ratios. fusecli
+is measured as shipped (it reads the written file back and checks every tensor) and with
+--no-verify, which does what the hand-written script does; beside them the floors: starting
+Python with numpy and h5py, and a plain copy of both inputs. Both results are then compared
+tensor by tensor. --save writes the tables to bench/results/merge.txt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from measure import best_of, make_resnet50s, table
+from measure import best_of, make_resnet50s, save_results, table
 
 # The merge by hand, as a user writes it today: load both, average, set_weights, save.
 BY_HAND = textwrap.dedent(
@@ -50,6 +52,7 @@ def main() -> None:
         help="a checkout of earlier fusecli code, measured in the same run (e.g. `git archive`)",
     )
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--save", action="store_true", help="write bench/results/merge.txt")
     args = parser.parse_args()
     repeat, previous = args.repeat, args.previous
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +64,8 @@ def main() -> None:
             "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
             "fusecli merge --no-verify": [*fusecli, "-o", d / "m2.keras", "--no-verify"],
             "fusecli merge (reads back, checks)": [*fusecli, "-o", d / "m1.keras"],
+            "floor: python -c 'import numpy, h5py'": [sys.executable, "-c", "import numpy, h5py"],
+            "floor: cat a b > out": ["sh", "-c", f"cat {a} {b} > {d / 'copy'}"],
         }
         if previous is not None:
             earlier = ["env", f"PYTHONPATH={previous}", *fusecli]
@@ -69,12 +74,16 @@ def main() -> None:
         results = best_of(variants, repeat=repeat)
         compare = [sys.executable, "-c", COMPARE, d / "m1.keras", d / "h.keras"]
         same = subprocess.run(compare, check=True, capture_output=True, text=True).stdout
-    print(f"two ResNet50 .keras files; best wall time of {repeat}, largest peak RSS")
-    print(table(results, "by hand in Keras"))
+    lines = [f"two ResNet50 .keras files; best wall time of {repeat}, largest peak RSS"]
+    lines.append(table(results, "by hand in Keras"))
     if previous is not None:
-        print("as ratios to the previous code (reads back, checks):")
-        print(table(results, "previous code (reads back, checks)"))
-    print(same, end="")
+        lines.append("as ratios to the previous code (reads back, checks):")
+        lines.append(table(results, "previous code (reads back, checks)"))
+    lines.append(same.rstrip())
+    text = "\n".join(lines)
+    print(text)
+    if args.save:
+        print(f"saved in {save_results('merge', text)}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ def test_weighted_sum_in_many_small_chunks(tmp_path, arrays):
     a, b, _ = arrays
     out = tmp_path / "out.npy"
     report = combine_scores(
-        [tmp_path / "a.npy", tmp_path / "b.npy"], out, (1.0, 1.5), chunk_bytes=200
+        [tmp_path / "a.npy", tmp_path / "b.npy"],
+        out,
+        (1.0, 1.5),
+        normalize=False,  # the sum itself; by default the weights are rescaled to 0.4, 0.6
+        chunk_bytes=200,
     )
     got = np.load(out)
     assert got.dtype == np.float32 and report.dtype == "float32"
@@ -86,7 +90,13 @@ def test_chunked_sum_equals_numpy(
         paths[0] = "-"
     stdout = io.BytesIO()
     report = combine_scores(
-        paths, "-", weights, chunk_bytes=chunk_bytes, stdin=stdin, stdout=stdout
+        paths,
+        "-",
+        weights,
+        normalize=False,
+        chunk_bytes=chunk_bytes,
+        stdin=stdin,
+        stdout=stdout,
     )
     got = np.load(io.BytesIO(stdout.getvalue()))
     wide = any(np.dtype(t).kind == "f" and np.dtype(t).itemsize == 8 for t in dtypes)
@@ -293,6 +303,14 @@ def test_cli_file_output_and_json(tmp_path, arrays):
     result = runner.invoke(cli, [*args, "-o", str(tmp_path / "o.npy")])
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{tmp_path / 'o.npy'}\n"
+    # --w 1 1.5 is rescaled to 0.4, 0.6 by default, and stderr says so
+    assert result.stderr.startswith(
+        "Weights 1, 1.5 rescaled to sum to 1: 0.4, 0.6 (--no-normalize keeps them as given).\n"
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"), 0.4 * a + 0.6 * b, rtol=1e-6)
+    args = [*args, "--no-normalize"]
+    result = runner.invoke(cli, [*args, "-o", str(tmp_path / "o.npy"), "--force"])
+    assert result.exit_code == 0, result.output
     np.testing.assert_allclose(np.load(tmp_path / "o.npy"), a + np.float32(1.5) * b, rtol=1e-6)
 
     result = runner.invoke(cli, [*args, "--labels", str(tmp_path / "y.npy"), "--json"])
@@ -397,6 +415,7 @@ def test_overflow_to_infinity_is_refused_without_warnings(tmp_path, a, b, weight
             str(tmp_path / "b.npy"),
             "--w",
             *map(str, weights),
+            "--no-normalize",
             "-o",
             str(tmp_path / "x.npy"),
         ],

@@ -206,7 +206,8 @@ def test_reads_stay_isolated_after_import_keras(hostile_h5, model_files, tmp_pat
     assert nested.startswith((f"refused {hostile_h5['nested']}: ", "loaded 67"))
     assert hang == (
         f"refused {hostile_h5['hang']}: was still being read after 3 s, the limit set by "
-        f"{TIMEOUT_VARIABLE}; the file is corrupt or hostile (or larger than that limit allows)"
+        f"{TIMEOUT_VARIABLE} plus 1 s per 4 MiB of the file; the file is corrupt or hostile (or "
+        "the disk slower than that limit allows)"
     )
     assert good == "loaded 67"
 
@@ -216,9 +217,25 @@ def test_a_hanging_file_is_one_error_line(hostile_h5, model_files):
     assert result.returncode == 1
     assert result.stderr == (
         f"Error: {hostile_h5['hang']}: was still being read after 2 s, the limit set by "
-        f"{TIMEOUT_VARIABLE}; the file is corrupt or hostile (or larger than that limit allows)\n"
+        f"{TIMEOUT_VARIABLE} plus 1 s per 4 MiB of the file; the file is corrupt or hostile (or "
+        "the disk slower than that limit allows)\n"
     )
     assert str(model_files["a"]) in result.stdout  # the other file is still listed
+
+
+@pytest.mark.slow
+def test_a_hanging_file_is_cut_at_ten_seconds_by_default(hostile_h5, model_files, tmp_path):
+    """No FUSECLI_READ_TIMEOUT: 10 s, plus the file's size at 4 MiB a second (a few ms here)."""
+    env = {k: v for k, v in os.environ.items() if k != TIMEOUT_VARIABLE}
+    for args in (
+        ("inspect", hostile_h5["hang"]),
+        ("fuse", hostile_h5["hang"], model_files["a"], "-o", tmp_path / "out.keras"),
+    ):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1
+        assert "was still being read after 10 s" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
@@ -358,7 +375,7 @@ def test_a_signal_during_combine_removes_its_temporary_output(tmp_path, signum):
     try:
         process.stdin.write(_npy_header((1000, 10)))
         process.stdin.flush()
-        _wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "tmp")
+        _wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".fusecli-")], "tmp")
         process.send_signal(signum)
         process.wait(timeout=60)
     finally:
@@ -406,7 +423,7 @@ def test_sigterm_during_merge_removes_the_soup_and_its_weights(model_files, tmp_
         process.kill()
         process.wait()
     # files/archive.py writes the weights in place inside the archive: one temporary file.
-    assert len(during) == 1 and during[0].startswith(".soup.")
+    assert len(during) == 1 and during[0].startswith(f".fusecli-{process.pid}-soup.")
     assert process.returncode == -signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 
@@ -443,7 +460,7 @@ def test_sigterm_while_writing_a_directory_removes_it(tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert len(during) == 1 and during[0].startswith(".model.")
+    assert len(during) == 1 and during[0].startswith(f".fusecli-{process.pid}-model.")
     assert process.returncode == -signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 

@@ -63,7 +63,7 @@ def test_models_sharing_a_name_fuse_in_h5_both_ways(tmp_path, keras, model_files
 
 def test_a_model_fused_with_itself(tmp_path, keras, model_files, x4):
     out = tmp_path / "self.keras"
-    report = fuse_to_file([model_files["a"], model_files["a"]], out, [0.25, 0.5])
+    report = fuse_to_file([model_files["a"], model_files["a"]], out, [0.25, 0.5], normalize=False)
     assert report.branches == ["a", "a_2"]
     expected = 0.75 * predict(_load(keras, model_files["a"]), x4)[0]
     np.testing.assert_allclose(predict(_load(keras, out), x4)[0], expected, rtol=1e-6, atol=1e-7)
@@ -220,8 +220,10 @@ def test_api_takes_loaded_models_and_returns_a_model(keras, x4):
 
 def test_api_same_object_twice(keras, x4):
     a = dense_model(keras, seed=13)
-    fused = fusecli.fuse([a, a], [0.5, 0.25])
+    fused = fusecli.fuse([a, a], [0.5, 0.25], normalize=False)
     np.testing.assert_allclose(predict(fused, x4)[0], 0.75 * predict(a, x4)[0], rtol=1e-6)
+    averaged = fusecli.fuse([a, a], [1, 3])  # rescaled to 0.25, 0.75 by default
+    np.testing.assert_allclose(predict(averaged, x4)[0], predict(a, x4)[0], rtol=1e-6)
 
 
 def test_verification_catches_a_wrong_model(tmp_path, model_files):
@@ -275,7 +277,9 @@ def test_output_extension_picks_format(tmp_path, model_files):
 
 def test_weights_beyond_float32_are_a_bad_request(tmp_path, model_files):
     with pytest.raises(InvalidRequest, match="Weights must fit in float32"):
-        fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.keras", [1e39, 1.0])
+        fuse_to_file(
+            [model_files["a"], model_files["b"]], tmp_path / "f.keras", [1e39, 1.0], normalize=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 

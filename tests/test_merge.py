@@ -462,3 +462,36 @@ def test_merging_never_imports_tensorflow(files, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
+
+
+def test_inputs_are_read_side_by_side_each_error_naming_its_file(files, tmp_path):
+    """`call_isolated_each` forks one child per input (in a process that may fork): results in
+    order, and a child that crashes is one error naming its own file."""
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from fusecli.formats.weights_layout import read_layout\n"
+        "from fusecli.safety.isolation import call_isolated_each\n"
+        "from fusecli.errors import ModelFileError\n"
+        "def crash_on_b(path):\n"
+        "    if path.name.startswith('k2'):\n"
+        "        os._exit(3)\n"
+        "    return path.name\n"
+        "paths = [Path(p) for p in sys.argv[1:]]\n"
+        "print([len(x.variables) for x in call_isolated_each(read_layout, paths)])\n"
+        "import __main__; __main__.crash_on_b = crash_on_b\n"
+        "try:\n"
+        "    call_isolated_each(crash_on_b, paths)\n"
+        "except ModelFileError as e:\n"
+        "    print(e.path == str(paths[1]), 'crashed' in str(e))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(files["k1"]), str(files["k2"])],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    n = len(read_layout(files["k1"]).variables)
+    assert done.stdout.splitlines() == [f"[{n}, {n}]", "True True"]

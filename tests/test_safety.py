@@ -399,7 +399,7 @@ def test_merge_scans_its_output_before_keeping_it(made, tmp_path, monkeypatch):
     scan is switched off, and merge copies a nested Lambda's bytecode into its output."""
     import fusecli.merging.merge as merging
 
-    monkeypatch.setattr(merging, "refuse_unsafe", lambda path, trust=False: None)
+    monkeypatch.setattr(merging, "refuse_findings", lambda path, findings, trust=False: None)
     out = tmp_path / "soup.keras"
     with pytest.raises(VerificationError) as caught:
         merging.merge([made["nested.keras"], made["nested.keras"]], out)

@@ -8,8 +8,10 @@ from fusecli.cli.common import (
     WeightsCommand,
     force_option,
     json_option,
+    normalize_option,
     print_json,
     say,
+    say_rescaled,
     verbose_option,
     weights_option,
 )
@@ -28,7 +30,7 @@ from fusecli.errors import InvalidRequest
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @weights_option("One weight per input, in order: --w 1 1.5 or --w 1,1.5. [default: 1/N each]")
-@click.option("--normalize", is_flag=True, help="Rescale the weights to sum to 1.")
+@normalize_option
 @click.option(
     "-o",
     "--output",
@@ -68,7 +70,7 @@ from fusecli.errors import InvalidRequest
 def combine_command(
     inputs: tuple[str, ...],
     weights: tuple[float, ...] | None,
-    normalize: bool,
+    normalize: bool | None,
     output: str | None,
     labels: str | None,
     labels_key: str | None,
@@ -97,7 +99,7 @@ def combine_command(
     if output == "-" and as_json:
         raise InvalidRequest("--json and -o - would both write to stdout; choose one")
     check_terminals(reads_stdin="-" in inputs, writes_stdout=output == "-")
-    if recipe is not None and (weights is not None or normalize or vote):
+    if recipe is not None and (weights is not None or normalize is not None or vote):
         raise InvalidRequest("--recipe holds the weights: give it without --w, --normalize, --vote")
     with broken_pipe_is_quiet():
         streams = {
@@ -116,7 +118,10 @@ def combine_command(
 
             report = vote_scores(list(inputs), output, weights, **streams)
         else:
-            report = combine_scores(list(inputs), output, weights, normalize=normalize, **streams)
+            report = combine_scores(
+                list(inputs), output, weights, normalize=normalize is not False, **streams
+            )
+            say_rescaled(weights, report.weights, normalize)
     weights_text = (
         ", ".join(f"{_shown(n)}={w:g}" for n, w in zip(report.inputs, report.weights, strict=True))
         if report.weights

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -140,6 +141,32 @@ class WeightsType(click.ParamType):
 
 def weights_option(help: str) -> Callable:
     return click.option("--w", "--weights", "weights", type=WeightsType(), default=None, help=help)
+
+
+def normalize_option(f: Callable) -> Callable:
+    """One meaning in every command that takes weights: rescaled to sum to 1 unless told not to
+    (`--w 1 1` averages; `--no-normalize --w 1 1` sums)."""
+    return click.option(
+        "--normalize/--no-normalize",
+        default=None,
+        help="Rescale the weights to sum to 1 (--w 1 1 averages), or keep them as given "
+        "(--no-normalize: --w 1 1 sums). [default: normalize]",
+    )(f)
+
+
+def say_rescaled(
+    given: Sequence[float] | None, used: Sequence[float] | None, normalize: bool | None
+) -> None:
+    """Say on stderr when the weights given were rescaled, and how to keep them."""
+    if given is None or not used or normalize is False:
+        return
+    if all(
+        math.isclose(g, u, rel_tol=1e-12, abs_tol=0.0) for g, u in zip(given, used, strict=False)
+    ):
+        return
+    shown = ", ".join(f"{w:g}" for w in given)
+    scaled = ", ".join(f"{w:g}" for w in used)
+    say(f"Weights {shown} rescaled to sum to 1: {scaled} (--no-normalize keeps them as given).")
 
 
 def batch_size_option(f: Callable) -> Callable:

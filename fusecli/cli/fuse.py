@@ -8,8 +8,10 @@ from fusecli.cli.common import (
     WeightsCommand,
     force_option,
     json_option,
+    normalize_option,
     print_json,
     say,
+    say_rescaled,
     trust_option,
     verbose_option,
     weights_option,
@@ -31,7 +33,7 @@ from fusecli.fusion.options import (
 )
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @weights_option("One weight per model, in order: --w 0.8 0.2 or --w 0.8,0.2. [default: 1/N each]")
-@click.option("--normalize", is_flag=True, help="Rescale the weights to sum to 1.")
+@normalize_option
 @click.option(
     "-o",
     "--output",
@@ -91,7 +93,7 @@ from fusecli.fusion.options import (
 def fuse_command(
     models: tuple[str, ...],
     weights: tuple[float, ...] | None,
-    normalize: bool,
+    normalize: bool | None,
     output: str | None,
     inputs_mode: str,
     scale: str,
@@ -125,7 +127,13 @@ def fuse_command(
     if recipe is not None:
         from fusecli.fusion.recipe_head import fuse_recipe_file
 
-        if weights is not None or normalize or at != "output" or activation or scale != "rescaling":
+        if (
+            weights is not None
+            or normalize is not None
+            or at != "output"
+            or activation
+            or scale != "rescaling"
+        ):
             raise InvalidRequest(
                 "--recipe says how to fuse: give it without --w, --normalize, --at, --activation "
                 "or --scale"
@@ -136,7 +144,7 @@ def fuse_command(
             list(models),
             output,
             weights,
-            normalize=normalize,
+            normalize=normalize is not False,
             scale=scale,
             inputs=inputs_mode,
             at=at,
@@ -145,6 +153,7 @@ def fuse_command(
             force=force,
             verify=verify,
         )
+    say_rescaled(weights, report.weights, normalize)
     say(f"Inputs: {report.inputs_mode} ({report.inputs_reason}).")
     if scale == "lambda":
         say(

@@ -18,6 +18,7 @@ from fusecli.cli.common import (
     print_json,
     progress_bar,
     say,
+    say_rescaled,
     trust_option,
     verbose_option,
 )
@@ -132,9 +133,9 @@ def _method_help() -> str:
 )
 @click.option(
     "--verify/--no-verify",
-    default=True,
-    show_default=True,
-    help="Read the written file back and check every tensor against what was computed.",
+    "verify",
+    default=None,
+    hidden=True,  # merge always reads its output back; --verify is fuse's numeric check
 )
 @force_option
 @trust_option
@@ -154,7 +155,7 @@ def merge_command(
     base: str | None,
     overrides: tuple[str, ...],
     dtype: str | None,
-    verify: bool,
+    verify: bool | None,
     force: bool,
     trust: bool,
     quiet: bool,
@@ -180,6 +181,12 @@ def merge_command(
     """
     from fusecli.merging.merge import merge
 
+    if verify is not None:
+        say(
+            "Note: merge always reads the written file back and checks every tensor; "
+            f"--{'' if verify else 'no-'}verify is ignored (in fuse and export, --verify is the "
+            "numeric check of what the file computes)."
+        )
     with progress_bar("Merging", enabled=not quiet, min_total=_BAR_MIN_BYTES) as progress:
         report = merge(
             list(models),
@@ -190,11 +197,14 @@ def merge_command(
             overrides=overrides,
             dtype=dtype,
             force=force,
-            verify=verify,
+            verify=True,
             trust=trust,
             progress=progress,
             **parameters,
         )
+    plain = weights is not None and all(isinstance(w, int | float) for w in weights)
+    if report.method == "linear" and plain and report.weights is not None:
+        say_rescaled(weights, report.weights, parameters.get("normalize"))
     for warning in report.warnings:
         say(f"Warning: {warning}")
     if not quiet:

@@ -207,6 +207,14 @@ def write_tensor(target: h5py.Group, name: str, values: np.ndarray) -> bytes:
     return tensor_digest(values)
 
 
+def overwrite_tensor(dataset: h5py.Dataset, values: np.ndarray) -> bytes:
+    """Write a tensor's values over a dataset of its shape and dtype; returns its digest."""
+    values = np.ascontiguousarray(values, dtype=dataset.dtype)
+    if values.size:
+        dataset.write_direct(values)
+    return tensor_digest(values)
+
+
 def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ()) -> list[str]:
     """Copy everything in `source` (but the members named in `skip`) into `target`, by HDF5's
     own object copy: attributes, groups and every dataset, whatever the files. Returns the
@@ -295,6 +303,18 @@ class RawTensors:
                 finite = _all_finite(np.frombuffer(mine, dtype=dtype, count=step // dtype.itemsize))
             done += step
         return True, finite
+
+    def values(self, dataset: h5py.Dataset) -> np.ndarray:
+        """A dataset's values: read straight from the file when stored as one plain block (no
+        HDF5 read, no Python file object in between), else by h5py."""
+        block = self.block(dataset)
+        if block is None or dataset.dtype.kind not in "fiub":
+            return np.asarray(dataset[()])
+        position, nbytes = block
+        values = np.empty(dataset.shape, dtype=dataset.dtype)
+        if os.preadv(self._fd, [memoryview(values).cast("B")], position) != nbytes:
+            raise OSError("the file is shorter than its datasets say")
+        return values
 
     def _read(self, position: int, size: int) -> bytearray:
         if size == _RAW_CHUNK:

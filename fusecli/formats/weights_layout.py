@@ -31,6 +31,8 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import ModelFileError
+from fusecli.formats.archive import RawTensors
+from fusecli.formats.keras2 import float_embedding
 from fusecli.formats.modelfile import (
     Format,
     ModelFile,
@@ -95,9 +97,10 @@ class Layout:
     composite_layers: list[str] = field(default_factory=list)
 
 
-def read_layout(path: str | os.PathLike[str]) -> Layout:
-    """List a model file's variables in `model.weights` order; reads metadata, no tensor."""
-    info = read_model_file(path)
+def read_layout(path: str | os.PathLike[str], info: ModelFile | None = None) -> Layout:
+    """List a model file's variables in `model.weights` order; reads metadata, no tensor.
+    `info`: the file as `read_model_file` read it already, if it did."""
+    info = read_model_file(path) if info is None else info
     with open_weights(info.path) as group:
         try:
             if info.format == "keras":
@@ -162,10 +165,14 @@ def architecture_difference(a: Layout, b: Layout) -> str | None:
     return None
 
 
-def read_tensor(path: Path, group: h5py.Group, variable: Variable) -> np.ndarray:
-    """Read one variable's values; a clean `ModelFileError` if the file is broken."""
+def read_tensor(
+    path: Path, group: h5py.Group, variable: Variable, raw: RawTensors | None = None
+) -> np.ndarray:
+    """Read one variable's values; a clean `ModelFileError` if the file is broken. With `raw`
+    (the same file opened for raw reads), a plain block is read without HDF5."""
     try:
-        values = np.asarray(group[variable.dataset][()])
+        dataset = group[variable.dataset]
+        values = np.asarray(dataset[()]) if raw is None else raw.values(dataset)
         if variable.dtype.name == "bfloat16":
             values = values.view(variable.dtype)
     except (KeyError, TypeError, ValueError, OSError) as e:
@@ -335,7 +342,10 @@ def _flat_layers(config: dict[str, Any], prefix: str = "") -> list[_Layer]:
         if walker.is_model(entry):
             edges += [("in", *e) for e in _edges(inner.get("input_layers", []), _names(entry))]
             edges += [("out", *e) for e in _edges(inner.get("output_layers", []), _names(entry))]
-        out.append(_Layer(f"{prefix}{name}", str(entry.get("class_name")), edges, _settings(inner)))
+        class_name = str(entry.get("class_name"))
+        settings = _settings(inner)
+        float_embedding(class_name, settings)  # Keras 2.0's int32 Embedding computes in float32
+        out.append(_Layer(f"{prefix}{name}", class_name, edges, settings))
         if walker.is_model(entry):
             out += _flat_layers(entry, f"{prefix}{name}/")
     return out

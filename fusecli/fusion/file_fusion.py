@@ -39,7 +39,6 @@ from fusecli.fusion.proof import prove
 from fusecli.output import atomic_output, temp_prefix
 from fusecli.safety.isolation import call_isolated, call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
-from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
 # Keras 3 writes these operations into a functional config as nodes of their own; its legacy .h5
@@ -81,34 +80,38 @@ def fuse_files(
     if fmt == "h5":
         _check_h5_assets(paths, names)
     if all(_looks_keras2(Path(p)) for p in paths):
-        files = [refuse_unsafe(p, trust=trust) for p in paths]
-        if all(f.written_by_keras2 for f in files):
-            try:
-                return _fuse_keras2_flat(
-                    paths, files, names, output, fmt, weights,
-                    scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
-                    force=force, after_write=after_write,
-                )  # fmt: skip
-            except NotFlat:
-                pass  # into .keras: Keras converts the inputs, as it did before
-    # Keras 3 .keras inputs of a .keras output are read as files: scanned where they are (the
-    # written file is scanned again, and its tensors compared with theirs, before it is kept).
-    # The others go through the door into Keras, which scans and loads a private copy.
-    native = {
-        i: refuse_unsafe(p, trust=trust)
-        for i, p in enumerate(paths)
-        if fmt == "keras" and _looks_native(Path(p))
-    }
-    native = {i: f for i, f in native.items() if _native(f)}
-    others = [i for i in range(len(paths)) if i not in native]
+        # Read from private copies made from one open of each input, scanned there (as the
+        # door reads every file): a file renamed over an input after its scan cannot reach
+        # the output.
+        with checked_files(paths, trust=trust) as checked:
+            if all(one.model_file.written_by_keras2 for one in checked):
+                try:
+                    return _fuse_keras2_flat(
+                        paths, checked, names, output, fmt, weights,
+                        scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
+                        force=force, after_write=after_write,
+                    )  # fmt: skip
+                except NotFlat:
+                    pass  # into .keras: Keras converts the inputs, as it did before
+    # Keras 3 .keras inputs of a .keras output are read as files, from a private copy made
+    # from one open of the input and scanned there (a file renamed over the input after its
+    # scan cannot reach the output); the written file is scanned again, and its tensors
+    # compared with the copies', before it is kept. The others go through the door into Keras.
+    candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
+        copied = stack.enter_context(checked_files([paths[i] for i in candidates], trust=trust))
+        native = {
+            i: one for i, one in zip(candidates, copied, strict=True) if _native(one.model_file)
+        }
+        others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
         hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
-        for i, model_file in native.items():
-            sources[i] = writer.Source(given=Path(paths[i]), path=model_file.path)
-            configs[i] = model_file.config
+        for i, one in native.items():
+            hashed[i] = one.copy
+            sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
+            configs[i] = one.model_file.config
         if others:
             scratch = Path(
                 stack.enter_context(
@@ -173,7 +176,7 @@ def fuse_files(
 
 def _fuse_keras2_flat(
     paths: Sequence[str | os.PathLike[str]],
-    files: list[ModelFile],
+    checked: list[CheckedFile],
     names: list[str],
     output: Path,
     fmt: str,
@@ -191,6 +194,7 @@ def _fuse_keras2_flat(
     written as `.h5` (which tf-keras and Keras 3 both load) or `.keras`. Where there is no
     such graph: a `.h5` output is refused in one line, a `.keras` one raises `NotFlat` (the
     caller lets Keras convert the inputs instead)."""
+    files = [one.model_file for one in checked]
     configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
     try:
         if at != "output":
@@ -227,14 +231,12 @@ def _fuse_keras2_flat(
         if fmt == "h5":
             raise flat_h5.cannot(str(e)) from None
         raise
-    sources = [
-        writer.Source(given=Path(p), path=Path(f.path)) for p, f in zip(paths, files, strict=True)
-    ]
+    sources = [writer.Source(given=one.source, path=one.copy) for one in checked]
     options = dict(
         weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
+    recipe = ([str(p) for p in paths], [one.copy for one in checked], options)
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))

@@ -103,7 +103,7 @@ def fuse(
     models: Sequence[ModelSource],
     weights: Sequence[float] | None = None,
     *,
-    normalize: bool = False,
+    normalize: bool = True,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
     at: FuseAt = "output",
@@ -112,7 +112,9 @@ def fuse(
 ) -> keras.Model:
     """Fuse saved or loaded Keras models into one whose output is sum(w_i * M_i(x)).
 
-    `models` are paths (.keras/.h5) or loaded `keras.Model`s; `weights` default to 1/N each.
+    `models` are paths (.keras/.h5) or loaded `keras.Model`s; `weights` default to 1/N each,
+    and are rescaled to sum to 1 unless `normalize=False` (as in every command: `--w 1 1`
+    averages).
     `inputs`: "shared" feeds one set of inputs to every model, "separate" gives each model its
     own, "auto" picks shared when all models' inputs match.
     `at="logits"` adds the models' outputs before their final softmax; `activation` is then
@@ -135,7 +137,7 @@ def fuse_to_file(
     output: str | os.PathLike[str],
     weights: Sequence[float] | None = None,
     *,
-    normalize: bool = False,
+    normalize: bool = True,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
     at: FuseAt = "output",
@@ -276,7 +278,7 @@ def build_fusion(
     models: Sequence[ModelSource],
     weights: Sequence[float] | None = None,
     *,
-    normalize: bool = False,
+    normalize: bool = True,
     scale: ScaleMode = "rescaling",
     inputs: InputsMode = "auto",
     at: FuseAt = "output",

@@ -36,7 +36,13 @@ from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, Verific
 from fusecli.formats import archive
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.keras2_flat import NotFlat
-from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER, open_weights
+from fusecli.formats.modelfile import (
+    CONFIG_MEMBER,
+    WEIGHTS_MEMBER,
+    ModelFile,
+    open_weights,
+    read_model_file,
+)
 from fusecli.formats.recipe import Pending, Recipe, keras_metadata, write_h5_recipe
 from fusecli.formats.weights_layout import (
     TRAINING_STATE_GROUPS,
@@ -51,8 +57,8 @@ from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
 from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
 from fusecli.output import atomic_output, check_output_path, model_format
-from fusecli.safety.isolation import call_isolated, call_isolated_write
-from fusecli.safety.scan import check_written, refuse_unsafe
+from fusecli.safety.isolation import call_isolated_each, call_isolated_write
+from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan
 
 Progress = Callable[[int, int], None]
 
@@ -133,7 +139,7 @@ def merge(
     _check_dtype(dtype, fmt)
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
-    layouts = [_read_input(p, trust=trust) for p in sources]
+    layouts = _read_inputs(sources, trust=trust)
     _check_pairing(layouts)
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
@@ -158,11 +164,11 @@ def merge(
             names,
             recipe_options,
             verify,
+            trust,
             inputs=sources,
             nbytes=sum(_size(p) for p in sources),
             progress=progress,
         )
-        check_written(tmp, trust=trust)
 
     variables = template.variables
     merged = sum(v.mergeable for v in variables)
@@ -207,13 +213,24 @@ def _check_dtype(dtype: str | None, fmt: str) -> None:
 # -- checks before anything heavy ------------------------------------------------------------
 
 
-def _read_input(path: Path, *, trust: bool) -> Layout:
-    """Config and variable list of one input; reads no tensor. A file that carries code is
-    refused (unless `trust`): the merged file would carry it on."""
-    refuse_unsafe(path, trust=trust)
-    layout = call_isolated(read_layout, path)
-    check_keras2_layout(layout)  # refuse what load_model and fuse refuse
-    return layout
+def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
+    """Config and variable list of every input, read side by side; no tensor is read. A file
+    that carries code is refused (unless `trust`): the merged file would carry it on."""
+    layouts = []
+    for path, (findings, layout) in zip(
+        paths, call_isolated_each(_scan_and_list, paths), strict=True
+    ):
+        refuse_findings(path, findings, trust=trust)
+        check_keras2_layout(layout)  # refuse what load_model and fuse refuse
+        layouts.append(layout)
+    return layouts
+
+
+def _scan_and_list(path: Path) -> tuple[list[Finding], Layout]:
+    """The safety scan and the variable list of one file, from one reading of it (isolated)."""
+    model_file = read_model_file(path)
+    findings = scan(model_file)
+    return findings, read_layout(path, model_file)
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
@@ -269,10 +286,11 @@ def _write_and_verify(
     names: list[str],
     recipe_options: dict[str, Any],
     verify: bool,
+    trust: bool,
     progress: Progress | None,
 ) -> dict[str, Any] | None:
-    """Write the merged file at `tmp` and read it back (run isolated: see `merge`); returns
-    the relatedness evidence gathered on the way."""
+    """Write the merged file at `tmp`, scan it (as `check_written` would) and read it back (run
+    isolated: see `merge`); returns the relatedness evidence gathered on the way."""
     expected = [_output_variable(v, dtype) for v in template.variables]
     n_models = plan.n_models
     reference = names[-1] if plan.needs_base else names[0]
@@ -283,12 +301,16 @@ def _write_and_verify(
     digests = _write(
         tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
     )
-    if verify and template.format != fmt:
-        keras2_convert.verify(tmp, template, digests)
-    elif verify and _flat_h5(template, fmt):
-        keras2_convert.verify_h5(tmp, template, digests)
-    elif verify:
-        _verify(tmp, template, expected, digests)
+    if verify or not trust:
+        written = read_model_file(tmp)
+        if not trust:
+            refuse_written(scan(written))
+        if verify and template.format != fmt:
+            keras2_convert.verify(tmp, template, digests)
+        elif verify and _flat_h5(template, fmt):
+            keras2_convert.verify_h5(tmp, template, digests)
+        elif verify:
+            _verify(tmp, written, template, expected, digests)
     return evidence.as_dict() if compared else None
 
 
@@ -352,25 +374,27 @@ def _write(
 ) -> list[bytes]:
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
-        tensors = _merged_tensors(layouts, groups, plan, values, expected, evidence)
+        raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
+        tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
         if template.format != fmt:
             return keras2_convert.write(tmp, template, tensors, progress, recipe)
         if _flat_h5(template, fmt):
             return keras2_convert.write_h5(tmp, template, tensors, progress, recipe)
-        with open_weights(template.path) as template_group:
-            if fmt == "h5":
-                source = template_group.file
-                attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
-                _loadable_keras2(attrs)
-                with archive.h5_model(tmp, attrs) as out:
-                    digests = _write_h5(out, template, template_group, tensors, progress)
-                    write_h5_recipe(out, recipe)
-                    return digests
-            with (
-                zipfile.ZipFile(template.path) as source,
-                archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
-            ):
-                return _fill(out, template, template_group, tensors, progress)
+        # the template is one of the inputs, already open
+        template_group = groups[[layout.path for layout in layouts].index(template.path)]
+        if fmt == "h5":
+            source = template_group.file
+            attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
+            _loadable_keras2(attrs)
+            with archive.h5_model(tmp, attrs) as out:
+                digests = _write_h5(out, template, template_group, tensors, expected, progress)
+                write_h5_recipe(out, recipe)
+                return digests
+        with (
+            zipfile.ZipFile(template.path) as source,
+            archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
+        ):
+            return _fill(out, template, template_group, tensors, expected, progress)
 
 
 def _loadable_keras2(attrs: dict[str, Any]) -> None:
@@ -386,6 +410,7 @@ def _loadable_keras2(attrs: dict[str, Any]) -> None:
 def _merged_tensors(
     layouts: list[Layout],
     groups: list[h5py.Group],
+    raws: list[archive.RawTensors],
     plan: MergePlan,
     values: list[dict[str, Any] | None],
     expected: list[Variable],
@@ -394,16 +419,18 @@ def _merged_tensors(
     """The output's variables in order, each computed from one tensor per input."""
     method = METHODS[plan.method]
     n_models = plan.n_models
-    models = list(zip(layouts[:n_models], groups[:n_models], strict=True))
-    first_layout, first_group = models[0]
+    models = list(zip(layouts[:n_models], groups[:n_models], raws[:n_models], strict=True))
+    first_layout, first_group, first_raw = models[0]
     for k, variable in enumerate(first_layout.variables):
         settings = values[k]
         if settings is None:
-            yield read_tensor(first_layout.path, first_group, variable)
+            yield read_tensor(first_layout.path, first_group, variable, first_raw)
             continue
 
-        def read(layout: Layout, group: h5py.Group, k: int = k) -> np.ndarray:
-            values = read_tensor(layout.path, group, layout.variables[k])
+        def read(
+            layout: Layout, group: h5py.Group, raw: archive.RawTensors, k: int = k
+        ) -> np.ndarray:
+            values = read_tensor(layout.path, group, layout.variables[k], raw)
             if not np.isfinite(values).all():
                 v = layout.variables[k]
                 raise ModelFileError(
@@ -413,8 +440,8 @@ def _merged_tensors(
                 )
             return values
 
-        base = read(layouts[-1], groups[-1]) if plan.needs_base else None
-        inputs = [read(layout, group) for layout, group in models]
+        base = read(layouts[-1], groups[-1], raws[-1]) if plan.needs_base else None
+        inputs = [read(layout, group, raw) for layout, group, raw in models]
         if base is not None:
             evidence.add(variable.layer, base, inputs)
         else:
@@ -438,6 +465,7 @@ def _write_h5(
     template: Layout,
     template_group: h5py.Group,
     tensors: Iterator[np.ndarray],
+    expected: list[Variable],
     progress: Progress | None,
 ) -> list[bytes]:
     """A legacy .h5 file: the template's groups, the merged weights."""
@@ -448,7 +476,7 @@ def _write_h5(
             continue
         source.copy(source[key], out, name=key)
     target = out.require_group(weights_name) if weights_name else out
-    return _fill(target, template, template_group, tensors, progress)
+    return _fill(target, template, template_group, tensors, expected, progress)
 
 
 def _fill(
@@ -456,19 +484,35 @@ def _fill(
     template: Layout,
     template_group: h5py.Group,
     tensors: Iterator[np.ndarray],
+    expected: list[Variable],
     progress: Progress | None,
 ) -> list[bytes]:
-    """Copy the template's weights group into `out`, its variables replaced by `tensors`."""
-    own = {v.dataset for v in template.variables}
-    _copy_structure(template_group, out, own, template_group.name)
-    total = sum(v.nbytes for v in template.variables)
+    """Copy the template's weights group into `out`, its variables replaced by `tensors`.
+
+    When every tensor keeps its dtype, the whole group is copied by HDF5's own object copy (one
+    call, in C) and each variable's values written over the copy's; otherwise the groups are
+    copied one by one and the variables made anew in their new dtype.
+    """
+    total = sum(v.nbytes for v in expected)
     done = 0
     digests = []
+    same = all(e.dtype == v.dtype for e, v in zip(expected, template.variables, strict=True))
+    if same:
+        archive.copy_attrs(template_group, out)
+        for key in template_group:
+            if key not in TRAINING_STATE_GROUPS:
+                template_group.copy(template_group[key], out, name=key)
+    else:
+        own = {v.dataset for v in template.variables}
+        _copy_structure(template_group, out, own, template_group.name)
     for variable, values in zip(template.variables, tensors, strict=True):
-        digests.append(archive.write_tensor(out, variable.dataset, values))
-        archive.copy_attrs(template_group[variable.dataset], out[variable.dataset])
-        if values.dtype.name == "bfloat16":  # how Keras marks them (saving_lib.H5IOStore)
-            out[variable.dataset].attrs["dtype"] = "bfloat16"
+        if same:
+            digests.append(archive.overwrite_tensor(out[variable.dataset], values))
+        else:
+            digests.append(archive.write_tensor(out, variable.dataset, values))
+            archive.copy_attrs(template_group[variable.dataset], out[variable.dataset])
+            if values.dtype.name == "bfloat16":  # how Keras marks them (saving_lib.H5IOStore)
+                out[variable.dataset].attrs["dtype"] = "bfloat16"
         done += variable.nbytes
         if progress is not None:
             progress(done, total)
@@ -519,10 +563,17 @@ def _template_members(
 # -- verification ----------------------------------------------------------------------------
 
 
-def _verify(path: Path, template: Layout, expected: list[Variable], digests: list[bytes]) -> None:
-    """Read the written file back as a new input: same architecture, the values we computed."""
+def _verify(
+    path: Path,
+    model_file: ModelFile,
+    template: Layout,
+    expected: list[Variable],
+    digests: list[bytes],
+) -> None:
+    """Read the written file back as a new input: same architecture, the values we computed.
+    `model_file`: the written file as read for its scan."""
     try:
-        written = read_layout(path)
+        written = read_layout(path, model_file)
     except ModelFileError as e:
         raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
     template = Layout(
@@ -533,9 +584,9 @@ def _verify(path: Path, template: Layout, expected: list[Variable], digests: lis
         raise VerificationError(
             f"The written file's architecture differs from its inputs': {difference}"
         )
-    with open_weights(path) as group:
+    with open_weights(path) as group, archive.RawTensors(path) as raw:
         for k, (variable, digest) in enumerate(zip(written.variables, digests, strict=True)):
-            if archive.tensor_digest(read_tensor(path, group, variable)) != digest:
+            if archive.tensor_digest(read_tensor(path, group, variable, raw)) != digest:
                 raise VerificationError(
                     f"Weight {k} (layer {variable.layer!r}) reads back different from what was "
                     "computed; the file was not kept"

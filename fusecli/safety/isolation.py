@@ -3,7 +3,8 @@
 A file crafted (or corrupted) to crash the HDF5 C library kills the process that reads it, and one
 changed byte can make HDF5 loop forever; neither raises a Python exception. So every read of an
 untrusted file runs in a child process: a crash becomes a `ModelFileError` naming the file, and a
-read that outlives the time limit (`FUSECLI_READ_TIMEOUT` seconds, 60 by default) is killed and
+read that outlives the time limit (`FUSECLI_READ_TIMEOUT` seconds, 10 by default, plus 1 s per
+4 MiB of the file) is killed and
 becomes one too.
 
 The child is a fork: of the caller itself while that is safe (no machine-learning framework
@@ -46,7 +47,7 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]
 
 TIMEOUT_VARIABLE = "FUSECLI_READ_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 10.0
 
 _FRAME = struct.Struct("<Q")  # every message: its length, then a pickle
 _PR_SET_PDEATHSIG = 1
@@ -77,11 +78,12 @@ def call_isolated(fn: Callable[[Path], T], path: Path, *, timeout: float | None 
     """`fn(path)`, run in a child process; its result or its `ModelFileError` come back here.
 
     `fn` must be a module-level function (it is sent by name). A crash of the child, or a read
-    longer than `timeout` seconds (default: `read_timeout()`), becomes a `ModelFileError` naming
+    longer than `timeout` seconds (default: `write_timeout` of the file's size), becomes a
+    `ModelFileError` naming
     `path`; so does any other exception `fn` raises, since the file caused it.
     """
-    limit = read_timeout() if timeout is None else timeout
     path = Path(path)
+    limit = write_timeout(_size(path)) if timeout is None else timeout
     try:
         reply = _run(("read", fn, path), limit, None)
     except _TimedOut:
@@ -91,6 +93,47 @@ def call_isolated(fn: Callable[[Path], T], path: Path, *, timeout: float | None 
             path, "could not be read: the process reading it ended unexpectedly"
         ) from None
     return _unpack(reply, path)
+
+
+def call_isolated_each(
+    fn: Callable[[Path], T], paths: Sequence[Path], *, timeout: float | None = None
+) -> list[T]:
+    """`call_isolated(fn, path)` for every path, the children running side by side when this
+    process can fork (one per path, on as many cores as there are); else one after another.
+    Errors are raised as `call_isolated` raises them, the first path's first."""
+    paths = [Path(p) for p in paths]
+    limit = read_timeout() if timeout is None else timeout
+    with _lock:
+        parallel = len(paths) > 1 and _fork_is_safe()
+        if parallel:
+            deadline = time.monotonic() + limit
+            started: list[tuple[int, int]] = []
+            replies: list[bytes | BaseException] = []
+            try:
+                for path in paths:
+                    started.append(_fork(("read", fn, path)))
+                for pid, receiver in started:
+                    try:
+                        replies.append(_reply(pid, receiver, deadline, None))
+                    except _TimedOut as e:
+                        replies.append(e)
+            except BaseException:  # a signal while waiting: no child outlives the wait
+                for pid, receiver in started[len(replies) :]:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                    with contextlib.suppress(OSError):
+                        os.close(receiver)
+                raise
+    if not parallel:
+        return [call_isolated(fn, path, timeout=timeout) for path in paths]
+    results = []
+    for path, reply in zip(paths, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise _timed_out(path, limit) from None
+        results.append(_unpack(reply, path))
+    return results
 
 
 def call_isolated_write(
@@ -193,7 +236,8 @@ def _progress_receiver(progress: Progress) -> Callable[[bytes], None]:
 
 
 def read_timeout() -> float:
-    """Seconds one isolated read may take: `FUSECLI_READ_TIMEOUT`, or 60."""
+    """Seconds any isolated work may take before the bytes it reads count:
+    `FUSECLI_READ_TIMEOUT`, or 10."""
     text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
     if not text:
         return DEFAULT_TIMEOUT
@@ -232,9 +276,17 @@ class _TimedOut(Exception):
 def _timed_out(path: Path, limit: float) -> ModelFileError:
     return ModelFileError(
         path,
-        f"was still being read after {limit:g} s, the limit set by {TIMEOUT_VARIABLE}; the file "
-        "is corrupt or hostile (or larger than that limit allows)",
+        f"was still being read after {limit:.3g} s, the limit set by {TIMEOUT_VARIABLE} plus 1 s "
+        f"per {WRITE_BYTES_PER_SECOND >> 20} MiB of the file; the file is corrupt or hostile (or "
+        "the disk slower than that limit allows)",
     )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class _Helper:
@@ -407,6 +459,11 @@ def _forked(
 ) -> bytes:
     """`job` in a fork of this process: its pickled reply, or a pickled "crashed". Progress
     frames the child sends on the way go to `on_progress`."""
+    return _reply(*_fork(job), deadline, on_progress)
+
+
+def _fork(job: tuple[str, Callable[..., Any], Any]) -> tuple[int, int]:
+    """Start `job` in a fork of this process: (its pid, the pipe its reply comes on)."""
     receiver, sender = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -423,6 +480,16 @@ def _forked(
         finally:
             os._exit(0)
     os.close(sender)
+    return pid, receiver
+
+
+def _reply(
+    pid: int,
+    receiver: int,
+    deadline: float | None,
+    on_progress: Callable[[bytes], None] | None,
+) -> bytes:
+    """Wait for a forked job's reply (see `_forked`); the child is gone when this returns."""
     try:
         while True:
             reply = _read_frame(receiver, deadline)

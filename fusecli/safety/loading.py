@@ -31,6 +31,7 @@ from fusecli.errors import FusecliError, ModelFileError, known_cause
 from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
 from fusecli.output import sweep_stale
+from fusecli.safety.rewrite import rewrite_hdf5
 from fusecli.safety.scan import refuse_unsafe
 from fusecli.termination import cleanup_on_termination
 
@@ -79,6 +80,8 @@ def checked_files(
                 CheckedFile(source, copy, refuse_unsafe(copy, trust=trust))
                 for source, copy in zip(sources, copies, strict=True)
             ]
+            for copy in copies:  # what Keras will read: HDF5 that h5py wrote, from values
+                rewrite_hdf5(copy)
             yield checked
 
 
@@ -177,15 +180,54 @@ def _private_copy(source: Path, folder: Path) -> Path:
 
 
 def _copy_bytes(src: object, dst: object) -> None:
-    """The kernel's copy (sendfile) where it works, a read and write loop elsewhere."""
+    """What the file holds, its holes kept holes: a sparse file (a 20 KB `.h5` declaring a
+    1 GiB user block) costs its data, not its size, in `$TMPDIR`. The kernel's copy (sendfile)
+    for each stretch of data where it works, a read and write loop elsewhere."""
     src_fd, dst_fd = src.fileno(), dst.fileno()  # type: ignore[attr-defined]
+    size = os.fstat(src_fd).st_size
+    for start, end in _data_ranges(src_fd, size):
+        _copy_range(src_fd, dst_fd, start, end)
+    os.ftruncate(dst_fd, size)  # a hole at the end, as in the source
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each stretch of data in the file; the whole file where the file system
+    cannot tell data from holes."""
+    if not hasattr(os, "SEEK_DATA"):
+        yield 0, size
+        return
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from here on
+                return
+            yield offset, size  # holes not supported here
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size)
+        offset = end
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    os.lseek(dst_fd, start, os.SEEK_SET)
+    offset = start
     try:
-        while os.sendfile(dst_fd, src_fd, None, _COPY_CHUNK):
-            pass
-    except OSError:
-        if os.lseek(dst_fd, 0, os.SEEK_CUR) != 0:
+        while offset < end:
+            sent = os.sendfile(dst_fd, src_fd, offset, min(_COPY_CHUNK, end - offset))
+            if sent == 0:
+                return  # the file got shorter meanwhile: the copy is what was there
+            offset += sent
+    except OSError as e:
+        if offset != start or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        shutil.copyfileobj(src, dst, 1 << 20)  # type: ignore[arg-type]
+        while offset < end:  # no sendfile between these files
+            chunk = os.pread(src_fd, min(1 << 20, end - offset), offset)
+            if not chunk:
+                return
+            os.write(dst_fd, chunk)
+            offset += len(chunk)
 
 
 @contextlib.contextmanager

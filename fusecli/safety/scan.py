@@ -143,6 +143,15 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     beyond the readers' limits (`ModelFileError`) is refused even with `trust`.
     """
     model_file, findings = call_isolated(_read_and_scan, Path(path))
+    refuse_findings(path, findings, trust=trust)
+    return model_file
+
+
+def refuse_findings(
+    path: str | os.PathLike[str], findings: list[Finding], *, trust: bool = False
+) -> None:
+    """`refuse_unsafe`'s verdict on findings made elsewhere (by a caller that scanned the file
+    in a child of its own, with other reading)."""
     if findings and not trust:
         more = len(findings) - 1
         also = f" (and {more} more: see `fusecli inspect {path}`)" if more else ""
@@ -150,7 +159,6 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
             path,
             f"{findings[0].describe()}{also}; refusing (use --trust to load it anyway)",
         )
-    return model_file
 
 
 def check_written(path: str | os.PathLike[str], *, trust: bool = False) -> None:
@@ -162,6 +170,11 @@ def check_written(path: str | os.PathLike[str], *, trust: bool = False) -> None:
     if trust:
         return
     _model_file, findings = call_isolated(_read_and_scan, Path(path))
+    refuse_written(findings)
+
+
+def refuse_written(findings: list[Finding]) -> None:
+    """`check_written`'s verdict on findings made elsewhere (in the child that wrote the file)."""
     if findings:
         raise VerificationError(
             f"The written file would run code when loaded: {findings[0].describe()}; it was "
@@ -451,6 +464,14 @@ def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
                 filename, target = entry.target or ("?", "?")
                 reason = f"is a link to {target!r} in another file {filename!r}"
                 found.append((entry.name, Finding(where, "ExternalLink", reason, _HDF5_WHAT)))
+            elif entry.kind in ("soft", "other"):
+                # Keras' loaders do not follow them, and fusecli's readers would not either:
+                # what the check reads and what Keras loads would differ.
+                raise ModelFileError(
+                    model_file.path,
+                    f"HDF5 object {where!r} is a {entry.kind} link, which no Keras writes and "
+                    "Keras' loader does not follow; refusing",
+                )
             elif entry.kind == "dataset":
                 dataset_findings = list(_check_dataset(entry.node, where))
                 if dataset_findings:  # its data is elsewhere: nothing here to measure

@@ -329,7 +329,7 @@ def combine_scores(
     output: str | os.PathLike[str] | None,
     weights: Sequence[float] | None = None,
     *,
-    normalize: bool = False,
+    normalize: bool = True,
     labels: str | os.PathLike[str] | np.ndarray | None = None,
     labels_key: str | None = None,
     force: bool = False,
@@ -343,7 +343,8 @@ def combine_scores(
     `fuse_rows`, if given, computes the fused rows from the inputs' rows instead of the weighted
     sum (a tune recipe, a hard vote; see `fusecli.scores.recipe`).
 
-    Weights default to 1/N each. With `labels` (class ids or one-hot rows, see `metrics`), also
+    Weights default to 1/N each, and are rescaled to sum to 1 unless `normalize=False`. With
+    `labels` (class ids or one-hot rows, see `metrics`), also
     measures top-1 (and, with 5+ classes, top-5) accuracy of each input and of the sum; labels are
     a .npy file, the `labels_key` (default `y`) array of a .npz/.h5, or an array. `output` may be
     None when only the accuracies are wanted.
