@@ -2,10 +2,12 @@
 
 A file is read once, into a private copy: a folder only this user can open, which no one else
 can re-point or rewrite. The copy is read and scanned without Keras in a child process
-(`fusecli.safety.scan`, `fusecli.safety.isolation`), and Keras loads that same copy, so what Keras
-sees is exactly what was scanned, whatever happens to the path meanwhile. (Keras' own loaders
-take a path or a file object; a private path keeps to its public `load_model`, and lets the
-scanner, which reads paths, read the very same bytes.)
+(`fusecli.safety.scan`, `fusecli.safety.isolation`), its HDF5 is rewritten by value in another
+child (`fusecli.safety.rewrite`: Keras then reads only HDF5 that h5py wrote, so a file that
+crashes or hangs HDF5 does so in a child), and Keras loads that copy, so what Keras sees is what
+was scanned, whatever happens to the path meanwhile. (Keras' own loaders take a path or a file
+object; a private path keeps to its public `load_model`, and lets the scanner, which reads
+paths, read the very same bytes.)
 
 A broken file raises `ModelFileError`, one that holds code `UnsafeModelError`, and whatever else
 a file makes Keras raise becomes a `ModelFileError` too. Keras 2 era `.h5` files go through
