@@ -5,10 +5,9 @@
 Makes two ResNet50 .keras files (keras.applications, weights=None, ~100 MB each; two random
 initialisations, which measure the speed and make no useful model) in a temporary folder, then
 runs each variant in its own process and prints wall time, peak memory and the ratios. fusecli
-is measured as shipped (it reads the written file back and checks every tensor) and with
---no-verify, which does what the hand-written script does; beside them the floors: starting
-Python with numpy and h5py, and a plain copy of both inputs. Both results are then compared
-tensor by tensor. --save writes the tables to bench/results/merge.txt.
+is measured as shipped (it reads the written file back and checks every tensor); beside it the
+floors: starting Python with numpy and h5py, and a plain copy of both inputs. Both results are
+then compared tensor by tensor. --save writes the tables to bench/results/merge.txt.
 """
 
 from __future__ import annotations
@@ -62,14 +61,12 @@ def main() -> None:
         fusecli = [sys.executable, "-m", "fusecli", "merge", a, b, "--force"]
         variants = {
             "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
-            "fusecli merge --no-verify": [*fusecli, "-o", d / "m2.keras", "--no-verify"],
             "fusecli merge (reads back, checks)": [*fusecli, "-o", d / "m1.keras"],
             "floor: python -c 'import numpy, h5py'": [sys.executable, "-c", "import numpy, h5py"],
             "floor: cat a b > out": ["sh", "-c", f"cat {a} {b} > {d / 'copy'}"],
         }
         if previous is not None:
             earlier = ["env", f"PYTHONPATH={previous}", *fusecli]
-            variants["previous code, --no-verify"] = [*earlier, "-o", d / "p2.keras", "--no-verify"]
             variants["previous code (reads back, checks)"] = [*earlier, "-o", d / "p1.keras"]
         results = best_of(variants, repeat=repeat)
         compare = [sys.executable, "-c", COMPARE, d / "m1.keras", d / "h.keras"]

@@ -146,6 +146,11 @@ def one_seed(seed: int, folder: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    from threadpoolctl import threadpool_limits
+
+    # One thread for BLAS and OpenMP (scikit-learn's boosting, MLP): on a shared machine their
+    # spinning threads make the training many times slower than on one core.
+    threadpool_limits(limits=1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()

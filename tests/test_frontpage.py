@@ -19,8 +19,8 @@ EXAMPLES = REPO / "examples"
 PAIR = ("rgb_stream.h5", "pose_stream.h5")
 SHAPES = {"rgb_stream.h5": (4, 16, 16, 3), "pose_stream.h5": (4, 17, 2)}
 H5_LOADERS = (
-    "fused.h5 loads in Keras 3 (keras.models.load_model); not in tf-keras (Keras 2): it is "
-    "written in Keras 3's .h5 schema."
+    "fused.h5 loads in tf-keras (Keras 2) and in Keras 3 (keras.models.load_model): it is "
+    "written in Keras 2's .h5 schema."
 )
 KERAS_LOADERS = (
     "fused.keras loads in Keras 3 (keras.models.load_model); not in tf-keras (Keras 2), which "

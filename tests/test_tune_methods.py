@@ -139,6 +139,7 @@ def test_stack_fit_equals_scikit_learns_logistic_regression():
         np.testing.assert_allclose(_softmax(x @ coef + intercept), ref.predict_proba(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stack_chooses_c_by_held_out_log_loss():
     from threadpoolctl import threadpool_limits
 
@@ -205,6 +206,7 @@ def test_estimates_are_honest_and_said(tmp_path):
     assert est["hard_vote_accuracy"] == pytest.approx(np.mean(np.argmax(votes, axis=1) == y))
 
 
+@pytest.mark.slow
 def test_auto_says_what_it_chose_and_why():
     scores, y = _zoo(n=5, seed=11)
     result = tune_scores(scores, y, budget=1e6)  # every candidate, however busy the machine

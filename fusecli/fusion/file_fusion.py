@@ -1,11 +1,13 @@
 """Fusing model files as files: read the configs, compose the fused config, copy the tensors,
-prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output.
+prove the result. No Keras for Keras 3 `.keras` inputs written to a `.keras` output, nor for
+Keras 2 era `.h5` inputs (inlined into a flat graph, `fusecli.fusion.flat_h5`: a `.h5` output in
+Keras 2's schema, which tf-keras and Keras 3 both load, or a `.keras` one).
 
 Keras is imported only where the file alone cannot say enough:
-- Keras 2 era `.h5` inputs, legacy `.h5` inputs going into a `.keras` output, and every input of
-  a `.h5` output: Keras loads the model (through `fusecli.safety.loading`, the one door) and its
-  own saver lays its tensors out; the fused file is then assembled from that copy, and checked
-  against it;
+- Keras 3 `.h5` inputs going into a `.keras` output, every Keras 3 input of a `.h5` output, and
+  Keras 2 files with no flat form going into a `.keras` output: Keras loads the model (through
+  `fusecli.safety.loading`, the one door) and its own saver lays its tensors out; the fused file
+  is then assembled from that copy, and checked against it;
 - a model whose output shape its config does not state (a last layer outside the common ones):
   Keras builds it, without weights, to read the shape.
 """
@@ -13,6 +15,7 @@ Keras is imported only where the file alone cannot say enough:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import zipfile
@@ -25,14 +28,16 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, known_cause
+from fusecli.formats import keras2, keras2_weights
+from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
-from fusecli.fusion import writer
+from fusecli.fusion import flat_h5, flat_keras, writer
 from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
 from fusecli.output import atomic_output, temp_prefix
-from fusecli.safety.isolation import call_isolated_write
+from fusecli.safety.isolation import call_isolated, call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.termination import cleanup_on_termination
 
@@ -74,6 +79,20 @@ def fuse_files(
         _check_name(Path(path))
     if fmt == "h5":
         _check_h5_assets(paths, names)
+    if all(_looks_keras2(Path(p)) for p in paths):
+        # Read from private copies made from one open of each input, scanned there (as the
+        # door reads every file): a file renamed over an input after its scan cannot reach
+        # the output.
+        with checked_files(paths, trust=trust) as checked:
+            if all(one.model_file.written_by_keras2 for one in checked):
+                try:
+                    return _fuse_keras2_flat(
+                        paths, checked, names, output, fmt, weights,
+                        scale=scale, inputs=inputs, at=at, activation=activation, trust=trust,
+                        force=force, after_write=after_write,
+                    )  # fmt: skip
+                except NotFlat:
+                    pass  # into .keras: Keras converts the inputs, as it did before
     # Keras 3 .keras inputs of a .keras output are read as files, from a private copy made
     # from one open of the input and scanned there (a file renamed over the input after its
     # scan cannot reach the output); the written file is scanned again, and its tensors
@@ -88,9 +107,9 @@ def fuse_files(
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
+        # The recipe's SHA-256 are of the inputs as given (the private copies are rewritten).
+        hashed = [Path(p) for p in paths]
         for i, one in native.items():
-            hashed[i] = one.copy
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
         if others:
@@ -101,7 +120,6 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
-                hashed[i] = one.copy
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -155,6 +173,112 @@ def fuse_files(
     )
 
 
+def _fuse_keras2_flat(
+    paths: Sequence[str | os.PathLike[str]],
+    checked: list[CheckedFile],
+    names: list[str],
+    output: Path,
+    fmt: str,
+    weights: tuple[float, ...],
+    *,
+    scale: str,
+    inputs: str,
+    at: str,
+    activation: str,
+    trust: bool,
+    force: bool,
+    after_write: Any,
+) -> FileFusion:
+    """Keras 2 `.h5` inputs as a file operation: the flat graph of `fusecli.fusion.flat_h5`,
+    written as `.h5` (which tf-keras and Keras 3 both load) or `.keras`. Where there is no
+    such graph: a `.h5` output is refused in one line, a `.keras` one raises `NotFlat` (the
+    caller lets Keras convert the inputs instead)."""
+    files = [one.model_file for one in checked]
+    configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
+    try:
+        if at != "output":
+            raise NotFlat("--at logits is not supported for .h5 output of Keras 2 files yet")
+        if scale == "lambda":
+            raise NotFlat("a Lambda scaling layer is stored differently by each Keras")
+        for f, name in zip(files, names, strict=True):
+            flat_h5.check(f, name)
+    except NotFlat as e:
+        if fmt == "h5":
+            raise flat_h5.cannot(str(e)) from None
+        raise
+    branches = [prepare_branch(c, n, at=at) for c, n in zip(configs, names, strict=True)]
+    for branch in branches:
+        if any(shape is None for shape in branch.output_shapes):
+            shapes = _shapes_from_config(branch.given)
+            if shapes is None or len(shapes) != len(branch.output_shapes):
+                reason = f"the output shapes of {branch.name!r} cannot be read from its config"
+                raise flat_h5.cannot(reason) if fmt == "h5" else NotFlat(reason)
+            branch.output_shapes = shapes
+    assembly = assemble(
+        branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
+    )
+    try:
+        # The weights' names are read in a child process, as every untrusted read is.
+        found = [call_isolated(keras2_weights.read_layer_weights, Path(f.path)) for f in files]
+        reason = next((r for r in found if isinstance(r, str)), None)
+        if reason is not None:
+            raise NotFlat(reason)
+        flat = flat_h5.plan(files, assembly, weights, activation, found)
+        if fmt == "keras":
+            flat_keras.placements(flat)
+    except NotFlat as e:
+        if fmt == "h5":
+            raise flat_h5.cannot(str(e)) from None
+        raise
+    sources = [writer.Source(given=one.source, path=one.copy) for one in checked]
+    options = dict(
+        weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
+        activation=activation,
+    )  # fmt: skip
+    recipe = ([str(p) for p in paths], [one.copy for one in checked], options)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cleanup_on_termination())
+        tmp = stack.enter_context(atomic_output(output, force=force))
+        written, check = call_isolated_write(
+            _write_and_prove_flat,
+            tmp,
+            fmt,
+            flat,
+            sources,
+            weights,
+            recipe,
+            inputs=[s.given for s in sources],
+            nbytes=_source_bytes(sources),
+        )
+        if after_write is not None:
+            after_write(tmp)
+    layer_order = [(str(e["class_name"]), str(e["name"])) for e in flat.config["config"]["layers"]]
+    return FileFusion(
+        assembly=dataclasses.replace(assembly, config=flat.config, layer_order=layer_order),
+        weights=weights,
+        activation=activation,
+        params=written.params,
+        check=check,
+        converted=[],
+    )
+
+
+def _write_and_prove_flat(
+    tmp: Path,
+    fmt: str,
+    flat: flat_h5.FlatPlan,
+    sources: list[writer.Source],
+    weights: tuple[float, ...],
+    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    _report: Any,
+) -> tuple[writer.Written, dict[str, Any]]:
+    """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
+    `fuse_files`)."""
+    module = flat_h5 if fmt == "h5" else flat_keras
+    written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
+    return written, module.prove(tmp, flat, sources, written, weights)
+
+
 def _write_and_prove(
     tmp: Path,
     fmt: str,
@@ -166,7 +290,7 @@ def _write_and_prove(
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a thread."""
+    are hashed for the recipe meanwhile, in a forked process."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
     written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
@@ -180,6 +304,29 @@ def _source_bytes(sources: list[writer.Source]) -> int:
             total += path.stat().st_size
     legacy = (values for s in sources for _, values in s.legacy or [])
     return total + sum(values.nbytes for values in legacy)
+
+
+def _shapes_from_config(config: dict[str, Any]) -> list[list[int | None]] | None:
+    """Every output's shape from `fusecli.config.shapes`, or None unless all are known."""
+    from fusecli.config.shapes import UNKNOWN, model_outputs
+
+    try:
+        specs = [spec for _, spec in model_outputs(config)]
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+        return None
+    shapes = [spec.shape for spec in specs]
+    if any(shape is None or UNKNOWN in shape for shape in shapes):
+        return None
+    return [list(shape) for shape in shapes]
+
+
+def _looks_keras2(path: Path) -> bool:
+    """An HDF5 file (by its first bytes): worth reading as a Keras 2 `.h5`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False  # the door reports it
 
 
 def _looks_native(path: Path) -> bool:

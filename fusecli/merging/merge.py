@@ -13,7 +13,8 @@ combined, and written. Peak memory is a few copies of the largest tensor.
 The output takes the first input of its format as a template: its config, metadata and layout
 are copied, its tensors replaced by the merged ones, and training state (optimizer variables,
 compile settings) dropped. A .keras output therefore needs a .keras input, an .h5 output an .h5
-input.
+input; but Keras 2 era `.h5` inputs go into a `.keras` output too, converted as a file
+(`fusecli.merging.keras2_convert`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
+from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
     WEIGHTS_MEMBER,
@@ -50,6 +52,7 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
+from fusecli.merging import keras2_convert
 from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
 from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
@@ -246,6 +249,8 @@ def _template(layouts: list[Layout], fmt: str, output: Path) -> Layout:
     for layout in layouts:
         if layout.format == fmt:
             return layout
+    if fmt == "keras" and (layouts[0].keras_version or "").startswith("2."):
+        return layouts[0]  # converted as a file: see fusecli.merging.keras2_convert
     other = ".h5" if fmt == "keras" else ".keras"
     raise FusecliError(
         f"Cannot write a {fmt} file from {other} inputs only: the output copies the config of "
@@ -300,7 +305,11 @@ def _write_and_verify(
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify:
+        if verify and template.format != fmt:
+            keras2_convert.verify(tmp, template, digests)
+        elif verify and _flat_h5(template, fmt):
+            keras2_convert.verify_h5(tmp, template, digests)
+        elif verify:
             _verify(tmp, written, template, expected, digests)
     return evidence.as_dict() if compared else None
 
@@ -333,6 +342,17 @@ def _recipe_options(
     }
 
 
+def _flat_h5(template: Layout, fmt: str) -> bool:
+    """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
+    if fmt != "h5" or not (template.keras_version or "").startswith("2."):
+        return False
+    try:
+        keras2_convert.places(template, "h5")
+    except NotFlat:
+        return False
+    return True
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -356,6 +376,10 @@ def _write(
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
+        if template.format != fmt:
+            return keras2_convert.write(tmp, template, tensors, progress, recipe)
+        if _flat_h5(template, fmt):
+            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe)
         # the template is one of the inputs, already open
         template_group = groups[[layout.path for layout in layouts].index(template.path)]
         if fmt == "h5":

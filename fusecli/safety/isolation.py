@@ -102,7 +102,7 @@ def call_isolated_each(
     process can fork (one per path, on as many cores as there are); else one after another.
     Errors are raised as `call_isolated` raises them, the first path's first."""
     paths = [Path(p) for p in paths]
-    limit = read_timeout() if timeout is None else timeout
+    limit = max(write_timeout(_size(p)) for p in paths) if timeout is None else timeout
     with _lock:
         parallel = len(paths) > 1 and _fork_is_safe()
         if parallel:

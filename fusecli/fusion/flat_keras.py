@@ -1,0 +1,156 @@
+"""Keras 2 `.h5` inputs fused into a `.keras` file as a file operation (no Keras).
+
+The fused graph is the flat one of `fusecli.fusion.flat_h5` (every model inlined, its layers
+renamed `<branch>_<path>`), its config given what Keras 3's `.keras` loader looks for (`module`
+names, `batch_shape`); Keras 3 reads its Keras 2 list nodes as its own legacy loader does. Each
+layer's weights, in `.h5` order, go where a `.keras` file keeps them
+(`fusecli.formats.keras_vars`): `layers/<key>/...`, the keys made from the layers' classes in
+`model.layers` order, as Keras 3's `saving_lib` names them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from fusecli.errors import FusecliError, ModelFileError, VerificationError
+from fusecli.formats import archive
+from fusecli.formats.keras2_flat import NotFlat
+from fusecli.formats.keras_vars import snake_case, var_paths
+from fusecli.formats.modelfile import open_weights, read_model_file
+from fusecli.formats.recipe import Recipe, keras_metadata
+from fusecli.fusion.flat_h5 import FlatPlan, layer_order
+from fusecli.fusion.writer import Placed, Source, Written, keras_version
+
+_FUNCTIONAL = {"module": "keras.src.models.functional", "registered_name": "Functional"}
+
+
+def keras3_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config as a `.keras` file holds it."""
+    config = copy.deepcopy(config)
+    for spec in config["config"]["layers"]:
+        spec["module"] = "keras.layers"
+        spec["registered_name"] = None
+        conf = spec["config"]
+        if spec["class_name"] == "InputLayer" and "batch_input_shape" in conf:
+            conf["batch_shape"] = conf.pop("batch_input_shape")
+    return {**_FUNCTIONAL, **config, "build_config": {"input_shape": None}}
+
+
+def placements(flat: FlatPlan) -> dict[str, list[tuple[int, str, str]]]:
+    """Layer -> (branch, source dataset, `.keras` dataset) for each of its weights. Raises
+    `NotFlat` where a layer's variables cannot be placed without Keras."""
+    specs = {e["name"]: e for e in flat.config["config"]["layers"]}
+    out: dict[str, list[tuple[int, str, str]]] = {}
+    for name, key in zip(flat.order, keys(flat), strict=True):
+        weights = flat.weights.get(name, [])
+        if not weights:
+            continue
+        spec = specs[name]
+        paths = var_paths(spec["class_name"], spec["config"], len(weights))
+        out[name] = [
+            (branch, source, f"layers/{key}/{path}")
+            for (branch, source, _), path in zip(weights, paths, strict=True)
+        ]
+    return out
+
+
+def keys(flat: FlatPlan) -> list[str]:
+    """The `.keras` group key of each layer, in `flat.order`."""
+    specs = {e["name"]: e for e in flat.config["config"]["layers"]}
+    used: dict[str, int] = {}
+    out = []
+    for name in flat.order:
+        key = snake_case(str(specs[name]["class_name"]))
+        if key in used:
+            used[key] += 1
+            key = f"{key}_{used[key]}"
+        else:
+            used[key] = 0
+        out.append(key)
+    return out
+
+
+def write(
+    tmp: Path, flat: FlatPlan, sources: list[Source], recipe: Recipe | None = None
+) -> Written:
+    metadata = {
+        "keras_version": keras_version(),
+        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+    }
+    config = keras3_config(flat.config)
+    members = archive.keras_members(
+        config, metadata if recipe is None else lambda: keras_metadata(metadata, recipe)
+    )
+    written = Written()
+    placed = placements(flat)
+    with contextlib.ExitStack() as stack:
+        roots: dict[int, h5py.Group] = {}
+        h5 = stack.enter_context(archive.keras_archive(tmp, members))
+        h5.create_group("vars")
+        layers = h5.create_group("layers")
+        for name, key in zip(flat.order, keys(flat), strict=True):
+            layers.create_group(key).create_group("vars").attrs["name"] = name
+            for branch, source_path, target in placed.get(name, []):
+                if branch not in roots:
+                    roots[branch] = stack.enter_context(open_weights(sources[branch].path))
+                origin = roots[branch][source_path]
+                parent, _, leaf = target.rpartition("/")
+                try:
+                    origin.parent.copy(origin, h5.require_group(parent), name=leaf)
+                except (OSError, KeyError, TypeError, ValueError) as e:
+                    raise ModelFileError(
+                        sources[branch].given, f"weights cannot be copied ({e})"
+                    ) from None
+                written.placed.append(Placed(branch, target, source_path))
+                written.params += int(h5[target].size)
+    return written
+
+
+def prove(
+    path: Path, flat: FlatPlan, sources: list[Source], written: Written, weights: tuple[float, ...]
+) -> dict[str, Any]:
+    """The written archive read back, without Keras: its config is the composed one, each
+    layer's tensors at the place Keras 3 loads that layer from (computed again from the written
+    config), equal to their sources bit for bit; the inputs unchanged."""
+    from fusecli.fusion import flat_h5, proof
+
+    try:
+        model_file = read_model_file(path)
+    except ModelFileError as e:
+        raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
+    if model_file.config != keras3_config(flat.config):
+        raise VerificationError("The written file's config differs from the composed one")
+    flat_h5._check_head(flat.config, weights)
+    again = FlatPlan(flat.config, layer_order(flat.config), flat.weights, flat.sources_config)
+    expected = {t for places in placements(again).values() for _, _, t in places}
+    if expected != {p.output for p in written.placed}:
+        raise VerificationError(
+            "The written file's tensors are not where Keras 3 loads its layers' weights from"
+        )
+    tensors, nbytes = proof._check_tensors(path, "keras", sources, written)
+    for source, config in zip(sources, flat.sources_config, strict=True):
+        try:
+            now = read_model_file(source.path).config
+        except FusecliError:
+            now = None
+        if now != config:
+            raise ModelFileError(
+                source.given, "changed while it was being fused; the fused file was not kept"
+            )
+    return {
+        "config": "as composed; every branch inlined (layers renamed)",
+        "layer_order": "as Keras orders the model's layers",
+        "tensors": tensors,
+        "bytes": nbytes,
+        "scan": "passed",
+        "layer_names_unique": True,
+    }
+
+
+__all__ = ["NotFlat", "keras3_config", "placements", "prove", "write"]
