@@ -1,7 +1,7 @@
 """`fusecli fuse` against the same fusion written by hand in Keras 3, and against a plain copy of
 the input files (the floor for any job that reads and writes them), in one run.
 
-    python bench/bench_fuse.py [--repeat 1] [--previous CHECKOUT]
+    python bench/bench_fuse.py [--repeat 1] [--previous CHECKOUT] [--save] [--note TEXT]
 
 Two pairs of models, made in a temporary folder: two ResNet50 .keras files (keras.applications,
 weights=None, ~100 MB each) and two ~1 GB models (4 x Dense(8192)). Each variant runs in its own
@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from measure import best_of, make_resnet50s, table
+from measure import best_of, make_resnet50s, save_results, table
 
 # The fusion by hand, as a careful user writes it: load both, rename (both have one name), scale
 # with Rescaling, join with Add, save.
@@ -56,8 +56,14 @@ def main() -> None:
         help="a checkout of earlier fusecli code, measured in the same run (e.g. `git archive`)",
     )
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--save", action="store_true", help="write the tables to bench/results/fuse.txt"
+    )
+    parser.add_argument("--note", default="", help="a line to put above the tables")
     args = parser.parse_args()
     repeat, previous = args.repeat, args.previous
+    previous_name = "fusecli fuse, previous code"
+    lines = [args.note] if args.note else []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         pairs = {
@@ -85,15 +91,20 @@ def main() -> None:
             }
             if previous is not None:
                 earlier = ["env", f"PYTHONPATH={previous}", *fuse, "-o", d / "p.keras", "--force"]
-                variants["fusecli fuse, previous code"] = earlier
+                variants[previous_name] = earlier
             results = best_of(variants, repeat=repeat)
-            print(f"\n{title}; best wall time of {repeat}, largest peak RSS")
-            print(table(results, "by hand in Keras"))
-            print("as ratios to the copy:")
-            print(table(results, "cat a b > out"))
+            block = [
+                f"\n{title}; best wall time of {repeat}, largest peak RSS",
+                table(results, "by hand in Keras"),
+                "as ratios to the copy:",
+                table(results, "cat a b > out"),
+            ]
             if previous is not None:
-                print("as ratios to the previous code:")
-                print(table(results, "fusecli fuse, previous code"))
+                block += ["as ratios to the previous code:", table(results, previous_name)]
+            print("\n".join(block))
+            lines += block
+    if args.save:
+        print(save_results("fuse", "\n".join(lines)))
 
 
 if __name__ == "__main__":

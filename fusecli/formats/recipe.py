@@ -5,8 +5,8 @@ name and SHA-256, and the options the command resolved (weights, method, paramet
 `.keras` file keeps it in `metadata.json` under the key `fusecli`; a `.h5` file in the root
 attribute `fusecli` (a JSON string). Keras ignores both, so the file loads as before.
 
-The sources are hashed in a thread while the command reads and writes tensors (hashlib releases
-the GIL), so the hash costs little wall time; the recipe is written last (the `.keras` archive's
+The sources are hashed in a forked process while the command reads and writes tensors, so on a
+free core the hash costs little wall time; the recipe is written last (the `.keras` archive's
 `metadata.json` after the weights, the `.h5` attribute when the weights are in).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import os
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,10 +61,12 @@ def sha256_file(path: Path) -> str:
 
 
 class Pending:
-    """A recipe whose sources are being hashed in a background thread; call it for the recipe.
+    """A recipe whose sources are being hashed meanwhile; call it for the recipe.
 
-    `hashed` are the files whose bytes are hashed (the inputs as read: the user's files, or the
-    private copies the command read instead); `files` the names the recipe records.
+    The hashing runs in a forked process: h5py holds the GIL through a whole HDF5 copy, so a
+    thread would wait for the copy instead of running beside it. `hashed` are the files whose
+    bytes are hashed (the inputs as read: the user's files, or the private copies the command
+    read instead); `files` the names the recipe records.
     """
 
     def __init__(
@@ -76,23 +78,64 @@ class Pending:
     ) -> None:
         self._command, self._files, self._options = command, list(files), options
         self._hashed = list(hashed)
-        self._digests: list[str] = []
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._hash, name="fusecli-sha256", daemon=True)
-        self._thread.start()
-
-    def _hash(self) -> None:
-        try:
-            self._digests = [sha256_file(p) for p in self._hashed]
-        except OSError as e:
-            self._error = e
+        self._result: list[str] | OSError | None = None
+        self._pid, self._pipe = _start(self._hashed)
 
     def __call__(self) -> dict[str, Any]:
-        self._thread.join()
-        if self._error is not None:
-            path = Path(self._error.filename or self._hashed[0])
-            raise ModelFileError(path, f"cannot be read to hash it ({self._error.strerror})")
-        return make_recipe(self._command, self._files, self._digests, self._options)
+        if self._result is None:
+            self._result = _finish(self._pid, self._pipe, self._hashed)
+        if isinstance(self._result, OSError):
+            error = self._result
+            path = Path(error.filename or self._hashed[0])
+            raise ModelFileError(path, f"cannot be read to hash it ({error.strerror})")
+        return make_recipe(self._command, self._files, self._result, self._options)
+
+
+def _start(paths: list[Path]) -> tuple[int, int]:
+    """Fork a process that writes the files' digests (JSON) to a pipe; (pid, read end), or
+    (0, -1) where this process cannot fork (the digests are then computed when asked)."""
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return 0, -1
+    if pid:
+        os.close(write)
+        return pid, read
+    status = 0
+    try:  # the child: hash, answer, leave without running anything of the parent's
+        os.close(read)
+        try:
+            answer: Any = [sha256_file(p) for p in paths]
+        except OSError as e:
+            answer = {"filename": e.filename, "errno": e.errno, "strerror": e.strerror}
+        data = json.dumps(answer).encode("utf-8")
+        while data:
+            data = data[os.write(write, data) :]
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def _finish(pid: int, pipe: int, paths: list[Path]) -> list[str] | OSError:
+    if pid == 0:
+        try:
+            return [sha256_file(p) for p in paths]
+        except OSError as e:
+            return e
+    chunks = []
+    with open(pipe, "rb", closefd=True) as f:
+        while chunk := f.read(1 << 16):
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        return OSError(0, "the process hashing the inputs ended unexpectedly", str(paths[0]))
+    if isinstance(answer, dict):
+        return OSError(answer.get("errno") or 0, answer.get("strerror"), answer.get("filename"))
+    return [str(d) for d in answer]
 
 
 def keras_metadata(metadata: dict[str, Any], recipe: Recipe) -> bytes:

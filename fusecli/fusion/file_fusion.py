@@ -107,9 +107,9 @@ def fuse_files(
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        hashed = [Path(p) for p in paths]  # the bytes the recipe's SHA-256 are of: as read
+        # The recipe's SHA-256 are of the inputs as given (the private copies are rewritten).
+        hashed = [Path(p) for p in paths]
         for i, one in native.items():
-            hashed[i] = one.copy
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
         if others:
@@ -120,7 +120,6 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
-                hashed[i] = one.copy
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -292,7 +291,7 @@ def _write_and_prove(
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a thread."""
+    are hashed for the recipe meanwhile, in a forked process."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
     written = write(tmp, assembly, sources, Pending("fuse", *recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
