@@ -235,7 +235,8 @@ def _fuse_keras2_flat(
         weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    recipe = ([str(p) for p in paths], [one.copy for one in checked], options)
+    # The user's files are hashed: the private copies are rewritten by h5py (`checked_files`).
+    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
