@@ -221,16 +221,25 @@ def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
         paths, call_isolated_each(_scan_and_list, paths), strict=True
     ):
         refuse_findings(path, findings, trust=trust)
+        if isinstance(layout, ModelFileError):
+            raise layout
         check_keras2_layout(layout)  # refuse what load_model and fuse refuse
         layouts.append(layout)
     return layouts
 
 
-def _scan_and_list(path: Path) -> tuple[list[Finding], Layout]:
-    """The safety scan and the variable list of one file, from one reading of it (isolated)."""
+def _scan_and_list(path: Path) -> tuple[list[Finding], Layout | ModelFileError]:
+    """The safety scan and the variable list of one file, from one reading of it (isolated).
+    Where the file carries code, that is what it is refused for first, even if its variables
+    cannot be listed either."""
     model_file = read_model_file(path)
     findings = scan(model_file)
-    return findings, read_layout(path, model_file)
+    try:
+        return findings, read_layout(path, model_file)
+    except ModelFileError as e:
+        if not findings:
+            raise
+        return findings, e
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
