@@ -13,14 +13,14 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import run_cli
+from filesupport import rewrite_keras_config
 
 import fusecli
 from fusecli.errors import UnsafeModelError
 from fusecli.inspection import inspect_file
 from fusecli.safety.references import PURE_FUNCTIONS
 from fusecli.safety.scan import scan
-from tests.conftest import run_cli
-from tests.filesupport import rewrite_keras_config
 
 REFERENCE = "by reference, which Keras would look up and run"
 
