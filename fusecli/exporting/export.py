@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -82,7 +85,7 @@ def export(
     loaded = _load(model, trust=trust)
     signature = signature_of(loaded, batch_size)
     check = None
-    with _atomic(output, fmt, force=force) as tmp:
+    with _atomic(output, fmt, force=force) as tmp, _no_bytecode_files():
         writer.write(signature, tmp)
         if verify:
             check = check_export(signature, fmt, writer.run, tmp)
@@ -145,3 +148,15 @@ def _check_finite(model: keras.Model, path: str | os.PathLike[str]) -> None:
         values = np.asarray(variable)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise ModelFileError(path, f"weight {variable.path!r} holds NaN or infinite values")
+
+
+@contextlib.contextmanager
+def _no_bytecode_files() -> Iterator[None]:
+    """TensorFlow's autograph writes the functions it converts as modules in $TMPDIR and imports
+    them; Python would leave their `__pycache__` there, a folder nobody removes."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
