@@ -22,6 +22,9 @@ from fusecli.formats.modelfile import read_model_file
 from fusecli.safety.scan import scan
 from fusecli.scores import prediction
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 
 def _set(layer_name: str, **changes):
     def edit(config):

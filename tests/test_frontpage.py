@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = REPO / "examples"
 PAIR = ("rgb_stream.h5", "pose_stream.h5")
 SHAPES = {"rgb_stream.h5": (4, 16, 16, 3), "pose_stream.h5": (4, 17, 2)}

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 SECRET = np.full((4, 4), 7.0, dtype="float32")  # what another file holds
 
 

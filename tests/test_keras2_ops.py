@@ -25,6 +25,9 @@ from fusecli.formats.modelfile import read_model_file
 from fusecli.safety.loading import load_model
 from fusecli.safety.scan import scan
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 GENERATOR = Path(__file__).parent / "legacy_fixtures" / "make_tf_ops_h5.py"
 MODELS = ["tf_arithmetic", "tf_unary", "tf_shapes", "tf_masked", "tf_nested"]
 

@@ -13,6 +13,9 @@ from fusecli.formats.keras3_h5 import misread_layers
 from fusecli.formats.modelfile import read_model_file
 from fusecli.safety.loading import load_model
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 
 def attention_model(keras, *, nested: bool):
     keras.utils.set_random_seed(3)

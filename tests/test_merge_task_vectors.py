@@ -16,6 +16,9 @@ from conftest import run_cli
 from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.merging.merge import merge
 
+# Slow tier: trained fine-tunes merged by every method, whole CLI runs (docs/development.md).
+pytestmark = pytest.mark.slow
+
 
 def tiny_base(keras, seed: int = 7):
     keras.utils.set_random_seed(seed)

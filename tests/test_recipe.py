@@ -18,6 +18,9 @@ from keras2support import expected, keras2_reference_dir
 
 from fusecli.formats.recipe import KEY, read_recipe
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 X = np.random.default_rng(7).normal(size=(5, 4)).astype("float32")
 
 

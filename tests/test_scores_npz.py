@@ -15,6 +15,9 @@ from fusecli.errors import FusecliError, InvalidRequest
 from fusecli.scores.arrays import combine_scores, read_scores
 from fusecli.scores.prediction import predict_to_file
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_heads(keras, tmp_path_factory):

@@ -22,6 +22,9 @@ from conftest import REPO
 
 from fusecli.output import sweep_stale
 
+# Slow tier: hostile files, whole CLI runs or tf-keras references (docs/development.md).
+pytestmark = pytest.mark.slow
+
 ROWS = 20_000  # the scores of this many rows are larger than the size limit below
 
 
