@@ -343,14 +343,7 @@ def prove(
     _check_head(model_file.config, weights)
     tensors, nbytes = proof._check_tensors(path, "h5", sources, written)
     for source, config in zip(sources, flat.sources_config, strict=True):
-        try:
-            now = read_model_file(source.path).config
-        except FusecliError:
-            now = None
-        if now != config:
-            raise ModelFileError(
-                source.given, "changed while it was being fused; the fused file was not kept"
-            )
+        proof.check_source_unchanged(source, config)
     return {
         "config": "as composed; every branch inlined (layers renamed), Keras 2 schema",
         "layer_order": "as Keras orders the model's layers",

@@ -18,7 +18,7 @@ from typing import Any
 
 import h5py
 
-from fusecli.errors import FusecliError, ModelFileError, VerificationError
+from fusecli.errors import ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.keras_vars import snake_case, var_paths
@@ -135,14 +135,7 @@ def prove(
         )
     tensors, nbytes = proof._check_tensors(path, "keras", sources, written)
     for source, config in zip(sources, flat.sources_config, strict=True):
-        try:
-            now = read_model_file(source.path).config
-        except FusecliError:
-            now = None
-        if now != config:
-            raise ModelFileError(
-                source.given, "changed while it was being fused; the fused file was not kept"
-            )
+        proof.check_source_unchanged(source, config)
     return {
         "config": "as composed; every branch inlined (layers renamed)",
         "layer_order": "as Keras orders the model's layers",

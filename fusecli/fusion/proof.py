@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -295,14 +296,24 @@ def _check_sources_unchanged(
     for branch, original, source in zip(assembly.branches, given, sources, strict=True):
         if source.converted:  # Keras' private copy: nobody else writes it
             continue
-        try:
-            now = given_config(read_model_file(source.path).config, branch.name, at=at)
-        except FusecliError:
-            now = None
-        if now != original:
-            raise ModelFileError(
-                source.given, "changed while it was being fused; the fused file was not kept"
-            )
+        check_source_unchanged(
+            source, original, lambda config, name=branch.name: given_config(config, name, at=at)
+        )
+
+
+def check_source_unchanged(
+    source: Source, expected: Any, view: Callable[[dict[str, Any]], Any] = lambda c: c
+) -> None:
+    """`source` still holds the config (seen through `view`) that the fused one was composed
+    from; else the fused file is not kept (the one check for every way of fusing files)."""
+    try:
+        now = view(read_model_file(source.path).config)
+    except FusecliError:
+        now = None
+    if now != expected:
+        raise ModelFileError(
+            source.given, "changed while it was being fused; the fused file was not kept"
+        )
 
 
 def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
