@@ -127,7 +127,7 @@ def test_unknown_at_and_activation(tmp_path, ends):
 
 def test_cli_at_logits(tmp_path, keras, ends, x4):
     files, logit_models = ends
-    out = tmp_path / "f.h5"
+    out = tmp_path / "f.keras"
     args = ["fuse", files["dense"], files["softmax_layer"], "--w", "1", "1.5", "--at", "logits"]
     args += ["--no-normalize"]  # the logits' sum, as I3D adds them
     result = CliRunner().invoke(cli, [*map(str, args), "-o", str(out), "--json", "--verify"])

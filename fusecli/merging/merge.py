@@ -52,6 +52,7 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
+from fusecli.fusion import flat_h5
 from fusecli.merging import keras2_convert
 from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
 from fusecli.merging.relatedness import Relatedness, warnings_from
@@ -260,6 +261,8 @@ def _template(layouts: list[Layout], fmt: str, output: Path) -> Layout:
             return layout
     if fmt == "keras" and (layouts[0].keras_version or "").startswith("2."):
         return layouts[0]  # converted as a file: see fusecli.merging.keras2_convert
+    if fmt == "h5":
+        return layouts[0]  # Keras 3 files in Keras 2's schema: see keras2_convert
     other = ".h5" if fmt == "keras" else ".keras"
     raise FusecliError(
         f"Cannot write a {fmt} file from {other} inputs only: the output copies the config of "
@@ -314,10 +317,10 @@ def _write_and_verify(
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify and template.format != fmt:
-            keras2_convert.verify(tmp, template, digests)
-        elif verify and _flat_h5(template, fmt):
+        if verify and _flat_h5(template, fmt):
             keras2_convert.verify_h5(tmp, template, digests)
+        elif verify and template.format != fmt:
+            keras2_convert.verify(tmp, template, digests)
         elif verify:
             _verify(tmp, written, template, expected, digests)
     return evidence.as_dict() if compared else None
@@ -352,13 +355,16 @@ def _recipe_options(
 
 
 def _flat_h5(template: Layout, fmt: str) -> bool:
-    """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
-    if fmt != "h5" or not (template.keras_version or "").startswith("2."):
+    """Into `.h5`: the flat graph both Kerases load, where the model has one. A Keras 2 model
+    with none keeps its own config (which tf-keras loads); a Keras 3 one is refused."""
+    if fmt != "h5":
         return False
     try:
         keras2_convert.places(template, "h5")
-    except NotFlat:
-        return False
+    except NotFlat as e:
+        if template.format == "h5" and not (template.keras_version or "").startswith("3."):
+            return False
+        raise flat_h5.cannot(str(e)) from None
     return True
 
 
@@ -385,10 +391,10 @@ def _write(
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
         tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-        if template.format != fmt:
-            return keras2_convert.write(tmp, template, tensors, progress, recipe)
         if _flat_h5(template, fmt):
             return keras2_convert.write_h5(tmp, template, tensors, progress, recipe)
+        if template.format != fmt:
+            return keras2_convert.write(tmp, template, tensors, progress, recipe)
         # the template is one of the inputs, already open
         template_group = groups[[layout.path for layout in layouts].index(template.path)]
         if fmt == "h5":
