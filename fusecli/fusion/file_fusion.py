@@ -337,8 +337,13 @@ def _looks_native(path: Path) -> bool:
 
 
 def _native(model_file: ModelFile) -> bool:
-    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are."""
-    return model_file.format == "keras" and WEIGHTS_MEMBER in model_file.members
+    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are (not a
+    tf.keras 2 archive: its config is Keras 2's, which Keras converts on the way)."""
+    return (
+        model_file.format == "keras"
+        and WEIGHTS_MEMBER in model_file.members
+        and not model_file.keras2_archive
+    )
 
 
 def _check_name(path: Path) -> None:

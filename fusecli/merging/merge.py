@@ -35,7 +35,6 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive, splice
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
-from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
     WEIGHTS_MEMBER,
@@ -52,7 +51,6 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
-from fusecli.merging import keras2_convert
 from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
 from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
@@ -311,6 +309,8 @@ def _write_and_verify(
         tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
     )
     if verify or not trust:
+        from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
@@ -357,6 +357,9 @@ def _flat_h5(template: Layout, fmt: str) -> bool:
     """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
     if fmt != "h5" or not (template.keras_version or "").startswith("2."):
         return False
+    from fusecli.formats.keras2_flat import NotFlat
+    from fusecli.merging import keras2_convert
+
     try:
         keras2_convert.places(template, "h5")
     except NotFlat:
@@ -387,12 +390,12 @@ def _write(
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
-        if template.format != fmt:
+        if template.format != fmt or _flat_h5(template, fmt):
+            from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+
             tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-            return keras2_convert.write(tmp, template, tensors, progress, recipe), None
-        if _flat_h5(template, fmt):
-            tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe), None
+            write = keras2_convert.write if template.format != fmt else keras2_convert.write_h5
+            return write(tmp, template, tensors, progress, recipe), None
         # the template is one of the inputs, already open
         which = [layout.path for layout in layouts].index(template.path)
         template_group = groups[which]
