@@ -154,6 +154,19 @@ def test_scale_lambda(tmp_path, keras, heads, at, suffix):
         assert classes.count("Lambda") == 2 and "Rescaling" not in classes
     with pytest.raises(ValueError, match="Lambda"):
         keras.models.load_model(out, compile=False)
+    shown = run_cli("inspect", out, "--json")
+    assert shown.returncode == 0, shown.stderr
+    options = json.loads(shown.stdout)[0]["recipe"]["options"]
+    assert options["scale"] == "lambda" and options["at"] == at
+
+
+def test_verify_at_the_logits(tmp_path, heads):
+    # --verify loads the written file in Keras 3 and compares it with the models' own logits.
+    out = tmp_path / "fused.h5"
+    report = fuse(heads / "nested_activation.h5", heads / "trailing_softmax.h5", "--w", "0.8",
+                  "0.2", "--at", "logits", "--scale", "lambda", "--verify", "-o", out)  # fmt: skip
+    assert report["converted"] == [] and report["verify"]["result"] == "passed"
+    assert report["max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
