@@ -252,3 +252,26 @@ def test_merge_into_h5_refuses_what_keras2_cannot_hold(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
     assert "hard_sigmoid" in lines[0] and "write a .keras file instead" in lines[0], lines[0]
     assert not out.exists()
+
+
+def test_at_logits_into_h5_loads_in_both(tmp_path: Path) -> None:
+    a, b = _mlp("a", 11, nested=True), _mlp("b", 12, nested=False)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.h5")
+    out = tmp_path / "fused.h5"
+    args = ["--w", "0.8", "0.2", "--at", "logits", "-o", out]
+    done = run_cli("fuse", tmp_path / "a.keras", tmp_path / "b.h5", *args)
+    assert done.returncode == 0, done.stderr
+    x = np.random.default_rng(6).normal(size=(6, 8)).astype("float32")
+
+    def logits(model) -> np.ndarray:
+        last = model.layers[-1]  # Dense(5, activation="softmax")
+        h = np.asarray(keras.Model(model.inputs, last.input)(x))
+        return h @ np.asarray(last.kernel) + np.asarray(last.bias)
+
+    z = 0.8 * logits(a) + 0.2 * logits(b)
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(tf_keras_outputs(out, [x], tmp_path)[0], want, rtol=1e-4, atol=1e-6)
+    got3 = predict(keras.models.load_model(out, compile=False), x)[0]
+    np.testing.assert_allclose(got3, want, rtol=1e-4, atol=1e-6)

@@ -79,7 +79,7 @@ _PLAIN_DTYPES = frozenset(
 def is_keras3(model_file: ModelFile) -> bool:
     """A file Keras 3 wrote: a `.keras` archive, or a `.h5` recording a Keras 3 version."""
     if model_file.format == "keras":
-        return True
+        return not model_file.keras2_archive
     return model_file.format == "h5" and (model_file.keras_version or "").startswith("3.")
 
 

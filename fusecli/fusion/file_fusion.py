@@ -82,10 +82,13 @@ def fuse_files(
     if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
         # Read from private copies made from one open of each input, scanned there (as the
         # door reads every file): a file renamed over an input after its scan cannot reach
-        # the output. A `.h5` output is always the flat graph in Keras 2's schema (Keras 3
-        # inputs converted, `fusecli.formats.keras3_to_keras2`), or refused.
+        # the output. A `.h5` output is the flat graph in Keras 2's schema (Keras 3 inputs
+        # converted, `fusecli.formats.keras3_to_keras2`), or refused; only tf.keras 2.13+
+        # `.keras` archives still go through Keras into it (in Keras 3's schema).
         with checked_files(paths, trust=trust) as checked:
-            if fmt == "h5" or all(one.model_file.written_by_keras2 for one in checked):
+            found = [one.model_file for one in checked]
+            every_h5 = fmt == "h5" and not any(m.keras2_archive for m in found)
+            if every_h5 or all(m.written_by_keras2 for m in found):
                 try:
                     return _fuse_keras2_flat(
                         paths, checked, names, output, fmt, weights,
@@ -202,12 +205,8 @@ def _fuse_keras2_flat(
         for one, f in zip(checked, files, strict=True)
     ]
     try:
-        if at != "output":
-            raise NotFlat("--at logits is not supported for .h5 output of Keras 2 files yet")
-        if scale == "lambda":
-            raise NotFlat("a Lambda scaling layer is stored differently by each Keras")
         for f, name in zip(files, names, strict=True):
-            flat_h5.check(f, name)
+            flat_h5.check(f, name, at)
     except NotFlat as e:
         if fmt == "h5":
             raise flat_h5.cannot(str(e)) from None
@@ -220,8 +219,9 @@ def _fuse_keras2_flat(
                 reason = f"the output shapes of {branch.name!r} cannot be read from its config"
                 raise flat_h5.cannot(reason) if fmt == "h5" else NotFlat(reason)
             branch.output_shapes = shapes
+    axes = common_axes(branches) if at == "logits" else None
     assembly = assemble(
-        branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
+        branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
     )
     try:
         # The weights' names are read in a child process, as every untrusted read is.
@@ -229,7 +229,7 @@ def _fuse_keras2_flat(
         reason = next((r for r in found if isinstance(r, str)), None)
         if reason is not None:
             raise NotFlat(reason)
-        flat = flat_h5.plan(files, assembly, weights, activation, found)
+        flat = flat_h5.plan(files, assembly, weights, activation, found, at=at, scale=scale)
         flat.sources_config = [one.model_file.config for one in checked]  # as the files hold it
         if fmt == "keras":
             flat_keras.placements(flat)
@@ -239,7 +239,7 @@ def _fuse_keras2_flat(
         raise
     sources = [writer.Source(given=one.source, path=one.copy) for one in checked]
     options = dict(
-        weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
+        weights=list(weights), scale=scale, inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
     # The user's files are hashed: the private copies are rewritten by h5py (`checked_files`).
@@ -358,8 +358,13 @@ def _looks_native(path: Path) -> bool:
 
 
 def _native(model_file: ModelFile) -> bool:
-    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are."""
-    return model_file.format == "keras" and WEIGHTS_MEMBER in model_file.members
+    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are (not a
+    tf.keras 2 archive: its config is Keras 2's, which Keras converts on the way)."""
+    return (
+        model_file.format == "keras"
+        and WEIGHTS_MEMBER in model_file.members
+        and not model_file.keras2_archive
+    )
 
 
 def _check_name(path: Path) -> None:
