@@ -37,8 +37,10 @@ from fusecli.formats import archive, splice
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
+    NPZ_WEIGHTS_MEMBER,
     WEIGHTS_MEMBER,
     ModelFile,
+    held_open,
     open_weights,
     read_model_file,
 )
@@ -56,7 +58,7 @@ from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated_each, call_isolated_write
-from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan
+from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan, scan_config
 
 Progress = Callable[[int, int], None]
 
@@ -137,7 +139,7 @@ def merge(
     _check_dtype(dtype, fmt)
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
-    layouts = _read_inputs(sources, trust=trust)
+    layouts, findings = _read_inputs(sources, trust=trust)
     _check_pairing(layouts)
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
@@ -163,6 +165,7 @@ def merge(
             recipe_options,
             verify,
             trust,
+            findings[layouts.index(template)],
             inputs=sources,
             nbytes=sum(_size(p) for p in sources),
             progress=progress,
@@ -211,10 +214,11 @@ def _check_dtype(dtype: str | None, fmt: str) -> None:
 # -- checks before anything heavy ------------------------------------------------------------
 
 
-def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
-    """Config and variable list of every input, read side by side; no tensor is read. A file
-    that carries code is refused (unless `trust`): the merged file would carry it on."""
-    layouts = []
+def _read_inputs(paths: list[Path], *, trust: bool) -> tuple[list[Layout], list[list[Finding]]]:
+    """Config and variable list of every input, read side by side, and what its scan found; no
+    tensor is read. A file that carries code is refused (unless `trust`): the merged file would
+    carry it on."""
+    layouts, found = [], []
     for path, (findings, layout) in zip(
         paths, call_isolated_each(_scan_and_list, paths), strict=True
     ):
@@ -223,7 +227,8 @@ def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
             raise layout
         check_keras2_layout(layout)  # refuse what load_model and fuse refuse
         layouts.append(layout)
-    return layouts
+        found.append(findings)
+    return layouts, found
 
 
 def _scan_and_list(path: Path) -> tuple[list[Finding], Layout | ModelFileError]:
@@ -231,13 +236,18 @@ def _scan_and_list(path: Path) -> tuple[list[Finding], Layout | ModelFileError]:
     Where the file carries code, that is what it is refused for first, even if its variables
     cannot be listed either."""
     model_file = read_model_file(path)
-    findings = scan(model_file)
-    try:
-        return findings, read_layout(path, model_file)
-    except ModelFileError as e:
-        if not findings:
-            raise
-        return findings, e
+    if model_file.weights_member == NPZ_WEIGHTS_MEMBER:
+        held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        held = held_open(path)  # one reading of the HDF5 metadata for both
+    with held:
+        findings = scan(model_file)
+        try:
+            return findings, read_layout(path, model_file)
+        except ModelFileError as e:
+            if not findings:
+                raise
+            return findings, e
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
@@ -296,10 +306,16 @@ def _write_and_verify(
     recipe_options: dict[str, Any],
     verify: bool,
     trust: bool,
+    template_findings: list[Finding],
     progress: Progress | None,
 ) -> dict[str, Any] | None:
     """Write the merged file at `tmp`, scan it (as `check_written` would) and read it back (run
-    isolated: see `merge`); returns the relatedness evidence gathered on the way."""
+    isolated: see `merge`); returns the relatedness evidence gathered on the way.
+
+    A file spliced from its template (`fusecli.formats.splice`) is read back whatever `verify`
+    says, unless `trust`: that its weights are the template's bytes but for the tensors is what
+    makes the template's scan (`template_findings`) hold for them, and only its config and
+    member names are scanned again."""
     expected = [_output_variable(v, dtype) for v in template.variables]
     n_models = plan.n_models
     reference = names[-1] if plan.needs_base else names[0]
@@ -310,15 +326,19 @@ def _write_and_verify(
     digests, spliced = _write(
         tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
     )
-    if verify or not trust:
-        from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+    if spliced is not None:
+        if verify or not trust:
+            splice.verify(tmp, spliced, expected, digests)
+        if not trust:
+            weights = [f for f in template_findings if f.what != "layer"]
+            refuse_written(scan_config(read_model_file(tmp)) + weights)
+    elif verify or not trust:
+        from fusecli.merging import keras2_convert  # converted templates only: imported then
 
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify and spliced is not None:
-            splice.verify(tmp, spliced, expected, digests)
-        elif verify and _flat_h5(template, fmt):
+        if verify and _flat_h5(template, fmt):
             keras2_convert.verify_h5(tmp, template, digests)
         elif verify and template.format != fmt:
             keras2_convert.verify(tmp, template, digests)
@@ -392,8 +412,9 @@ def _write(
     evidence: Relatedness,
     progress: Progress | None,
     recipe: Recipe,
-) -> tuple[list[bytes], splice.Splice | None]:
-    """Write the merged file; its tensors' digests, and how it was spliced (if it was)."""
+) -> tuple[list[Any], splice.Splice | None]:
+    """Write the merged file; its tensors' digests (SHA-256, or CRC-32 where spliced), and how
+    it was spliced (if it was)."""
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
