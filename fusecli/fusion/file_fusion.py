@@ -83,7 +83,7 @@ def fuse_files(
         # Read from private copies made from one open of each input, scanned there (as the
         # door reads every file): a file renamed over an input after its scan cannot reach
         # the output.
-        with checked_files(paths, trust=trust) as checked:
+        with checked_files(paths, trust=trust, for_keras=False) as checked:
             if all(one.model_file.written_by_keras2 for one in checked):
                 try:
                     return _fuse_keras2_flat(
@@ -100,7 +100,9 @@ def fuse_files(
     candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
-        copied = stack.enter_context(checked_files([paths[i] for i in candidates], trust=trust))
+        copied = stack.enter_context(
+            checked_files([paths[i] for i in candidates], trust=trust, for_keras=False)
+        )
         native = {
             i: one for i, one in zip(candidates, copied, strict=True) if _native(one.model_file)
         }

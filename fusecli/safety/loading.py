@@ -51,7 +51,8 @@ class CheckedFile:
     source: Path  # the path as the caller gave it: what messages name
     copy: Path  # the private copy, same file name, the input's bytes: what was scanned
     model_file: ModelFile  # read from the copy (its `path` is the copy)
-    loadable: Path  # the copy with its HDF5 rewritten by value: what Keras loads
+    # The copy with its HDF5 rewritten by value: what Keras loads (None until Keras needs it).
+    loadable: Path | None = None
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
@@ -66,15 +67,17 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Mo
 
 @contextlib.contextmanager
 def checked_files(
-    paths: Sequence[str | os.PathLike[str]], *, trust: bool = False
+    paths: Sequence[str | os.PathLike[str]], *, trust: bool = False, for_keras: bool = True
 ) -> Iterator[list[CheckedFile]]:
     """Copy each file once into a private folder, read and scan each copy (in a child process);
     the copies are removed when the block ends, also on SIGTERM.
 
     Every file is checked before the block starts, so a bad file among several is reported
-    before any slow work. Errors raised in the block that name a copy name the caller's path
-    instead. Read `CheckedFile.copy`, never the caller's path, for anything that must be what
-    the scan saw.
+    before any slow work: with `for_keras`, that includes the rewrite of its HDF5 Keras will
+    read. Callers whose copies only fusecli's isolated children read, as files, pass False: the
+    rewrite (a read and write of every tensor) is then made only if Keras loads one after all.
+    Errors raised in the block that name a copy name the caller's path instead. Read
+    `CheckedFile.copy`, never the caller's path, for anything that must be what the scan saw.
     """
     sources = [Path(p) for p in paths]
     with cleanup_on_termination(), _private_folder() as folder:
@@ -83,8 +86,8 @@ def checked_files(
         with _named_as_given(names):
             scanned = [refuse_unsafe(copy, trust=trust) for copy in copies]
             # What Keras will read: HDF5 that h5py wrote, from values, in a child.
-            loadables = [rewrite_hdf5(copy) for copy in copies]
-        names.update(zip(loadables, sources, strict=True))
+            loadables = [rewrite_hdf5(copy) if for_keras else None for copy in copies]
+        names.update((m, s) for m, s in zip(loadables, sources, strict=True) if m is not None)
         with _named_as_given(names):
             yield [
                 CheckedFile(source, copy, model_file, loadable)
@@ -103,8 +106,11 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
             f"Keras loads only files whose name ends in lower case; rename it to "
             f"{source.stem}{source.suffix.lower()}",
         )
-    loadable = dataclasses.replace(checked.model_file, path=checked.loadable)
-    names = {checked.copy: source, checked.loadable: source}
+    names = {checked.copy: source}
+    with _named_as_given(names):
+        clean = checked.loadable or rewrite_hdf5(checked.copy)
+    loadable = dataclasses.replace(checked.model_file, path=clean)
+    names[clean] = source
     with _named_as_given(names), keras_errors(source):
         if loadable.written_by_keras2:
             return keras2.load_keras2_h5(loadable, trust=trust)
@@ -112,7 +118,7 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
         if loadable.format == "h5" and keras3_h5.misread_layers(loadable.config):
             model = keras3_h5.load(loadable, trust=trust)
         else:
-            model = keras.saving.load_model(checked.loadable, compile=False, safe_mode=not trust)
+            model = keras.saving.load_model(clean, compile=False, safe_mode=not trust)
         if not isinstance(model, keras.Model):
             raise ModelFileError(source, f"holds a {type(model).__name__}, not a Keras model")
         return model
