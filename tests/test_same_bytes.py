@@ -4,6 +4,7 @@ a private copy copies data and not holes, and a file the check passes is a file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -82,6 +83,9 @@ def test_a_sparse_user_block_costs_its_data_not_its_size(model_files, tmp_path):
     with checked_files([sparse]) as [checked]:
         copy = checked.copy.stat()  # copied with its holes, then rewritten without them
         assert copy.st_blocks * 512 < 64 << 20  # not the gigabyte of the user block
+        # The recipe's digest, taken in the same read: of every byte, the holes' zeros too.
+        assert checked.sha256 == _sha256(sparse)
+        assert _sha256(checked.copy) == checked.sha256
     model = fusecli.load_model(sparse)
     reference = fusecli.load_model(model_files["a_h5"])
     for got, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
@@ -182,3 +186,11 @@ def test_a_file_that_hangs_hdf5_where_only_keras_reads_is_cut_in_a_child(tmp_pat
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"Error: {hang}: was still being read after 2 s")
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

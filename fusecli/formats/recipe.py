@@ -5,9 +5,10 @@ name and SHA-256, and the options the command resolved (weights, method, paramet
 `.keras` file keeps it in `metadata.json` under the key `fusecli`; a `.h5` file in the root
 attribute `fusecli` (a JSON string). Keras ignores both, so the file loads as before.
 
-The sources are hashed in a forked process while the command reads and writes tensors, so on a
-free core the hash costs little wall time; the recipe is written last (the `.keras` archive's
-`metadata.json` after the weights, the `.h5` attribute when the weights are in).
+The sources are hashed as they are read into private copies (`fusecli.safety.loading`), or else
+in a forked process while the command reads and writes tensors; the recipe is written last (the
+`.keras` archive's `metadata.json` after the weights, the `.h5` attribute when the weights are
+in).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class Pending:
     The hashing runs in a forked process: h5py holds the GIL through a whole HDF5 copy, so a
     thread would wait for the copy instead of running beside it. `hashed` are the files whose
     bytes are hashed (the inputs as read: the user's files, or the private copies the command
-    read instead); `files` the names the recipe records.
+    read instead); `files` the names the recipe records. Where the digests are known already
+    (computed as the inputs were read into private copies: `CheckedFile.sha256`), pass them as
+    `digests` instead: nothing is read again.
     """
 
     def __init__(
@@ -75,11 +78,13 @@ class Pending:
         files: Sequence[str | Path],
         hashed: Sequence[Path],
         options: dict[str, Any],
+        *,
+        digests: Sequence[str] | None = None,
     ) -> None:
         self._command, self._files, self._options = command, list(files), options
         self._hashed = list(hashed)
-        self._result: list[str] | OSError | None = None
-        self._pid, self._pipe = _start(self._hashed)
+        self._result: list[str] | OSError | None = None if digests is None else list(digests)
+        self._pid, self._pipe = (0, -1) if digests is not None else _start(self._hashed)
 
     def __call__(self) -> dict[str, Any]:
         if self._result is None:

@@ -109,11 +109,12 @@ def fuse_files(
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        # The recipe's SHA-256 are of the inputs as given (the private copies are rewritten).
-        hashed = [Path(p) for p in paths]
+        # The recipe's SHA-256: of the inputs as given, hashed as they were read.
+        digests = [""] * len(paths)
         for i, one in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
+            digests[i] = one.sha256
         if others:
             scratch = Path(
                 stack.enter_context(
@@ -122,6 +123,7 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
+                digests[i] = one.sha256
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -139,7 +141,7 @@ def fuse_files(
         ready = [s for s in sources if s is not None]
         recipe = (
             [str(p) for p in paths],
-            hashed,
+            digests,
             dict(
                 weights=list(weights),
                 scale=scale,
@@ -237,8 +239,8 @@ def _fuse_keras2_flat(
         weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    # The user's files are hashed: the private copies are rewritten by h5py (`checked_files`).
-    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
+    # The user's files, hashed as they were read into the private copies.
+    recipe = ([str(p) for p in paths], [one.sha256 for one in checked], options)
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
@@ -272,13 +274,13 @@ def _write_and_prove_flat(
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: tuple[list[str], list[str], dict[str, Any]],
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
     `fuse_files`)."""
     module = flat_h5 if fmt == "h5" else flat_keras
-    written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
+    written = module.write(tmp, flat, sources, _recipe(recipe))
     return written, module.prove(tmp, flat, sources, written, weights)
 
 
@@ -289,14 +291,19 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: tuple[list[str], list[str], dict[str, Any]],
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a forked process."""
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
-    written = write(tmp, assembly, sources, Pending("fuse", *recipe))
+    written = write(tmp, assembly, sources, _recipe(recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
+
+
+def _recipe(recipe: tuple[list[str], list[str], dict[str, Any]]) -> Pending:
+    """The recipe of (files as given, their SHA-256 as read into the private copies, options)."""
+    files, digests, options = recipe
+    return Pending("fuse", files, [Path(f) for f in files], options, digests=digests)
 
 
 def _source_bytes(sources: list[writer.Source]) -> int:
