@@ -14,11 +14,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fusecli.formats import archive
+from fusecli.formats import archive, splice
 from fusecli.fusion import file_fusion as files
 from fusecli.fusion import writer
+from fusecli.merging import merge as merging
 
 _REAL_WRITE_AND_PROVE = files._write_and_prove
+_REAL_MERGE_WRITE = merging._write_and_verify
 
 
 @dataclass
@@ -117,6 +119,30 @@ class ReplaceBeforeWriting:
     def __call__(self, *args: Any) -> Any:
         os.replace(self.source, self.target)
         return _REAL_WRITE_AND_PROVE(*args)
+
+
+@dataclass
+class SpliceFlipsOneBit:
+    """Stands in for `merging._write_and_verify`: one bit of the `index`-th tensor a `.keras`
+    merge writes into its template's bytes flips after the tensor was hashed."""
+
+    index: int
+
+    def __call__(self, *args: Any) -> Any:
+        right = splice.SplicedWeights._fill
+        seen = []
+
+        def fill(weights: splice.SplicedWeights, block: splice.Block) -> memoryview:
+            data = right(weights, block)
+            seen.append(block.index)
+            if len(seen) - 1 != self.index:
+                return data
+            damaged = bytearray(data)
+            damaged[0] ^= 0x01
+            return memoryview(damaged)
+
+        with _replaced(splice.SplicedWeights, "_fill", fill):
+            return _REAL_MERGE_WRITE(*args)
 
 
 @contextlib.contextmanager

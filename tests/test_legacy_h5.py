@@ -335,7 +335,7 @@ def test_lambda_bytecode_is_refused_and_never_runs(keras2_dir, tmp_path, monkeyp
     )
     assert not marker.exists()
     with pytest.raises(UnsafeModelError) as info:  # and the conversion refuses it on its own
-        keras2.load_keras2_h5(path)
+        keras2.load_keras2(path)
     assert str(info.value) == (
         f"{path}: layer 'lambda' (Lambda) holds Python bytecode that would run when the model "
         "is built; refused (use --trust only for files you trust)"

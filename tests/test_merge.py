@@ -9,13 +9,21 @@ import subprocess
 import sys
 import zipfile
 
+import faults
 import h5py
 import numpy as np
 import pytest
 from conftest import REPO, predict
 from test_merge_methods import mergekit_slerp
 
-from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, UnsafeModelError
+from fusecli.errors import (
+    FusecliError,
+    InvalidRequest,
+    ModelFileError,
+    UnsafeModelError,
+    VerificationError,
+)
+from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights
 from fusecli.formats.weights_layout import read_layout, read_tensor
 from fusecli.merging.merge import merge
@@ -329,6 +337,37 @@ def test_training_state_is_dropped(keras, tmp_path):
     with open_weights(out) as group:
         assert "optimizer" not in group
     assert_weights(loaded_weights(keras, out), model.get_weights())
+
+
+def test_a_keras_output_is_its_template_with_the_tensors_replaced(files, tmp_path):
+    """Outside its variables' blocks, the merged file's HDF5 bytes are the first input's."""
+    out = tmp_path / "m.keras"
+    merge([files["k1"], files["k2"]], out)
+    variables = read_layout(files["k1"]).variables
+    parts = []
+    for path in (files["k1"], out):
+        with open_weights(path) as group, archive.RawTensors(path) as raw:
+            blocks = sorted(raw.locate(group, v.dataset)[1] for v in variables)
+            start = raw.start
+        with zipfile.ZipFile(path) as z:
+            data = z.read("model.weights.h5")
+        kept, at = [], 0
+        for position, size in blocks:
+            kept.append(data[at : position - start])
+            at = position - start + size
+        kept.append(data[at:])
+        parts.append((len(data), [p - start for p, _ in blocks], b"".join(kept)))
+    assert parts[0] == parts[1]
+
+
+def test_a_tensor_damaged_while_written_is_caught(files, tmp_path, monkeypatch):
+    import fusecli.merging.merge as merging
+
+    monkeypatch.setattr(merging, "_write_and_verify", faults.SpliceFlipsOneBit(3))
+    out = tmp_path / "m.keras"
+    with pytest.raises(VerificationError, match="reads back different from what was computed"):
+        merge([files["k1"], files["k2"]], out)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- refusals --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ model config (plain JSON, no TensorFlow) into one Keras 3 builds to the same fun
 - TensorFlow functions called on Keras tensors (`TFOpLambda`, `x + y`, `tf.concat`) become the
   `keras.ops` operations that compute them (`keras2_ops`);
 - Lambda bytecode is refused unless trusted.
-`load_keras2_h5` builds the result in Keras' safe mode (unless trusted), loads the weights from
+`load_keras2` builds the result in Keras' safe mode (unless trusted), loads the weights from
 the same file with Keras' legacy loader (the weight layouts, GRU/LSTM/BatchNormalization
 included, are the same in both versions), and makes up for the one activation that changed
 meaning, hard_sigmoid, by rescaling the weights that feed it.
@@ -138,10 +138,9 @@ def is_keras2_h5(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def load_keras2_h5(
-    source: str | os.PathLike[str] | ModelFile, *, trust: bool = False
-) -> keras.Model:
-    """Load a Keras 2 era `.h5` into Keras 3, uncompiled, computing what Keras 2 computes.
+def load_keras2(source: str | os.PathLike[str] | ModelFile, *, trust: bool = False) -> keras.Model:
+    """Load a Keras 2 era file into Keras 3, uncompiled, computing what Keras 2 computes: a
+    legacy `.h5`, or the `.keras` archive tf.keras 2.13+ writes (`ModelFile.keras2_archive`).
 
     `source`: a path, or a `ModelFile` already read (the config is then not read again, and the
     weights come from the same file, `ModelFile.path`: the loading door's private copy).
@@ -155,7 +154,10 @@ def load_keras2_h5(
     model = _build(config, path, trust=trust)
     if not isinstance(model, keras_module.Model):
         raise ModelFileError(path, f"holds a {type(model).__name__}, not a Keras model")
-    _load_weights(model, path)
+    if model_file.format == "keras":
+        _load_archive_weights(model, path)
+    else:
+        _load_weights(model, path)
     _match_keras2_hard_sigmoid(model)
     return model
 
@@ -164,9 +166,22 @@ def check_keras2_layout(layout: Layout) -> None:
     """Refuse (`ModelFileError`, naming the layer) a Keras 2 file whose config Keras 3 cannot be
     made to compute the same way; other files pass. No TensorFlow: `merge` calls it, so that it
     refuses the files `load_model` and `fuse` refuse (they convert the config, which checks
-    the same)."""
-    if layout.format == "h5" and (layout.keras_version or "").startswith("2."):
+    the same). A tf.keras 2.13+ `.keras` archive is refused too: its variables sit where
+    Keras 3's walk of its own config would put them only if converting the config changes no
+    layer, which merge, copying tensors without Keras, cannot know (fuse converts it through
+    Keras)."""
+    if not (layout.keras_version or "").startswith("2."):
+        return
+    if layout.format == "h5":
         convert_config(layout.config, layout.path, trust=True)  # bytecode: the scan's to refuse
+    else:
+        raise ModelFileError(
+            layout.path,
+            f"is a .keras archive written by tf.keras {layout.keras_version}, whose Keras 2 "
+            "config Keras 3 cannot load; merge copies an input's config into its output, so it "
+            "cannot merge it (save the model as .h5 in tf.keras, which merge converts, or use "
+            "fuse, which converts it through Keras)",
+        )
 
 
 def convert_config(
@@ -208,6 +223,10 @@ class _Converter:
             )
         class_name = str(spec.get("class_name"))
         conf = spec["config"]
+        if str(spec.get("module")).startswith("tf_keras"):
+            # tf.keras 2.13+ archives name tf-keras' own modules (its Functional's); Keras 3
+            # finds its built-in classes by name.
+            del spec["module"]
         if class_name == "Sequential" and isinstance(conf, list):  # Keras <= 2.1
             conf = spec["config"] = {"name": "sequential", "layers": conf}
         where = (*parent, str(conf.get("name", spec.get("name", "?"))))
@@ -454,6 +473,20 @@ def _load_weights(model: Any, path: Path) -> None:
                 legacy_h5_format.load_weights_from_hdf5_group_by_name(group, model)
             else:
                 legacy_h5_format.load_weights_from_hdf5_group(group, model)
+    except Exception as e:  # Keras and h5py raise many types for weights that do not fit
+        raise ModelFileError(
+            path, f"its weights do not fit the converted model: {_short(e)}"
+        ) from e
+
+
+def _load_archive_weights(model: Any, path: Path) -> None:
+    """A tf.keras 2.13+ archive keeps its variables where Keras 3 keeps them (the two share
+    the `.keras` saver's walk): Keras 3's own reader, which raises on a layer whose variables
+    are missing or do not fit."""
+    from keras.src.saving import saving_lib
+
+    try:
+        saving_lib.load_weights_only(model, str(path))
     except Exception as e:  # Keras and h5py raise many types for weights that do not fit
         raise ModelFileError(
             path, f"its weights do not fit the converted model: {_short(e)}"

@@ -75,6 +75,12 @@ class ModelFile:
         """A legacy `.h5` from the tf.keras 2.x years, which Keras 3 often cannot load as is."""
         return self.format == "h5" and (self.keras_version or "").startswith("2.")
 
+    @property
+    def keras2_archive(self) -> bool:
+        """A `.keras` archive written by tf.keras 2.13 or later (or tf-keras): the layout of
+        Keras 3's archives, holding a Keras 2 config, which Keras 3 cannot load at all."""
+        return self.format == "keras" and (self.keras_version or "").startswith("2.")
+
 
 # What a broken zip, HDF5 file or JSON document can raise while being read.
 _READ_ERRORS = (

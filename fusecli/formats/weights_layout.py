@@ -171,8 +171,10 @@ def read_tensor(
     """Read one variable's values; a clean `ModelFileError` if the file is broken. With `raw`
     (the same file opened for raw reads), a plain block is read without HDF5."""
     try:
-        dataset = group[variable.dataset]
-        values = np.asarray(dataset[()]) if raw is None else raw.values(dataset)
+        if raw is None:
+            values = np.asarray(group[variable.dataset][()])
+        else:
+            values = raw.read(group, variable.dataset)
         if variable.dtype.name == "bfloat16":
             values = values.view(variable.dtype)
     except (KeyError, TypeError, ValueError, OSError) as e:

@@ -200,12 +200,8 @@ def _fuse_keras2_flat(
     files = [one.model_file for one in checked]
     configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
     try:
-        if at != "output":
-            raise NotFlat("--at logits is not supported for .h5 output of Keras 2 files yet")
-        if scale == "lambda":
-            raise NotFlat("a Lambda scaling layer is stored differently by each Keras")
         for f, name in zip(files, names, strict=True):
-            flat_h5.check(f, name)
+            flat_h5.check(f, name, at)
     except NotFlat as e:
         if fmt == "h5":
             raise flat_h5.cannot(str(e)) from None
@@ -218,8 +214,9 @@ def _fuse_keras2_flat(
                 reason = f"the output shapes of {branch.name!r} cannot be read from its config"
                 raise flat_h5.cannot(reason) if fmt == "h5" else NotFlat(reason)
             branch.output_shapes = shapes
+    axes = common_axes(branches) if at == "logits" else None
     assembly = assemble(
-        branches, weights, scale="rescaling", inputs=inputs, activation=activation, axes=None
+        branches, weights, scale=scale, inputs=inputs, activation=activation, axes=axes
     )
     try:
         # The weights' names are read in a child process, as every untrusted read is.
@@ -227,7 +224,7 @@ def _fuse_keras2_flat(
         reason = next((r for r in found if isinstance(r, str)), None)
         if reason is not None:
             raise NotFlat(reason)
-        flat = flat_h5.plan(files, assembly, weights, activation, found)
+        flat = flat_h5.plan(files, assembly, weights, activation, found, at=at, scale=scale)
         if fmt == "keras":
             flat_keras.placements(flat)
     except NotFlat as e:
@@ -236,7 +233,7 @@ def _fuse_keras2_flat(
         raise
     sources = [writer.Source(given=one.source, path=one.copy) for one in checked]
     options = dict(
-        weights=list(weights), scale="rescaling", inputs=assembly.inputs_mode, at=at,
+        weights=list(weights), scale=scale, inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
     # The user's files, hashed as they were read into the private copies.
@@ -349,8 +346,13 @@ def _looks_native(path: Path) -> bool:
 
 
 def _native(model_file: ModelFile) -> bool:
-    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are."""
-    return model_file.format == "keras" and WEIGHTS_MEMBER in model_file.members
+    """A Keras 3 `.keras` file, whose weights go into a `.keras` output as they are (not a
+    tf.keras 2 archive: its config is Keras 2's, which Keras converts on the way)."""
+    return (
+        model_file.format == "keras"
+        and WEIGHTS_MEMBER in model_file.members
+        and not model_file.keras2_archive
+    )
 
 
 def _check_name(path: Path) -> None:

@@ -16,6 +16,7 @@ in the graph (`layer_order`, a port of `keras.src.ops.function.map_graph`, which
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from fusecli.formats.keras2_flat import input_layer as input_layer_config
 from fusecli.formats.keras2_weights import layer_weights
 from fusecli.formats.modelfile import ModelFile, open_weights, read_model_file
 from fusecli.formats.recipe import Recipe, write_h5_recipe
-from fusecli.fusion.graph import Assembly
+from fusecli.fusion.graph import LAMBDA_CODE, Assembly
+from fusecli.fusion.logits import cut_before_softmax
 from fusecli.fusion.writer import H5_WEIGHTS, Placed, Source, Written
 
 # The schema written: Keras 2's. Both loaders read `keras_version` only to convert Keras 1 files.
@@ -47,6 +49,7 @@ class FlatPlan:
     order: list[str]  # layer names in model.layers order
     weights: dict[str, list[tuple[int, str, str]]]  # layer -> (branch, source path, dataset)
     sources_config: list[dict[str, Any]]  # each input's model config, as read
+    scale: str = "rescaling"  # the scaling layers of the head: Rescaling, or Lambda (--scale)
 
 
 def cannot(reason: str) -> FusecliError:
@@ -56,11 +59,25 @@ def cannot(reason: str) -> FusecliError:
     )
 
 
-def check(model_file: ModelFile, name: str) -> None:
-    """Raise `NotFlat` if this Keras 2 model has no flat form both loaders read alike."""
-    flat = flatten(model_file.config, f"{name}_")
+def check(model_file: ModelFile, name: str, at: str = "output") -> None:
+    """Raise `NotFlat` if this Keras 2 model has no flat form both loaders read alike (and
+    `FusecliError` if `at="logits"` and its logits cannot be reached)."""
+    flat = flatten(branch_config(model_file.config, name, at)[0], f"{name}_")
     both_loaders(flat.layers, model_file.path)
     check_masks(flat.layers, model_file.path)
+
+
+def branch_config(config: dict[str, Any], name: str, at: str) -> tuple[dict[str, Any], list[int]]:
+    """A Keras 2 model config as it goes into the flat graph: itself, or with `at="logits"` a
+    copy cut before its final softmax by the rules every fusion follows
+    (`fusecli.fusion.logits`; `FusecliError` where the logits cannot be reached); the softmax
+    axis of each output cut."""
+    if at != "logits":
+        return config, []
+    config = copy.deepcopy(config)
+    if config.get("class_name") == "Sequential" and isinstance(config.get("config"), list):
+        config["config"] = {"name": "sequential", "layers": config["config"]}  # Keras <= 2.1
+    return config, cut_before_softmax(config, name)
 
 
 def plan(
@@ -69,10 +86,14 @@ def plan(
     weights: tuple[float, ...],
     activation: str,
     found: list[dict[tuple[str, ...], list[str]]] | None = None,
+    *,
+    at: str = "output",
+    scale: str = "rescaling",
 ) -> FlatPlan:
     """Compose the flat fused config for Keras 2 `.h5` inputs, following the decisions (input
     sharing, names, outputs) of `assembly`; `found`: each file's `layer_weights`, if read
-    already (in a child process). Raises `NotFlat`."""
+    already (in a child process); `at="logits"`: each model cut before its final softmax;
+    `scale`: "rescaling" or "lambda" (the scaling layers). Raises `NotFlat`."""
     taken_head = {layer_name for _, layer_name in assembly.layer_order}
     layers: list[dict[str, Any]] = []
     fused_inputs = assembly.inputs
@@ -84,7 +105,10 @@ def plan(
     sources: dict[str, list[tuple[int, str, str]]] = {}
     branch_outputs: list[list[tuple[str, int, int]]] = []
     for i, (model_file, branch) in enumerate(zip(files, assembly.branches, strict=True)):
-        flat = flatten(model_file.config, f"{branch.name}_")
+        config, axes = branch_config(model_file.config, branch.name, at)
+        if axes != branch.axes:  # the cut of the Keras 2 config and of its Keras 3 reading
+            raise NotFlat(f"its softmax axes read {axes} in Keras 2 but {branch.axes} in Keras 3")
+        flat = flatten(config, f"{branch.name}_")
         both_loaders(flat.layers, model_file.path)
         check_masks(flat.layers, model_file.path)
         slot = assembly.input_slots[i]
@@ -112,7 +136,7 @@ def plan(
                 (i, path, path.split("/", 1)[1]) for path in by_origin.get(layer.origin, [])
             ]
         branch_outputs.append([_renamed(t, to_fused) for t in flat.outputs])
-    outputs = _head(layers, assembly, branch_outputs, weights, activation)
+    outputs = _head(layers, assembly, branch_outputs, weights, activation, scale)
     config = {
         "class_name": "Functional",
         "config": {
@@ -127,7 +151,7 @@ def plan(
     unreached = [name for name in sources if name not in order and sources[name]]
     if unreached:
         raise NotFlat(f"layer {unreached[0]!r} holds weights but is not on any output's path")
-    return FlatPlan(config, order, sources, [f.config for f in files])
+    return FlatPlan(config, order, sources, [f.config for f in files], scale)
 
 
 def plan_single(model_file: ModelFile) -> FlatPlan:
@@ -184,6 +208,7 @@ def _head(
     branch_outputs: list[list[tuple[str, int, int]]],
     weights: tuple[float, ...],
     activation: str,
+    scale: str,
 ) -> list[list[Any]]:
     """The scaling, adding (and softmax) layers, named as in `assembly`; the output refs."""
     by_name = {
@@ -199,6 +224,9 @@ def _head(
         for k, (scale_name, w) in enumerate(zip(scaled, weights, strict=True)):
             source = branch_outputs[k][j]
             conf = {"name": scale_name, "trainable": True, "dtype": "float32"}
+            if scale == "lambda":
+                layers.append(lambda_entry(conf, w, [[*source, {}]]))
+                continue
             conf |= {"scale": w, "offset": 0.0}
             layers.append(_entry("Rescaling", conf, [[*source, {}]]))
         conf = {"name": add["name"], "trainable": True, "dtype": "float32"}
@@ -209,6 +237,24 @@ def _head(
             layers.append(_entry("Softmax", conf, [[add["name"], 0, 0, {}]]))
         refs.append([out["name"], 0, 0])
     return refs
+
+
+def lambda_entry(conf: dict[str, Any], w: float, node: list[list[Any]]) -> dict[str, Any]:
+    """`Lambda(lambda x, w: x * w, arguments={"w": w})` as tf-keras writes it into a `.h5`
+    (the bytecode `fusecli.fusion.graph` writes), with no `module` beside its config: Keras 3's
+    legacy loader then converts it as it converts tf-keras' own (`function` from a list to its
+    `__lambda__` dict), and tf-keras reads it as it wrote it."""
+    conf = dict(conf)
+    conf |= {
+        "function": [LAMBDA_CODE, None, None],
+        "function_type": "lambda",
+        "module": None,
+        "output_shape": None,
+        "output_shape_type": "raw",
+        "output_shape_module": None,
+        "arguments": {"w": w},
+    }
+    return {"class_name": "Lambda", "config": conf, "name": conf["name"], "inbound_nodes": [node]}
 
 
 def _entry(class_name: str, conf: dict[str, Any], node: list[list[Any]]) -> dict[str, Any]:
@@ -362,11 +408,26 @@ def _check_head(config: dict[str, Any], weights: tuple[float, ...]) -> None:
         if add["class_name"] != "Add":
             raise VerificationError(f"Output {ref[0]!r} does not come from an Add")
         scaled = [specs[e[0]] for e in add["inbound_nodes"][0]]
-        got = [
-            (s["class_name"], s["config"].get("scale"), s["config"].get("offset")) for s in scaled
-        ]
-        if got != [("Rescaling", w, 0.0) for w in weights]:
+        got = [_scaling(s) for s in scaled]
+        if got != [("Rescaling", w, 0.0) for w in weights] and got != [
+            ("Lambda", w, LAMBDA_CODE) for w in weights
+        ]:
             raise VerificationError(f"Output {ref[0]!r} is not the weighted sum asked for: {got}")
+
+
+def _scaling(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """(class, weight, offset) of a Rescaling, (class, weight, code) of a Lambda: a Lambda
+    scales only if it holds fusecli's own bytecode, in either Keras' form of its config."""
+    conf = spec["config"]
+    if spec["class_name"] != "Lambda":
+        return (spec["class_name"], conf.get("scale"), conf.get("offset"))
+    function = conf.get("function")
+    if isinstance(function, dict):  # Keras 3's form
+        inner = function.get("config") if isinstance(function.get("config"), dict) else {}
+        function = [inner.get("code"), inner.get("defaults"), inner.get("closure")]
+    plain = isinstance(function, list) and len(function) == 3 and function[1:] == [None, None]
+    arguments = conf.get("arguments") if isinstance(conf.get("arguments"), dict) else {}
+    return ("Lambda", arguments.get("w"), function[0] if plain else None)
 
 
 def _refs(value: list[Any]) -> list[list[Any]]:

@@ -27,6 +27,7 @@ from fusecli.formats.recipe import Recipe, keras_metadata
 from fusecli.fusion.flat_h5 import FlatPlan, layer_order
 from fusecli.fusion.writer import Placed, Source, Written, keras_version
 
+_LAMBDA_KERAS2_ONLY = ("module", "function_type", "output_shape_type", "output_shape_module")
 _FUNCTIONAL = {"module": "keras.src.models.functional", "registered_name": "Functional"}
 
 
@@ -39,7 +40,21 @@ def keras3_config(config: dict[str, Any]) -> dict[str, Any]:
         conf = spec["config"]
         if spec["class_name"] == "InputLayer" and "batch_input_shape" in conf:
             conf["batch_shape"] = conf.pop("batch_input_shape")
+        if spec["class_name"] == "Lambda":
+            spec["config"] = _keras3_lambda(conf)
     return {**_FUNCTIONAL, **config, "build_config": {"input_shape": None}}
+
+
+def _keras3_lambda(conf: dict[str, Any]) -> dict[str, Any]:
+    """A Lambda's config in Keras 2's form (the head's, `flat_h5.lambda_entry`) as Keras 3
+    writes it: what its legacy `.h5` loader does to one (`saving_utils.model_from_config`)."""
+    conf = {k: v for k, v in conf.items() if k not in _LAMBDA_KERAS2_ONLY}
+    code, defaults, closure = conf["function"]
+    conf["function"] = {
+        "class_name": "__lambda__",
+        "config": {"code": code, "defaults": defaults, "closure": closure},
+    }
+    return conf
 
 
 def placements(flat: FlatPlan) -> dict[str, list[tuple[int, str, str]]]:

@@ -44,7 +44,7 @@ def _scale(x: Any, w: Any) -> Any:
 
 
 # What `keras.layers.Lambda(lambda x, w: x * w)` stores: the function's marshalled bytecode.
-_LAMBDA_CODE = base64.encodebytes(marshal.dumps(_scale.__code__)).decode("ascii")
+LAMBDA_CODE = base64.encodebytes(marshal.dumps(_scale.__code__)).decode("ascii")
 
 Shape = list[int | None]
 
@@ -487,7 +487,7 @@ def _scale_layer(
     if scale == "lambda":
         function = {
             "class_name": "__lambda__",
-            "config": {"code": _LAMBDA_CODE, "defaults": None, "closure": None},
+            "config": {"code": LAMBDA_CODE, "defaults": None, "closure": None},
         }
         settings = {"function": function, "arguments": {"w": weight}}
         return _layer("Lambda", name, settings, [source], {"mask": None}, shape)

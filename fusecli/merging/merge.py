@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
-from fusecli.formats import archive
+from fusecli.formats import archive, splice
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import (
@@ -307,14 +307,16 @@ def _write_and_verify(
     evidence = Relatedness(compared, reference)
     paths = [layout.path for layout in layouts]  # read in place: hashed as they are
     recipe = Pending("merge", paths, paths, recipe_options)
-    digests = _write(
+    digests, spliced = _write(
         tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
     )
     if verify or not trust:
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify and template.format != fmt:
+        if verify and spliced is not None:
+            splice.verify(tmp, spliced, expected, digests)
+        elif verify and template.format != fmt:
             keras2_convert.verify(tmp, template, digests)
         elif verify and _flat_h5(template, fmt):
             keras2_convert.verify_h5(tmp, template, digests)
@@ -380,17 +382,36 @@ def _write(
     evidence: Relatedness,
     progress: Progress | None,
     recipe: Recipe,
-) -> list[bytes]:
+) -> tuple[list[bytes], splice.Splice | None]:
+    """Write the merged file; its tensors' digests, and how it was spliced (if it was)."""
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
-        tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
         if template.format != fmt:
-            return keras2_convert.write(tmp, template, tensors, progress, recipe)
+            tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
+            return keras2_convert.write(tmp, template, tensors, progress, recipe), None
         if _flat_h5(template, fmt):
-            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe)
+            tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
+            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe), None
         # the template is one of the inputs, already open
-        template_group = groups[[layout.path for layout in layouts].index(template.path)]
+        which = [layout.path for layout in layouts].index(template.path)
+        template_group = groups[which]
+        spliced = _splice(template, template_group, raws[which], expected, fmt)
+        if spliced is not None:
+            order = [block.index for block in spliced.blocks]
+            tensors = _merged_tensors(
+                layouts, groups, raws, plan, values, expected, evidence, order
+            )
+            with zipfile.ZipFile(template.path) as source:
+                members = _template_members(source, recipe)
+                weights = splice.SplicedWeights(spliced, expected, tensors, progress)
+                members[[name for name, _ in members].index(WEIGHTS_MEMBER)] = (
+                    WEIGHTS_MEMBER,
+                    lambda: weights,
+                )
+                archive.write_archive(tmp, members, _ARCHIVE_DATE)
+            return weights.digests, spliced
+        tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
         if fmt == "h5":
             source = template_group.file
             attrs = {k: v for k, v in source.attrs.items() if k not in _H5_TRAINING_ATTRS}
@@ -398,12 +419,28 @@ def _write(
             with archive.h5_model(tmp, attrs) as out:
                 digests = _write_h5(out, template, template_group, tensors, expected, progress)
                 write_h5_recipe(out, recipe)
-                return digests
+                return digests, None
         with (
             zipfile.ZipFile(template.path) as source,
             archive.keras_archive(tmp, _template_members(source, recipe), _ARCHIVE_DATE) as out,
         ):
-            return _fill(out, template, template_group, tensors, expected, progress)
+            return _fill(out, template, template_group, tensors, expected, progress), None
+
+
+def _splice(
+    template: Layout,
+    group: h5py.Group,
+    raw: archive.RawTensors,
+    expected: list[Variable],
+    fmt: str,
+) -> splice.Splice | None:
+    """A `.keras` output with its template's structure (each variable in its own dtype, no
+    training state to drop) is the template's bytes with the tensors replaced."""
+    if fmt != "keras" or template.format != "keras":
+        return None
+    if any(e.dtype != v.dtype for e, v in zip(expected, template.variables, strict=True)):
+        return None
+    return splice.find_splice(template.path, group, raw, expected)
 
 
 def _loadable_keras2(attrs: dict[str, Any]) -> None:
@@ -424,13 +461,16 @@ def _merged_tensors(
     values: list[dict[str, Any] | None],
     expected: list[Variable],
     evidence: Relatedness,
+    order: Sequence[int] | None = None,
 ) -> Iterator[np.ndarray]:
-    """The output's variables in order, each computed from one tensor per input."""
+    """The output's variables in order (or in `order`, by index), each computed from one
+    tensor per input."""
     method = METHODS[plan.method]
     n_models = plan.n_models
     models = list(zip(layouts[:n_models], groups[:n_models], raws[:n_models], strict=True))
     first_layout, first_group, first_raw = models[0]
-    for k, variable in enumerate(first_layout.variables):
+    for k in range(len(first_layout.variables)) if order is None else order:
+        variable = first_layout.variables[k]
         settings = values[k]
         if settings is None:
             yield read_tensor(first_layout.path, first_group, variable, first_raw)

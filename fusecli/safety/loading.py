@@ -117,8 +117,8 @@ def load_checked(checked: CheckedFile, *, trust: bool = False) -> keras.Model:
     loadable = dataclasses.replace(checked.model_file, path=clean)
     names[clean] = source
     with _named_as_given(names), keras_errors(source):
-        if loadable.written_by_keras2:
-            return keras2.load_keras2_h5(loadable, trust=trust)
+        if loadable.written_by_keras2 or loadable.keras2_archive:
+            return keras2.load_keras2(loadable, trust=trust)
         keras = runtime.keras()
         if loadable.format == "h5" and keras3_h5.misread_layers(loadable.config):
             model = keras3_h5.load(loadable, trust=trust)

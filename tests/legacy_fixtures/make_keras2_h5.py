@@ -5,7 +5,8 @@ Run in its own process (tf-keras and Keras 3 must not share one):
     python tests/legacy_fixtures/make_keras2_h5.py OUT_DIR
 
 For every model NAME it writes OUT_DIR/NAME.h5 (`model.save`, Keras 2 format) and OUT_DIR/NAME.npz
-holding the inputs `x0, x1, ...` and tf-keras' outputs `y0, y1, ...` (training=False). Weights are
+holding the inputs `x0, x1, ...` and tf-keras' outputs `y0, y1, ...` (training=False); for those in
+ARCHIVED also NAME.keras, the archive tf.keras 2.13+ writes (see `write_archive`). Weights are
 random (seeded), biases and BatchNormalization statistics included, so that no layer is close to
 the identity and a wrongly loaded weight shows in the outputs.
 """
@@ -631,6 +632,27 @@ MODELS: dict[str, Callable[[], k.Model]] = {
 }
 
 
+# Also saved as the `.keras` archive tf.keras 2.13+ writes (a Keras 2 config in Keras 3's layout).
+ARCHIVED = (
+    "gru", "lstm", "conv", "multi_io", "transfer", "siamese", "hard_sigmoid", "seq2seq",
+    "assorted", "lambda_code", "tf_op", "s2s_bidirectional", "causal_attention", "text_gru",
+    "masking_states",
+)  # fmt: skip
+
+
+def write_archive(model: k.Model, xs: list[np.ndarray], path: Path) -> None:
+    """NAME.keras, and in NAME_archive.npz what tf-keras computes once it has loaded it back
+    (tf-keras 2.21 does not archive every argument it takes: Attention's `causal`)."""
+    model.save(path)
+    if path.stem == "lambda_code":
+        return  # its code must not run here: the tests only check that it is refused
+    loaded = k.models.load_model(path, compile=False, safe_mode=False)
+    ys = tf.nest.flatten(loaded(xs if len(xs) > 1 else xs[0], training=False))
+    arrays = {f"x{i}": x for i, x in enumerate(xs)}
+    arrays.update({f"y{i}": np.asarray(y, dtype="float32") for i, y in enumerate(ys)})
+    np.savez(path.with_name(f"{path.stem}_archive.npz"), **arrays)
+
+
 def randomize(model: k.Model, rng: np.random.Generator) -> None:
     """Random weights everywhere; variances positive, so BatchNormalization stays defined."""
     values = []
@@ -716,6 +738,8 @@ def main(out: Path) -> None:
         arrays = {f"x{i}": x for i, x in enumerate(xs)}
         arrays.update({f"y{i}": np.asarray(y, dtype="float32") for i, y in enumerate(ys)})
         np.savez(out / f"{name}.npz", **arrays)
+        if name in ARCHIVED:
+            write_archive(model, xs, out / f"{name}.keras")
     strip_input_layer(out / "gru.h5", out / "gru_old.h5")
     write_attention_causal(out / "causal_attention.h5")
     shutil.copyfile(out / "gru.npz", out / "gru_old.npz")
