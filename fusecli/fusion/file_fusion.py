@@ -45,6 +45,9 @@ from fusecli.termination import cleanup_on_termination
 # loader cannot rebuild them.
 _OP_MODULES = ("keras.src.ops",)
 
+# What the write child makes the recipe from: see `_recipe`.
+_RecipeParts = tuple[list[str], list[Path], list[str | None], dict[str, Any]]
+
 
 @dataclass
 class FileFusion:
@@ -109,12 +112,14 @@ def fuse_files(
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        # The recipe's SHA-256: of the inputs as given, hashed as they were read.
-        digests = [""] * len(paths)
+        # The recipe's SHA-256: of the inputs as given (hashed as they were copied, or else
+        # read where they are pinned).
+        digests: list[str | None] = [None] * len(paths)
+        hashed = [Path(p) for p in paths]
         for i, one in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
-            digests[i] = one.sha256
+            digests[i], hashed[i] = one.sha256, one.copy
         if others:
             scratch = Path(
                 stack.enter_context(
@@ -141,6 +146,7 @@ def fuse_files(
         ready = [s for s in sources if s is not None]
         recipe = (
             [str(p) for p in paths],
+            hashed,
             digests,
             dict(
                 weights=list(weights),
@@ -165,6 +171,8 @@ def fuse_files(
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
+            for one in native.values():
+                one.check_unchanged()  # pinned: what was read is what was scanned and hashed
             if after_write is not None:
                 after_write(tmp)
     return FileFusion(
@@ -236,8 +244,14 @@ def _fuse_keras2_flat(
         weights=list(weights), scale=scale, inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    # The user's files, hashed as they were read into the private copies.
-    recipe = ([str(p) for p in paths], [one.sha256 for one in checked], options)
+    # The user's files as given: pinned (hashed where they are, then checked unchanged) or
+    # hashed as they were copied.
+    recipe = (
+        [str(p) for p in paths],
+        [one.copy for one in checked],
+        [one.sha256 for one in checked],
+        options,
+    )
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
@@ -252,6 +266,8 @@ def _fuse_keras2_flat(
             inputs=[s.given for s in sources],
             nbytes=_source_bytes(sources),
         )
+        for one in checked:
+            one.check_unchanged()
         if after_write is not None:
             after_write(tmp)
     layer_order = [(str(e["class_name"]), str(e["name"])) for e in flat.config["config"]["layers"]]
@@ -271,7 +287,7 @@ def _write_and_prove_flat(
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
-    recipe: tuple[list[str], list[str], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
@@ -288,7 +304,7 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
-    recipe: tuple[list[str], list[str], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
@@ -297,10 +313,11 @@ def _write_and_prove(
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
 
 
-def _recipe(recipe: tuple[list[str], list[str], dict[str, Any]]) -> Pending:
-    """The recipe of (files as given, their SHA-256 as read into the private copies, options)."""
-    files, digests, options = recipe
-    return Pending("fuse", files, [Path(f) for f in files], options, digests=digests)
+def _recipe(recipe: _RecipeParts) -> Pending:
+    """The recipe of (files as given, what to hash where a digest is not known, the digests
+    taken as the inputs were copied, options)."""
+    files, hashed, digests, options = recipe
+    return Pending("fuse", files, hashed, options, digests=digests)
 
 
 def _source_bytes(sources: list[writer.Source]) -> int:

@@ -49,14 +49,37 @@ _COPY_CHUNK = 4 << 20
 
 @dataclass(frozen=True)
 class CheckedFile:
-    """A model file read once into a private copy and scanned there."""
+    """A model file read once into a private copy (or pinned: see `checked_files`) and scanned
+    there."""
 
     source: Path  # the path as the caller gave it: what messages name
-    copy: Path  # the private copy, same file name, the input's bytes: what was scanned
+    # The private copy, same file name, the input's bytes: what was scanned. For a pinned
+    # input, a link in the private folder to the input as opened (its inode, whatever becomes
+    # of its path).
+    copy: Path
     model_file: ModelFile  # read from the copy (its `path` is the copy)
-    sha256: str  # of the input's bytes as read into the copy: the recipe's digest
+    # Of the input's bytes as read into the copy: the recipe's digest (None when pinned: hash
+    # `copy`, then `check_unchanged`).
+    sha256: str | None
     # The copy with its HDF5 rewritten by value: what Keras loads (None until Keras needs it).
     loadable: Path | None = None
+    pinned: tuple[int, ...] | None = None  # a pinned input's identity when opened (`_identity`)
+
+    def check_unchanged(self) -> None:
+        """A pinned input still holds what it held when it was opened (same inode, size,
+        modification and change times: any write changes the change time), else
+        `ModelFileError`; call it after the last read, before keeping anything made from it.
+        Nothing to check for a copy."""
+        if self.pinned is None:
+            return
+        try:
+            now = _identity(os.stat(self.copy))
+        except OSError:
+            now = None
+        if now != self.pinned:
+            raise ModelFileError(
+                self.source, "changed while it was being read; the result was not kept"
+            )
 
 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False) -> keras.Model:
@@ -78,15 +101,21 @@ def checked_files(
 
     Every file is checked before the block starts, so a bad file among several is reported
     before any slow work: with `for_keras`, that includes the rewrite of its HDF5 Keras will
-    read. Callers whose copies only fusecli's isolated children read, as files, pass False: the
-    rewrite (a read and write of every tensor) is then made only if Keras loads one after all.
-    Errors raised in the block that name a copy name the caller's path instead. Read
-    `CheckedFile.copy`, never the caller's path, for anything that must be what the scan saw.
+    read. Callers whose files only fusecli's isolated children read, as files, pass False: each
+    file is then pinned rather than copied (opened once; `copy` is a link in the private folder
+    to that open file, which a file renamed over the path does not change), no rewrite is made
+    unless Keras loads one after all, and the caller calls `check_unchanged` on each after its
+    last read (a write into the file in place is then refused). Errors raised in the block that
+    name a copy name the caller's path instead. Read `CheckedFile.copy`, never the caller's
+    path, for anything that must be what the scan saw.
     """
     sources = [Path(p) for p in paths]
-    with cleanup_on_termination(), _private_folder() as folder:
-        copied = [_private_copy(source, folder / str(i)) for i, source in enumerate(sources)]
-        copies = [copy for copy, _ in copied]
+    with cleanup_on_termination(), _private_folder() as folder, contextlib.ExitStack() as pins:
+        copied = [
+            _private_copy(source, folder / str(i), pins if not for_keras else None)
+            for i, source in enumerate(sources)
+        ]
+        copies = [copy for copy, _, _ in copied]
         names = dict(zip(copies, sources, strict=True))
         with _named_as_given(names):
             scanned = [refuse_unsafe(copy, trust=trust) for copy in copies]
@@ -95,8 +124,8 @@ def checked_files(
         names.update((m, s) for m, s in zip(loadables, sources, strict=True) if m is not None)
         with _named_as_given(names):
             yield [
-                CheckedFile(source, copy, model_file, digest, loadable)
-                for source, (copy, digest), model_file, loadable in zip(
+                CheckedFile(source, copy, model_file, digest, loadable, pinned)
+                for source, (copy, digest, pinned), model_file, loadable in zip(
                     sources, copied, scanned, loadables, strict=True
                 )
             ]
@@ -172,10 +201,14 @@ def _private_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _private_copy(source: Path, folder: Path) -> tuple[Path, str]:
+def _private_copy(
+    source: Path, folder: Path, pins: contextlib.ExitStack | None = None
+) -> tuple[Path, str | None, tuple[int, ...] | None]:
     """One read of `source` into `folder/<its name>`, and the SHA-256 of what was read (the
     recipe's: hashed in the same pass, not read again); the copy keeps the name, since Keras
-    picks a format by the name's suffix."""
+    picks a format by the name's suffix. With `pins`, the file is pinned instead where this
+    system allows (see `checked_files`): (link, None, its identity), its descriptor open until
+    `pins` closes."""
     check_model_path(source)  # the usual messages: no such file, a folder, empty, unreadable...
     folder.mkdir()
     copy = folder / source.name
@@ -184,8 +217,15 @@ def _private_copy(source: Path, folder: Path) -> tuple[Path, str]:
     except OSError as e:
         raise ModelFileError(source, f"cannot be read ({e.strerror or e})") from None
     with open(fd, "rb") as src:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
             raise ModelFileError(source, "is not a regular file")
+        if pins is not None:
+            kept = os.dup(fd)  # the link's target: open until `pins` closes
+            if _pin(kept, copy):
+                pins.callback(os.close, kept)
+                return copy, None, _identity(opened)
+            os.close(kept)
         try:
             with open(copy, "xb") as dst:
                 digest = _copy_bytes(src, dst)
@@ -197,7 +237,29 @@ def _private_copy(source: Path, folder: Path) -> tuple[Path, str]:
                 f"cannot be copied to a private folder in {folder.parent.parent} "
                 f"({e.strerror}); set TMPDIR to a folder with room for it",
             ) from None
-    return copy, digest
+    return copy, digest, None
+
+
+def _pin(fd: int, link: Path) -> bool:
+    """Make `link` name the open file `fd` (through /proc/<pid>/fd: the very inode, for this
+    process and its children, whatever becomes of the path it was opened by). False where
+    this system has no such names."""
+    target = f"/proc/{os.getpid()}/fd/{fd}"
+    try:
+        os.symlink(target, link)
+        if _identity(os.stat(link))[:2] == _identity(os.fstat(fd))[:2]:
+            return True
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        link.unlink()
+    return False
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    """What any change to a file changes (its change time, which a write or `touch` sets and
+    no one can set back without changing it again), and which file it is."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _copy_bytes(src: object, dst: object) -> str:
