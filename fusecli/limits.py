@@ -61,12 +61,13 @@ def check_inflation(path: Path, info: zipfile.ZipInfo, inside: str = "") -> None
         )
 
 
-def check_dataset_size(path: Path, dataset: h5py.Dataset, where: str) -> int:
+def check_dataset_size(path: Path, dataset: h5py.Dataset | h5py.h5d.DatasetID, where: str) -> int:
     """The number of values `dataset` declares; refused if it declares far more bytes than it
     stores (a compressed or unallocated "shape bomb" that would fill memory when read)."""
-    count = math.prod(dataset.shape or ())
-    declared = count * dataset.dtype.itemsize
-    stored = dataset.id.get_storage_size()
+    dsid = dataset if isinstance(dataset, h5py.h5d.DatasetID) else dataset.id
+    count = math.prod(dsid.shape or ())
+    declared = count * dsid.dtype.itemsize
+    stored = dsid.get_storage_size()
     if declared > GUARD_FLOOR and declared > MAX_EXPANSION * stored:
         raise ModelFileError(
             path,

@@ -154,6 +154,19 @@ def test_scale_lambda(tmp_path, keras, heads, at, suffix):
         assert classes.count("Lambda") == 2 and "Rescaling" not in classes
     with pytest.raises(ValueError, match="Lambda"):
         keras.models.load_model(out, compile=False)
+    shown = run_cli("inspect", out, "--json")
+    assert shown.returncode == 0, shown.stderr
+    options = json.loads(shown.stdout)[0]["recipe"]["options"]
+    assert options["scale"] == "lambda" and options["at"] == at
+
+
+def test_verify_at_the_logits(tmp_path, heads):
+    # --verify loads the written file in Keras 3 and compares it with the models' own logits.
+    out = tmp_path / "fused.h5"
+    report = fuse(heads / "nested_activation.h5", heads / "trailing_softmax.h5", "--w", "0.8",
+                  "0.2", "--at", "logits", "--scale", "lambda", "--verify", "-o", out)  # fmt: skip
+    assert report["converted"] == [] and report["verify"]["result"] == "passed"
+    assert report["max_abs_diff"] < 1e-5
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
@@ -192,3 +205,22 @@ def test_logits_out_of_reach_are_refused_in_one_line(tmp_path, heads, a, b, why,
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: "), result.stderr
     assert why in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_the_written_file_is_scanned(tmp_path, heads, suffix):
+    # The head's own Lambdas pass the scan (fusecli's bytecode, asked for); anything else that
+    # would run code or read another file on load does not.
+    from fusecli.errors import VerificationError
+    from fusecli.formats.modelfile import read_model_file
+    from fusecli.fusion.flat_h5 import check_scan
+
+    out = tmp_path / f"fused{suffix}"
+    fuse(heads / "dense_softmax.h5", heads / "trailing_softmax.h5", "--scale", "lambda", "-o", out)
+    check_scan(read_model_file(out))
+    if suffix == ".keras":
+        return
+    with h5py.File(out, "r+") as f:
+        f["model_weights"]["elsewhere"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
+    with pytest.raises(VerificationError, match="does not pass the scan.*another file"):
+        check_scan(read_model_file(out))

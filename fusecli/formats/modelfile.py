@@ -255,14 +255,29 @@ def _h5_member(archive: zipfile.ZipFile, path: Path) -> str:
     return WEIGHTS_MEMBER
 
 
-@dataclass(frozen=True)
 class Hdf5Entry:
-    """One link met by `walk_hdf5`: its path below the walked group, and what it leads to."""
+    """One link met by `walk_hdf5`: its path below the walked group, and what it leads to
+    (`node`, made when asked for: most walks need only the names)."""
 
-    name: str
-    kind: Literal["group", "dataset", "external", "soft", "other"]
-    node: h5py.Group | h5py.Dataset | None = None
-    target: tuple[str, str] | None = None  # an external link's file and object
+    __slots__ = ("name", "kind", "target", "_id", "_node")
+
+    def __init__(
+        self,
+        name: str,
+        kind: Literal["group", "dataset", "external", "soft", "other"],
+        id: h5g.GroupID | h5d.DatasetID | None = None,
+        target: tuple[str, str] | None = None,  # an external link's file and object
+    ) -> None:
+        self.name, self.kind, self.target = name, kind, target
+        self._id = id
+        self._node: h5py.Group | h5py.Dataset | None = None
+
+    @property
+    def node(self) -> h5py.Group | h5py.Dataset | None:
+        if self._node is None and self._id is not None:
+            is_group = isinstance(self._id, h5g.GroupID)
+            self._node = h5py.Group(self._id) if is_group else h5py.Dataset(self._id)
+        return self._node
 
 
 def walk_hdf5(root: h5py.Group, path: Path) -> Iterator[Hdf5Entry]:
@@ -274,37 +289,37 @@ def walk_hdf5(root: h5py.Group, path: Path) -> Iterator[Hdf5Entry]:
     and refuses files deeper than MAX_HDF5_DEPTH or larger than MAX_HDF5_OBJECTS.
     """
     seen = {root.id}
-    stack: list[tuple[h5py.Group, str, int]] = [(root, "", 0)]
+    stack: list[tuple[h5g.GroupID, str, int]] = [(root.id, "", 0)]
     count = 0
     while stack:
-        group, prefix, depth = stack.pop()
+        gid, prefix, depth = stack.pop()
         if depth >= MAX_HDF5_DEPTH:
             raise ModelFileError(
                 path, f"its HDF5 groups are nested more than {MAX_HDF5_DEPTH} levels deep"
             )
-        children: list[tuple[h5py.Group, str, int]] = []
-        for raw in group.id:
+        children: list[tuple[h5g.GroupID, str, int]] = []
+        links = gid.links
+        for raw in gid:
             count += 1
             if count > MAX_HDF5_OBJECTS:
                 raise ModelFileError(path, f"holds more than {MAX_HDF5_OBJECTS} HDF5 objects")
             name = f"{prefix}{_decode(raw)}"
-            link = group.id.links.get_info(raw).type
+            link = links.get_info(raw).type
             if link == h5l.TYPE_EXTERNAL:
-                filename, target = (_decode(v) for v in group.id.links.get_val(raw))
+                filename, target = (_decode(v) for v in links.get_val(raw))
                 yield Hdf5Entry(name, "external", target=(filename, target))
                 continue
             if link != h5l.TYPE_HARD:
                 yield Hdf5Entry(name, "soft" if link == h5l.TYPE_SOFT else "other")
                 continue
-            oid = h5o.open(group.id, raw)
+            oid = h5o.open(gid, raw)
             if isinstance(oid, h5g.GroupID):
-                node = h5py.Group(oid)
-                yield Hdf5Entry(name, "group", node)
+                yield Hdf5Entry(name, "group", oid)
                 if oid not in seen:
                     seen.add(oid)
-                    children.append((node, f"{name}/", depth + 1))
+                    children.append((oid, f"{name}/", depth + 1))
             elif isinstance(oid, h5d.DatasetID):
-                yield Hdf5Entry(name, "dataset", h5py.Dataset(oid))
+                yield Hdf5Entry(name, "dataset", oid)
             else:
                 yield Hdf5Entry(name, "other")
         stack.extend(reversed(children))

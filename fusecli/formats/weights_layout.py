@@ -108,7 +108,8 @@ def read_layout(path: str | os.PathLike[str], info: ModelFile | None = None) -> 
             else:
                 variables, composite = _h5_variables(group, info.config), []
             for variable in variables:
-                check_dataset_size(info.path, group[variable.dataset], variable.dataset)
+                dataset = h5py.h5d.open(group.id, variable.dataset.encode("utf-8"))
+                check_dataset_size(info.path, dataset, variable.dataset)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ModelFileError(
                 info.path, f"its weights do not match its config ({_short(e)})"
@@ -252,11 +253,21 @@ def _walk_keras_model(
 
 
 def _vars_of(vars_group: h5py.Group, layer: str, base: str = "vars") -> list[Variable]:
-    nodes = {k: vars_group[k] for k in vars_group}
+    """A layer's own variables, by HDF5's low-level calls (an h5py object per dataset costs
+    five times as much, and a model has thousands)."""
+    gid = vars_group.id
+    datasets = {}
+    for raw in gid:
+        node = h5py.h5o.open(gid, raw)
+        if isinstance(node, h5py.h5d.DatasetID):
+            datasets[raw.decode("utf-8")] = node
     out = []
-    for k in sorted((k for k, n in nodes.items() if isinstance(n, h5py.Dataset)), key=_int_key):
-        full = f"{base}/{k}"
-        out.append(Variable(layer, full, tuple(nodes[k].shape), _dtype(nodes[k])))
+    for k in sorted(datasets, key=_int_key):
+        node = datasets[k]
+        dtype = node.dtype
+        if dtype.kind == "V":
+            dtype = _dtype(h5py.Dataset(node))
+        out.append(Variable(layer, f"{base}/{k}", tuple(node.shape), dtype))
     return out
 
 

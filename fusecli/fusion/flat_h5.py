@@ -387,6 +387,7 @@ def prove(
             "layers: Keras would load one layer's weights into another"
         )
     _check_head(model_file.config, weights)
+    check_scan(model_file)
     tensors, nbytes = proof._check_tensors(path, "h5", sources, written)
     for source, config in zip(sources, flat.sources_config, strict=True):
         proof.check_source_unchanged(source, config)
@@ -398,6 +399,25 @@ def prove(
         "scan": "passed",
         "layer_names_unique": True,
     }
+
+
+def check_scan(model_file: ModelFile) -> None:
+    """The written file passes the scan its inputs passed (`fusecli.safety.scan`); the head's
+    scaling Lambdas (`--scale lambda`: fusecli's own bytecode, asked for) excepted."""
+    from fusecli.safety.scan import scan
+
+    layers = model_file.config["config"]["layers"]
+    head = {
+        e["name"] for e in layers if e["class_name"] == "Lambda" and _scaling(e)[2] == LAMBDA_CODE
+    }
+    try:
+        findings = [f for f in scan(model_file) if f.path.split("/")[-1] not in head]
+    except FusecliError as e:
+        raise VerificationError(f"The written file cannot be scanned: {e}") from None
+    if findings:
+        raise VerificationError(
+            f"The written file does not pass the scan: {findings[0].describe()}"
+        )
 
 
 def _check_head(config: dict[str, Any], weights: tuple[float, ...]) -> None:

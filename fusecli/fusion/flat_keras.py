@@ -142,6 +142,7 @@ def prove(
     if model_file.config != keras3_config(flat.config):
         raise VerificationError("The written file's config differs from the composed one")
     flat_h5._check_head(flat.config, weights)
+    flat_h5.check_scan(model_file)
     again = FlatPlan(flat.config, layer_order(flat.config), flat.weights, flat.sources_config)
     expected = {t for places in placements(again).values() for _, _, t in places}
     if expected != {p.output for p in written.placed}:

@@ -35,7 +35,6 @@ import numpy as np
 from fusecli.errors import FusecliError, InvalidRequest, ModelFileError, VerificationError
 from fusecli.formats import archive, splice
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
-from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
     WEIGHTS_MEMBER,
@@ -52,13 +51,12 @@ from fusecli.formats.weights_layout import (
     read_layout,
     read_tensor,
 )
-from fusecli.merging import keras2_convert
 from fusecli.merging.methods import METHODS, MergePlan, Override, plan_merge
 from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated_each, call_isolated_write
-from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan
+from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan, scan_config
 
 Progress = Callable[[int, int], None]
 
@@ -139,7 +137,7 @@ def merge(
     _check_dtype(dtype, fmt)
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
-    layouts = _read_inputs(sources, trust=trust)
+    layouts, findings = _read_inputs(sources, trust=trust)
     _check_pairing(layouts)
     _check_architectures(layouts)
     template = _template(layouts, fmt, output)
@@ -165,6 +163,7 @@ def merge(
             recipe_options,
             verify,
             trust,
+            findings[layouts.index(template)],
             inputs=sources,
             nbytes=sum(_size(p) for p in sources),
             progress=progress,
@@ -213,10 +212,11 @@ def _check_dtype(dtype: str | None, fmt: str) -> None:
 # -- checks before anything heavy ------------------------------------------------------------
 
 
-def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
-    """Config and variable list of every input, read side by side; no tensor is read. A file
-    that carries code is refused (unless `trust`): the merged file would carry it on."""
-    layouts = []
+def _read_inputs(paths: list[Path], *, trust: bool) -> tuple[list[Layout], list[list[Finding]]]:
+    """Config and variable list of every input, read side by side, and what its scan found; no
+    tensor is read. A file that carries code is refused (unless `trust`): the merged file would
+    carry it on."""
+    layouts, found = [], []
     for path, (findings, layout) in zip(
         paths, call_isolated_each(_scan_and_list, paths), strict=True
     ):
@@ -225,7 +225,8 @@ def _read_inputs(paths: list[Path], *, trust: bool) -> list[Layout]:
             raise layout
         check_keras2_layout(layout)  # refuse what load_model and fuse refuse
         layouts.append(layout)
-    return layouts
+        found.append(findings)
+    return layouts, found
 
 
 def _scan_and_list(path: Path) -> tuple[list[Finding], Layout | ModelFileError]:
@@ -296,10 +297,16 @@ def _write_and_verify(
     recipe_options: dict[str, Any],
     verify: bool,
     trust: bool,
+    template_findings: list[Finding],
     progress: Progress | None,
 ) -> dict[str, Any] | None:
     """Write the merged file at `tmp`, scan it (as `check_written` would) and read it back (run
-    isolated: see `merge`); returns the relatedness evidence gathered on the way."""
+    isolated: see `merge`); returns the relatedness evidence gathered on the way.
+
+    A file spliced from its template (`fusecli.formats.splice`) is read back whatever `verify`
+    says, unless `trust`: that its weights are the template's bytes but for the tensors is what
+    makes the template's scan (`template_findings`) hold for them, and only its config and
+    member names are scanned again."""
     expected = [_output_variable(v, dtype) for v in template.variables]
     n_models = plan.n_models
     reference = names[-1] if plan.needs_base else names[0]
@@ -310,13 +317,19 @@ def _write_and_verify(
     digests, spliced = _write(
         tmp, fmt, template, layouts, plan, values, expected, evidence, progress, recipe
     )
-    if verify or not trust:
+    if spliced is not None:
+        if verify or not trust:
+            splice.verify(tmp, spliced, expected, digests)
+        if not trust:
+            weights = [f for f in template_findings if f.what != "layer"]
+            refuse_written(scan_config(read_model_file(tmp)) + weights)
+    elif verify or not trust:
+        from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify and spliced is not None:
-            splice.verify(tmp, spliced, expected, digests)
-        elif verify and template.format != fmt:
+        if verify and template.format != fmt:
             keras2_convert.verify(tmp, template, digests)
         elif verify and _flat_h5(template, fmt):
             keras2_convert.verify_h5(tmp, template, digests)
@@ -357,6 +370,9 @@ def _flat_h5(template: Layout, fmt: str) -> bool:
     """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
     if fmt != "h5" or not (template.keras_version or "").startswith("2."):
         return False
+    from fusecli.formats.keras2_flat import NotFlat
+    from fusecli.merging import keras2_convert
+
     try:
         keras2_convert.places(template, "h5")
     except NotFlat:
@@ -382,17 +398,18 @@ def _write(
     evidence: Relatedness,
     progress: Progress | None,
     recipe: Recipe,
-) -> tuple[list[bytes], splice.Splice | None]:
-    """Write the merged file; its tensors' digests, and how it was spliced (if it was)."""
+) -> tuple[list[Any], splice.Splice | None]:
+    """Write the merged file; its tensors' digests (SHA-256, or CRC-32 where spliced), and how
+    it was spliced (if it was)."""
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
-        if template.format != fmt:
+        if template.format != fmt or _flat_h5(template, fmt):
+            from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+
             tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-            return keras2_convert.write(tmp, template, tensors, progress, recipe), None
-        if _flat_h5(template, fmt):
-            tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-            return keras2_convert.write_h5(tmp, template, tensors, progress, recipe), None
+            write = keras2_convert.write if template.format != fmt else keras2_convert.write_h5
+            return write(tmp, template, tensors, progress, recipe), None
         # the template is one of the inputs, already open
         which = [layout.path for layout in layouts].index(template.path)
         template_group = groups[which]

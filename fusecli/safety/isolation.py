@@ -67,6 +67,12 @@ WRITE_BYTES_PER_SECOND = 4 << 20
 _PROGRESS = b"P"
 _COUNTS = struct.Struct("<QQ")
 
+# glibc's mallopt: blocks up to 32 MiB (its largest threshold) from the heap, and the heap's
+# free top kept up to 1 GiB (see `_keep_freed_memory`).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+_TRIM_THRESHOLD = 1 << 30
+
 # Imported, they run threads of their own: the caller is then no longer safe to fork.
 _THREADED_FRAMEWORKS = ("tensorflow", "jax", "torch")
 
@@ -534,11 +540,23 @@ def _perform(job: tuple[str, Callable[..., Any], Any], sender: int) -> bytes:
     if kind == "read":
         return _call(fn, argument)
     args, wants_progress = argument
+    _keep_freed_memory()
 
     def report(done: int, total: int) -> None:
         _write_frame(sender, _PROGRESS + _COUNTS.pack(done, total))
 
     return _call_write(fn, (*args, report if wants_progress else None))
+
+
+def _keep_freed_memory() -> None:
+    """A write streams tensors one after another, each in fresh buffers: glibc would map each
+    large one anew and hand it back when freed, and the kernel zero a new page for every 4 KiB
+    of every tensor. Freed memory is kept for the next tensor instead (this child is short-lived;
+    its peak is what it holds at once)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 def _call(fn: Callable[[Path], Any], path: Path) -> bytes:

@@ -119,6 +119,14 @@ def scan(model_file: ModelFile | str | os.PathLike[str]) -> list[Finding]:
     return list(unique)
 
 
+def scan_config(model_file: ModelFile) -> list[Finding]:
+    """`scan`'s findings in the config and the archive's member names, the weights left out:
+    for a written file whose weights are, but for the tensors' values, those of a file `scan`
+    read already (a merged `.keras` file is its template's bytes with the tensors replaced)."""
+    findings = [*_scan_config(model_file.config), *_scan_members(model_file.members)]
+    return list(dict.fromkeys(findings))
+
+
 def _unsafe_class_reason(node: dict[str, Any], class_name: str) -> str:
     reason = _UNSAFE_CLASSES[class_name]
     if class_name in keras2_ops.CLASSES:
