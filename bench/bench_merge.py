@@ -65,7 +65,7 @@ def main() -> None:
         a, b = d / "a.keras", d / "b.keras"
         make_resnet50s(a, b)
         compiled = ["env", f"PYTHONPYCACHEPREFIX={d / 'bytecode'}", "PYTHONDONTWRITEBYTECODE="]
-        python = [*compiled, sys.executable]
+        python = [*compiled, sys.executable, "-P"]  # -P: fusecli from PYTHONPATH, not the cwd
         fusecli = [*python, "-m", "fusecli", "merge", a, b, "--force"]
         variants = {
             "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
@@ -74,7 +74,7 @@ def main() -> None:
             "floor: cat a b > out": ["sh", "-c", f"cat {a} {b} > {d / 'copy'}"],
         }
         if previous is not None:
-            earlier = [*compiled, f"PYTHONPATH={previous}", sys.executable, *fusecli[len(python) :]]
+            earlier = [*compiled, f"PYTHONPATH={previous}", *fusecli[len(compiled) :]]
             variants["previous code (reads back, checks)"] = [*earlier, "-o", d / "p1.keras"]
         for label, argv in variants.items():  # untimed: the bytecode is cached
             if label != "by hand in Keras":

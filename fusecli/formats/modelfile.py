@@ -189,6 +189,23 @@ def open_weights(path: str | os.PathLike[str]) -> Iterator[h5py.Group]:
         yield group
 
 
+_held: dict[Path, h5py.File] = {}
+
+
+@contextlib.contextmanager
+def held_open(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within, `open_hdf5` (and `open_weights`) of `path` give the one HDF5 file opened here:
+    a scan and a variable list then read the file's metadata once (HDF5 keeps what it read),
+    rather than each through the archive anew."""
+    path = check_model_path(path)
+    with open_hdf5(path) as h5:
+        _held[path] = h5
+        try:
+            yield
+        finally:
+            del _held[path]
+
+
 @contextlib.contextmanager
 def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Open a model file's HDF5 root read-only: the whole `.h5`, or a `.keras` file's weights.
@@ -197,7 +214,10 @@ def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """
     path = check_model_path(path)
     try:
-        if file_format(path) == "keras":
+        held = _held.get(path)
+        if held is not None:
+            yield held
+        elif file_format(path) == "keras":
             with (
                 open_archive(path) as archive,
                 _seekable_member(archive, path, _h5_member(archive, path)) as member,

@@ -37,8 +37,10 @@ from fusecli.formats import archive, splice
 from fusecli.formats.keras2 import check_keras2_layout, loadable_keras2_config
 from fusecli.formats.modelfile import (
     CONFIG_MEMBER,
+    NPZ_WEIGHTS_MEMBER,
     WEIGHTS_MEMBER,
     ModelFile,
+    held_open,
     open_weights,
     read_model_file,
 )
@@ -234,13 +236,18 @@ def _scan_and_list(path: Path) -> tuple[list[Finding], Layout | ModelFileError]:
     Where the file carries code, that is what it is refused for first, even if its variables
     cannot be listed either."""
     model_file = read_model_file(path)
-    findings = scan(model_file)
-    try:
-        return findings, read_layout(path, model_file)
-    except ModelFileError as e:
-        if not findings:
-            raise
-        return findings, e
+    if model_file.weights_member == NPZ_WEIGHTS_MEMBER:
+        held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        held = held_open(path)  # one reading of the HDF5 metadata for both
+    with held:
+        findings = scan(model_file)
+        try:
+            return findings, read_layout(path, model_file)
+        except ModelFileError as e:
+            if not findings:
+                raise
+            return findings, e
 
 
 def _check_architectures(layouts: list[Layout]) -> None:
