@@ -45,6 +45,9 @@ from fusecli.termination import cleanup_on_termination
 # loader cannot rebuild them.
 _OP_MODULES = ("keras.src.ops",)
 
+# What the write child makes the recipe from: see `_recipe`.
+_RecipeParts = tuple[list[str], list[Path], list[str | None], dict[str, Any]]
+
 
 @dataclass
 class FileFusion:
@@ -85,7 +88,7 @@ def fuse_files(
         # the output. A `.h5` output is the flat graph in Keras 2's schema (Keras 3 inputs
         # converted, `fusecli.formats.keras3_to_keras2`), or refused; only tf.keras 2.13+
         # `.keras` archives still go through Keras into it (in Keras 3's schema).
-        with checked_files(paths, trust=trust) as checked:
+        with checked_files(paths, trust=trust, for_keras=False) as checked:
             found = [one.model_file for one in checked]
             every_h5 = fmt == "h5" and not any(m.keras2_archive for m in found)
             if every_h5 or all(m.written_by_keras2 for m in found):
@@ -104,18 +107,23 @@ def fuse_files(
     candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
-        copied = stack.enter_context(checked_files([paths[i] for i in candidates], trust=trust))
+        copied = stack.enter_context(
+            checked_files([paths[i] for i in candidates], trust=trust, for_keras=False)
+        )
         native = {
             i: one for i, one in zip(candidates, copied, strict=True) if _native(one.model_file)
         }
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        # The recipe's SHA-256 are of the inputs as given (the private copies are rewritten).
+        # The recipe's SHA-256: of the inputs as given (hashed as they were copied, or else
+        # read where they are pinned).
+        digests: list[str | None] = [None] * len(paths)
         hashed = [Path(p) for p in paths]
         for i, one in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
+            digests[i], hashed[i] = one.sha256, one.copy
         if others:
             scratch = Path(
                 stack.enter_context(
@@ -124,6 +132,7 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
+                digests[i] = one.sha256
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -142,6 +151,7 @@ def fuse_files(
         recipe = (
             [str(p) for p in paths],
             hashed,
+            digests,
             dict(
                 weights=list(weights),
                 scale=scale,
@@ -165,6 +175,8 @@ def fuse_files(
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
+            for one in native.values():
+                one.check_unchanged()  # pinned: what was read is what was scanned and hashed
             if after_write is not None:
                 after_write(tmp)
     return FileFusion(
@@ -242,8 +254,14 @@ def _fuse_keras2_flat(
         weights=list(weights), scale=scale, inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    # The user's files are hashed: the private copies are rewritten by h5py (`checked_files`).
-    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
+    # The user's files as given: pinned (hashed where they are, then checked unchanged) or
+    # hashed as they were copied.
+    recipe = (
+        [str(p) for p in paths],
+        [one.copy for one in checked],
+        [one.sha256 for one in checked],
+        options,
+    )
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
@@ -258,6 +276,8 @@ def _fuse_keras2_flat(
             inputs=[s.given for s in sources],
             nbytes=_source_bytes(sources),
         )
+        for one in checked:
+            one.check_unchanged()
         if after_write is not None:
             after_write(tmp)
     layer_order = [(str(e["class_name"]), str(e["name"])) for e in flat.config["config"]["layers"]]
@@ -288,13 +308,13 @@ def _write_and_prove_flat(
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
     `fuse_files`)."""
     module = flat_h5 if fmt == "h5" else flat_keras
-    written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
+    written = module.write(tmp, flat, sources, _recipe(recipe))
     return written, module.prove(tmp, flat, sources, written, weights)
 
 
@@ -305,14 +325,20 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a forked process."""
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
-    written = write(tmp, assembly, sources, Pending("fuse", *recipe))
+    written = write(tmp, assembly, sources, _recipe(recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
+
+
+def _recipe(recipe: _RecipeParts) -> Pending:
+    """The recipe of (files as given, what to hash where a digest is not known, the digests
+    taken as the inputs were copied, options)."""
+    files, hashed, digests, options = recipe
+    return Pending("fuse", files, hashed, options, digests=digests)
 
 
 def _source_bytes(sources: list[writer.Source]) -> int:
