@@ -116,8 +116,8 @@ def test_the_crafted_files_crash_hdf5_when_read(bad_files, tmp_path):
 
 
 # The command line, with merge's last check of its inputs (the variable list) made to re-point a
-# symlink at the crafted file right after it has passed. (fuse has no such window: it reads
-# private copies made from one open of each input, tests/test_same_bytes.py.)
+# symlink at the crafted file right after it has passed. (fuse has no such window: it reads each
+# input through one open of it, or a private copy made from one, tests/test_same_bytes.py.)
 _SWAP_SCRIPT = textwrap.dedent(
     """
     import os, sys

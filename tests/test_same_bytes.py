@@ -4,6 +4,7 @@ a private copy copies data and not holes, and a file the check passes is a file 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -42,24 +43,53 @@ def test_an_input_renamed_over_after_its_scan_does_not_reach_the_output(
     model_files, tmp_path, monkeypatch
 ):
     """What an attacker holding the path does between the scan and the write: the input is
-    replaced by another file of the same config with other tensors. The output holds the
-    tensors that were scanned, and says so."""
+    replaced by another file of the same config with other tensors. Inputs fused as files are
+    pinned (opened once, read through that descriptor), so the swapped file is never read; the
+    pinned file is no longer the user's file either (its change time moved when it lost its
+    name), so nothing is kept, and the error names the input."""
     a = tmp_path / "a.keras"
     a.write_bytes(model_files["a"].read_bytes())
     write = file_fusion.call_isolated_write
+    read: list[list[np.ndarray]] = []
 
     def swap_then_write(*args, **kwargs):  # every scan is done; the tensors are read next
         os.replace(_copy(model_files["b"], tmp_path / "swap.keras"), a)
-        return write(*args, **kwargs)
+        done = write(*args, **kwargs)
+        read.append(_kernels(args[1]))  # what was written, before it is refused
+        return done
 
     monkeypatch.setattr(file_fusion, "call_isolated_write", swap_then_write)
     out = tmp_path / "out.keras"
-    fusecli.fuse_to_file([a, model_files["c"]], out)
+    with pytest.raises(ModelFileError, match="changed while it was being read"):
+        fusecli.fuse_to_file([a, model_files["c"]], out)
+    assert not out.exists()
     original = _kernels(model_files["a"])
     swapped = _kernels(model_files["b"])
-    written = _kernels(out)
-    assert any(np.array_equal(w, original[0]) for w in written)
-    assert not any(np.array_equal(w, swapped[0]) for w in written)
+    assert any(np.array_equal(w, original[0]) for w in read[0])
+    assert not any(np.array_equal(w, swapped[0]) for w in read[0])
+
+
+def test_an_input_rewritten_in_place_after_its_scan_is_refused(model_files, tmp_path, monkeypatch):
+    """Inputs fused as files are read where they are (opened once, never copied): a write into
+    the same file between the scan and the last read (a training job saving a checkpoint over
+    it) is refused rather than fused, and nothing is written."""
+    a = tmp_path / "a.keras"
+    a.write_bytes(model_files["a"].read_bytes())
+    inode = a.stat().st_ino
+    write = file_fusion.call_isolated_write
+
+    def rewrite_then_write(*args, **kwargs):
+        a.write_bytes(model_files["b"].read_bytes())  # same file, other tensors
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(file_fusion, "call_isolated_write", rewrite_then_write)
+    out = tmp_path / "out.keras"
+    with pytest.raises(ModelFileError, match="changed while it was being") as caught:
+        fusecli.fuse_to_file([a, model_files["c"]], out)
+    assert a.stat().st_ino == inode  # it was written in place
+    assert str(a) in str(caught.value)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*out*"))  # no partial output left beside it
 
 
 def _copy(source: Path, target: Path) -> Path:
@@ -82,6 +112,9 @@ def test_a_sparse_user_block_costs_its_data_not_its_size(model_files, tmp_path):
     with checked_files([sparse]) as [checked]:
         copy = checked.copy.stat()  # copied with its holes, then rewritten without them
         assert copy.st_blocks * 512 < 64 << 20  # not the gigabyte of the user block
+        # The recipe's digest, taken in the same read: of every byte, the holes' zeros too.
+        assert checked.sha256 == _sha256(sparse)
+        assert _sha256(checked.copy) == checked.sha256
     model = fusecli.load_model(sparse)
     reference = fusecli.load_model(model_files["a_h5"])
     for got, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
@@ -182,3 +215,11 @@ def test_a_file_that_hangs_hdf5_where_only_keras_reads_is_cut_in_a_child(tmp_pat
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"Error: {hang}: was still being read after 2 s")
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

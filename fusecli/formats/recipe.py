@@ -5,9 +5,10 @@ name and SHA-256, and the options the command resolved (weights, method, paramet
 `.keras` file keeps it in `metadata.json` under the key `fusecli`; a `.h5` file in the root
 attribute `fusecli` (a JSON string). Keras ignores both, so the file loads as before.
 
-The sources are hashed in a forked process while the command reads and writes tensors, so on a
-free core the hash costs little wall time; the recipe is written last (the `.keras` archive's
-`metadata.json` after the weights, the `.h5` attribute when the weights are in).
+The sources are hashed as they are read into private copies (`fusecli.safety.loading`), or else
+in a forked process while the command reads and writes tensors; the recipe is written last (the
+`.keras` archive's `metadata.json` after the weights, the `.h5` attribute when the weights are
+in).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class Pending:
     The hashing runs in a forked process: h5py holds the GIL through a whole HDF5 copy, so a
     thread would wait for the copy instead of running beside it. `hashed` are the files whose
     bytes are hashed (the inputs as read: the user's files, or the private copies the command
-    read instead); `files` the names the recipe records.
+    read instead); `files` the names the recipe records. Where a digest is known already
+    (computed as the input was read into a private copy: `CheckedFile.sha256`), pass it in
+    `digests` (None where not): that file is not read again.
     """
 
     def __init__(
@@ -75,20 +78,26 @@ class Pending:
         files: Sequence[str | Path],
         hashed: Sequence[Path],
         options: dict[str, Any],
+        *,
+        digests: Sequence[str | None] | None = None,
     ) -> None:
         self._command, self._files, self._options = command, list(files), options
-        self._hashed = list(hashed)
+        known = list(digests) if digests is not None else [None] * len(hashed)
+        self._known = known
+        self._hashed = [path for path, digest in zip(hashed, known, strict=True) if digest is None]
         self._result: list[str] | OSError | None = None
-        self._pid, self._pipe = _start(self._hashed)
+        self._pid, self._pipe = _start(self._hashed) if self._hashed else (0, -1)
 
     def __call__(self) -> dict[str, Any]:
         if self._result is None:
-            self._result = _finish(self._pid, self._pipe, self._hashed)
+            self._result = _finish(self._pid, self._pipe, self._hashed) if self._hashed else []
         if isinstance(self._result, OSError):
             error = self._result
             path = Path(error.filename or self._hashed[0])
             raise ModelFileError(path, f"cannot be read to hash it ({error.strerror})")
-        return make_recipe(self._command, self._files, self._result, self._options)
+        hashed = iter(self._result)
+        digests = [digest if digest is not None else next(hashed) for digest in self._known]
+        return make_recipe(self._command, self._files, digests, self._options)
 
 
 def _start(paths: list[Path]) -> tuple[int, int]:

@@ -45,6 +45,9 @@ from fusecli.termination import cleanup_on_termination
 # loader cannot rebuild them.
 _OP_MODULES = ("keras.src.ops",)
 
+# What the write child makes the recipe from: see `_recipe`.
+_RecipeParts = tuple[list[str], list[Path], list[str | None], dict[str, Any]]
+
 
 @dataclass
 class FileFusion:
@@ -83,7 +86,7 @@ def fuse_files(
         # Read from private copies made from one open of each input, scanned there (as the
         # door reads every file): a file renamed over an input after its scan cannot reach
         # the output.
-        with checked_files(paths, trust=trust) as checked:
+        with checked_files(paths, trust=trust, for_keras=False) as checked:
             if all(one.model_file.written_by_keras2 for one in checked):
                 try:
                     return _fuse_keras2_flat(
@@ -100,18 +103,23 @@ def fuse_files(
     candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())  # the scratch folder goes on SIGTERM too
-        copied = stack.enter_context(checked_files([paths[i] for i in candidates], trust=trust))
+        copied = stack.enter_context(
+            checked_files([paths[i] for i in candidates], trust=trust, for_keras=False)
+        )
         native = {
             i: one for i, one in zip(candidates, copied, strict=True) if _native(one.model_file)
         }
         others = [i for i in range(len(paths)) if i not in native]
         sources: list[writer.Source | None] = [None] * len(paths)
         configs: list[dict[str, Any]] = [{}] * len(paths)
-        # The recipe's SHA-256 are of the inputs as given (the private copies are rewritten).
+        # The recipe's SHA-256: of the inputs as given (hashed as they were copied, or else
+        # read where they are pinned).
+        digests: list[str | None] = [None] * len(paths)
         hashed = [Path(p) for p in paths]
         for i, one in native.items():
             sources[i] = writer.Source(given=Path(paths[i]), path=one.copy)
             configs[i] = one.model_file.config
+            digests[i], hashed[i] = one.sha256, one.copy
         if others:
             scratch = Path(
                 stack.enter_context(
@@ -120,6 +128,7 @@ def fuse_files(
             )
             checked = stack.enter_context(checked_files([paths[i] for i in others], trust=trust))
             for i, one in zip(others, checked, strict=True):
+                digests[i] = one.sha256
                 sources[i], configs[i] = _through_keras(
                     one, scratch / f"{names[i]}.keras", fmt, trust
                 )
@@ -138,6 +147,7 @@ def fuse_files(
         recipe = (
             [str(p) for p in paths],
             hashed,
+            digests,
             dict(
                 weights=list(weights),
                 scale=scale,
@@ -161,6 +171,8 @@ def fuse_files(
                 inputs=[s.given for s in ready],
                 nbytes=_source_bytes(ready),
             )
+            for one in native.values():
+                one.check_unchanged()  # pinned: what was read is what was scanned and hashed
             if after_write is not None:
                 after_write(tmp)
     return FileFusion(
@@ -232,8 +244,14 @@ def _fuse_keras2_flat(
         weights=list(weights), scale=scale, inputs=assembly.inputs_mode, at=at,
         activation=activation,
     )  # fmt: skip
-    # The user's files are hashed: the private copies are rewritten by h5py (`checked_files`).
-    recipe = ([str(p) for p in paths], [Path(p) for p in paths], options)
+    # The user's files as given: pinned (hashed where they are, then checked unchanged) or
+    # hashed as they were copied.
+    recipe = (
+        [str(p) for p in paths],
+        [one.copy for one in checked],
+        [one.sha256 for one in checked],
+        options,
+    )
     with contextlib.ExitStack() as stack:
         stack.enter_context(cleanup_on_termination())
         tmp = stack.enter_context(atomic_output(output, force=force))
@@ -248,6 +266,8 @@ def _fuse_keras2_flat(
             inputs=[s.given for s in sources],
             nbytes=_source_bytes(sources),
         )
+        for one in checked:
+            one.check_unchanged()
         if after_write is not None:
             after_write(tmp)
     layer_order = [(str(e["class_name"]), str(e["name"])) for e in flat.config["config"]["layers"]]
@@ -267,13 +287,13 @@ def _write_and_prove_flat(
     flat: flat_h5.FlatPlan,
     sources: list[writer.Source],
     weights: tuple[float, ...],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
     """Write the flat `.h5` or `.keras` at `tmp` and prove it (run isolated: see
     `fuse_files`)."""
     module = flat_h5 if fmt == "h5" else flat_keras
-    written = module.write(tmp, flat, sources, Pending("fuse", *recipe))
+    written = module.write(tmp, flat, sources, _recipe(recipe))
     return written, module.prove(tmp, flat, sources, written, weights)
 
 
@@ -284,14 +304,20 @@ def _write_and_prove(
     given: list[dict[str, Any]],
     sources: list[writer.Source],
     options: dict[str, Any],
-    recipe: tuple[list[str], list[Path], dict[str, Any]],
+    recipe: _RecipeParts,
     _report: Any,
 ) -> tuple[writer.Written, dict[str, Any]]:
-    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`). The inputs
-    are hashed for the recipe meanwhile, in a forked process."""
+    """Write the fused file at `tmp` and prove it (run isolated: see `fuse_files`)."""
     write = writer.write_keras if fmt == "keras" else writer.write_h5
-    written = write(tmp, assembly, sources, Pending("fuse", *recipe))
+    written = write(tmp, assembly, sources, _recipe(recipe))
     return written, prove(tmp, fmt, assembly, given, sources, written, **options)
+
+
+def _recipe(recipe: _RecipeParts) -> Pending:
+    """The recipe of (files as given, what to hash where a digest is not known, the digests
+    taken as the inputs were copied, options)."""
+    files, hashed, digests, options = recipe
+    return Pending("fuse", files, hashed, options, digests=digests)
 
 
 def _source_bytes(sources: list[writer.Source]) -> int:
