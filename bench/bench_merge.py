@@ -10,10 +10,10 @@ floors: starting Python with numpy and h5py, and a plain copy of both inputs. Bo
 then compared tensor by tensor. --save writes the tables to bench/results/merge.txt.
 
 Python runs from compiled bytecode for every variant, as installed packages do (pip compiles
-them; Keras and TensorFlow here are): fusecli's and the previous code's bytecode is cached under
-the temporary folder (PYTHONPYCACHEPREFIX) by one untimed run before the timed ones, so that an
-environment that forbids writing bytecode beside the sources does not charge fusecli alone for
-compiling its modules on every start.
+them; Keras and TensorFlow here are): besides the compiled copy `measure` runs, the bytecode of
+every module, the previous code's too, is cached under the temporary folder
+(PYTHONPYCACHEPREFIX) by one untimed run before the timed ones, so that an environment that
+forbids writing bytecode beside the sources charges no variant for compiling on every start.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ import numpy as np
 
 from fusecli.formats import archive, splice
 from fusecli.fusion import file_fusion as files
-from fusecli.fusion import writer
+from fusecli.fusion import flat_h5, writer
 from fusecli.merging import merge as merging
 
 _REAL_WRITE_AND_PROVE = files._write_and_prove
+_REAL_WRITE_AND_PROVE_FLAT = files._write_and_prove_flat
 _REAL_MERGE_WRITE = merging._write_and_verify
 
 
@@ -107,6 +108,45 @@ def list_h5_branches_reversed(*args: Any) -> Any:
 
     with _replaced(writer, "write_h5", reversed_list):
         return _REAL_WRITE_AND_PROVE(*args)
+
+
+def list_flat_h5_layers_reversed(*args: Any) -> Any:
+    """A flat .h5 output (`_write_and_prove_flat`) whose `layer_names` is reversed."""
+    right = flat_h5.write
+
+    def reversed_list(tmp: Any, *rest: Any) -> Any:
+        written = right(tmp, *rest)
+        with h5py.File(tmp, "r+") as h5:
+            group = h5[writer.H5_WEIGHTS]
+            group.attrs["layer_names"] = group.attrs["layer_names"][::-1]
+        return written
+
+    with _replaced(flat_h5, "write", reversed_list):
+        return _REAL_WRITE_AND_PROVE_FLAT(*args)
+
+
+@dataclass
+class FlatAddOne:
+    """A flat .h5 output (`_write_and_prove_flat`) whose first tensor ending in `suffix` is
+    written +1."""
+
+    suffix: str
+
+    def __call__(self, *args: Any) -> Any:
+        right = flat_h5.write
+
+        def damaged(tmp: Any, *rest: Any) -> Any:
+            written = right(tmp, *rest)
+            with h5py.File(tmp, "r+") as h5:
+                names: list[str] = []
+                h5[writer.H5_WEIGHTS].visit(names.append)
+                name = next(n for n in names if n.endswith(self.suffix))
+                dataset = h5[writer.H5_WEIGHTS][name]
+                dataset[()] = np.asarray(dataset[()]) + 1
+            return written
+
+        with _replaced(flat_h5, "write", damaged):
+            return _REAL_WRITE_AND_PROVE_FLAT(*args)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, dense_model, predict
-from faults import AddOne, FlipOneBit
+from faults import FlipOneBit
 
 from fusecli.cli import cli
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
@@ -248,8 +248,8 @@ def test_branches_written_to_each_others_place_are_caught(tmp_path, model_files,
 
 def test_h5_branches_listed_out_of_order_are_caught(tmp_path, model_files, monkeypatch):
     # Keras' .h5 loader pairs groups with layers by their place in `layer_names`, not by name.
-    monkeypatch.setattr(fusion_files, "_write_and_prove", faults.list_h5_branches_reversed)
-    with pytest.raises(VerificationError, match="Keras would load one branch's weights"):
+    monkeypatch.setattr(fusion_files, "_write_and_prove_flat", faults.list_flat_h5_layers_reversed)
+    with pytest.raises(VerificationError, match="Keras would load one layer's weights"):
         fuse_to_file([model_files["a"], model_files["b"]], tmp_path / "f.h5", [0.8, 0.2])
     assert list(tmp_path.iterdir()) == []
 
@@ -279,8 +279,8 @@ def test_an_input_replaced_while_fusing_does_not_reach_the_output(
 
 
 def test_the_cli_reports_a_caught_fault_in_one_line(tmp_path, model_files, monkeypatch):
-    # In a .h5 output too (its writer writes tensors Keras loaded): one tensor off by one.
-    monkeypatch.setattr(fusion_files, "_write_and_prove", AddOne("bias"))
+    # In a .h5 output too (Keras 3 inputs in Keras 2's schema): one tensor off by one.
+    monkeypatch.setattr(fusion_files, "_write_and_prove_flat", faults.FlatAddOne("bias:0"))
     out = tmp_path / "f.h5"
     result = CliRunner().invoke(
         cli, ["fuse", str(model_files["a"]), str(model_files["b"]), "-o", str(out)]
@@ -308,13 +308,20 @@ def masked_files(tmp_path_factory, keras):
     return paths
 
 
-def test_h5_output_of_op_nodes_is_refused_up_front(tmp_path, masked_files):
+def test_h5_output_of_op_nodes_is_refused_up_front(tmp_path, keras, masked_files):
+    # An Embedding's own mask (a `NotEqual` node Keras 3 records) goes into .h5; another
+    # operation node does not.
+    fuse_to_file(masked_files, tmp_path / "masked.h5")
+    tokens = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(10, 4)(tokens)
+    y = keras.layers.Dense(3)(keras.layers.GRU(6)(h * keras.ops.not_equal(tokens, 3)[..., None]))
+    keras.Model(tokens, y).save(tmp_path / "ops.keras")
     with pytest.raises(FusecliError) as info:
-        fuse_to_file(masked_files, tmp_path / "f.h5")
+        fuse_to_file([masked_files[0], tmp_path / "ops.keras"], tmp_path / "f.h5")
     message = str(info.value)
-    assert "NotEqual" in message and "cannot load back from a .h5 file" in message
+    assert "is an operation node" in message
     assert "write a .keras file instead" in message
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masked.h5", "ops.keras"]
 
 
 def test_the_same_models_fuse_to_keras(tmp_path, keras, masked_files):

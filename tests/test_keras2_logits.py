@@ -1,5 +1,6 @@
 """Keras 2 `.h5` inputs fused at the logits (`--at logits`) and with `--scale lambda`, as file
-operations (no Keras), into a `.h5` that tf-keras 2.x and Keras 3 both load and into `.keras`.
+operations (no Keras), into a `.h5` that tf-keras 2.x and Keras 3 both load and into `.keras`
+(and Keras 3 inputs into the same kind of `.h5`).
 
 The inputs, and their logits, are written by tf-keras (tests/legacy_fixtures/
 make_keras2_logits_h5.py); each fused file is loaded by Keras 3 here and, if `.h5`, by tf-keras in
@@ -224,3 +225,28 @@ def test_the_written_file_is_scanned(tmp_path, heads, suffix):
         f["model_weights"]["elsewhere"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
     with pytest.raises(VerificationError, match="does not pass the scan.*another file"):
         check_scan(read_model_file(out))
+
+
+def test_keras3_inputs_at_the_logits_with_lambda_into_h5(tmp_path, keras, heads):
+    # Keras 3 .keras inputs reach the same flat .h5 (converted to Keras 2's schema): at the
+    # logits, Lambda-scaled, loaded by tf-keras and Keras 3 alike.
+    x = arrays(heads, "dense_softmax")["x"]
+    rng = np.random.default_rng(5)
+    inp = keras.Input((x.shape[1],))
+    a = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(keras.layers.Dense(9)(inp)))
+    inp = keras.Input((x.shape[1],))
+    hidden = keras.layers.Dense(4)(keras.layers.Dense(7, activation="tanh")(inp))
+    b = keras.Model(inp, keras.layers.Softmax()(hidden))
+    for model in (a, b):
+        model.set_weights([rng.normal(0.0, 1.0, w.shape).astype("float32") for w in model.weights])
+        model.save(tmp_path / f"{'a' if model is a else 'b'}.keras")
+    kernel, bias = a.layers[-1].get_weights()
+    za = np.asarray(keras.Model(a.inputs, a.layers[-1].input)(x)) @ kernel + bias
+    zb = np.asarray(keras.Model(b.inputs, b.layers[-1].input)(x))
+    wanted = softmax(0.8 * za + 0.2 * zb, -1)
+    assert not np.allclose(wanted, 0.8 * np.asarray(a(x)) + 0.2 * np.asarray(b(x)), atol=1e-3)
+    out = tmp_path / "fused.h5"
+    fuse(tmp_path / "a.keras", tmp_path / "b.keras", "--w", "0.8", "0.2", "--at", "logits",
+         "--scale", "lambda", "-o", out)  # fmt: skip
+    classes = loaders_compute(keras, out, x, wanted, tmp_path)
+    assert classes.count("Lambda") == 2

@@ -76,7 +76,7 @@ def test_the_reference_logits_are_right(keras, ends, x4):
 )
 def test_fused_at_logits(tmp_path, keras, ends, x4, a, b):
     files, logit_models = ends
-    out = tmp_path / "f.keras"
+    out = tmp_path / "f.h5"
     report = fuse_to_file([files[a], files[b]], out, [1.0, 1.5], at="logits", normalize=False)
     assert report.formula == "softmax(sum(w_i * logits_i(x)))"
     z = 1.0 * predict(logit_models[a], x4)[0] + 1.5 * predict(logit_models[b], x4)[0]

@@ -28,7 +28,7 @@ import numpy as np
 
 from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, known_cause
-from fusecli.formats import keras2, keras2_weights
+from fusecli.formats import keras2, keras3_to_keras2
 from fusecli.formats.keras2_flat import NotFlat
 from fusecli.formats.modelfile import WEIGHTS_MEMBER, ModelFile, read_model_file
 from fusecli.formats.recipe import Pending
@@ -82,12 +82,16 @@ def fuse_files(
         _check_name(Path(path))
     if fmt == "h5":
         _check_h5_assets(paths, names)
-    if all(_looks_keras2(Path(p)) for p in paths):
+    if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
         # Read from private copies made from one open of each input, scanned there (as the
         # door reads every file): a file renamed over an input after its scan cannot reach
-        # the output.
+        # the output. A `.h5` output is the flat graph in Keras 2's schema (Keras 3 inputs
+        # converted, `fusecli.formats.keras3_to_keras2`), or refused; only tf.keras 2.13+
+        # `.keras` archives still go through Keras into it (in Keras 3's schema).
         with checked_files(paths, trust=trust, for_keras=False) as checked:
-            if all(one.model_file.written_by_keras2 for one in checked):
+            found = [one.model_file for one in checked]
+            every_h5 = fmt == "h5" and not any(m.keras2_archive for m in found)
+            if every_h5 or all(m.written_by_keras2 for m in found):
                 try:
                     return _fuse_keras2_flat(
                         paths, checked, names, output, fmt, weights,
@@ -205,8 +209,13 @@ def _fuse_keras2_flat(
     written as `.h5` (which tf-keras and Keras 3 both load) or `.keras`. Where there is no
     such graph: a `.h5` output is refused in one line, a `.keras` one raises `NotFlat` (the
     caller lets Keras convert the inputs instead)."""
-    files = [one.model_file for one in checked]
-    configs = [keras2.convert_config(f.config, f.path, trust=trust) for f in files]
+    files = _as_keras2(checked, fmt)
+    configs = [
+        one.model_file.config
+        if keras3_to_keras2.is_keras3(one.model_file)
+        else keras2.convert_config(f.config, f.path, trust=trust)
+        for one, f in zip(checked, files, strict=True)
+    ]
     try:
         for f, name in zip(files, names, strict=True):
             flat_h5.check(f, name, at)
@@ -228,11 +237,12 @@ def _fuse_keras2_flat(
     )
     try:
         # The weights' names are read in a child process, as every untrusted read is.
-        found = [call_isolated(keras2_weights.read_layer_weights, Path(f.path)) for f in files]
+        found = [call_isolated(keras3_to_keras2.read_layer_weights, Path(f.path)) for f in files]
         reason = next((r for r in found if isinstance(r, str)), None)
         if reason is not None:
             raise NotFlat(reason)
         flat = flat_h5.plan(files, assembly, weights, activation, found, at=at, scale=scale)
+        flat.sources_config = [one.model_file.config for one in checked]  # as the files hold it
         if fmt == "keras":
             flat_keras.placements(flat)
     except NotFlat as e:
@@ -279,6 +289,17 @@ def _fuse_keras2_flat(
         check=check,
         converted=[],
     )
+
+
+def _as_keras2(checked: list[CheckedFile], fmt: str) -> list[ModelFile]:
+    """The inputs' Keras 2 configs (Keras 3 files converted); a `.h5` output is refused in one
+    line where one has none."""
+    try:
+        return [keras3_to_keras2.as_keras2(one.model_file) for one in checked]
+    except NotFlat as e:
+        if fmt == "h5":
+            raise flat_h5.cannot(str(e)) from None
+        raise
 
 
 def _write_and_prove_flat(

@@ -26,10 +26,9 @@ import h5py
 import numpy as np
 
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
-from fusecli.formats import archive, keras2
+from fusecli.formats import archive, keras2, keras3_to_keras2
 from fusecli.formats.keras2_flat import FlatModel, NotFlat, both_loaders, check_masks, flatten
 from fusecli.formats.keras2_flat import input_layer as input_layer_config
-from fusecli.formats.keras2_weights import layer_weights
 from fusecli.formats.modelfile import ModelFile, open_weights, read_model_file
 from fusecli.formats.recipe import Recipe, write_h5_recipe
 from fusecli.fusion.graph import LAMBDA_CODE, Assembly
@@ -85,7 +84,7 @@ def plan(
     assembly: Assembly,
     weights: tuple[float, ...],
     activation: str,
-    found: list[dict[tuple[str, ...], list[str]]] | None = None,
+    found: list[dict[tuple[str, ...], list[Any]]] | None = None,
     *,
     at: str = "output",
     scale: str = "rescaling",
@@ -118,8 +117,9 @@ def plan(
         if found is not None:
             by_origin = found[i]
         else:
-            with open_weights(model_file.path) as root:
-                by_origin = layer_weights(root, model_file.config)
+            by_origin = keras3_to_keras2.read_layer_weights(Path(model_file.path))
+            if isinstance(by_origin, str):
+                raise NotFlat(by_origin)
         known = {layer.origin for layer in flat.layers}
         stray = [o for o, names in by_origin.items() if names and o not in known]
         if stray:
@@ -132,9 +132,7 @@ def plan(
             spec = layer.spec()
             spec["inbound_nodes"] = _rewire(spec["inbound_nodes"], to_fused)
             layers.append(spec)
-            sources[layer.name] = [
-                (i, path, path.split("/", 1)[1]) for path in by_origin.get(layer.origin, [])
-            ]
+            sources[layer.name] = [_placed(i, path) for path in by_origin.get(layer.origin, [])]
         branch_outputs.append([_renamed(t, to_fused) for t in flat.outputs])
     outputs = _head(layers, assembly, branch_outputs, weights, activation, scale)
     config = {
@@ -155,13 +153,16 @@ def plan(
 
 
 def plan_single(model_file: ModelFile) -> FlatPlan:
-    """One Keras 2 model inlined as it is (no head, layer names kept where not nested), for
-    `merge` into another format. Raises `NotFlat`."""
+    """One model (Keras 2, or Keras 3 converted) inlined as it is (no head, layer names kept
+    where not nested), for `merge` into another format. Raises `NotFlat`."""
+    as_read = model_file.config
+    model_file = keras3_to_keras2.as_keras2(model_file)
     flat = flatten(model_file.config, "")
     both_loaders(flat.layers, model_file.path)
     check_masks(flat.layers, model_file.path)
-    with open_weights(model_file.path) as root:
-        by_origin = layer_weights(root, model_file.config)
+    by_origin = keras3_to_keras2.read_layer_weights(Path(model_file.path))
+    if isinstance(by_origin, str):
+        raise NotFlat(by_origin)
     name = model_file.config.get("config", {})
     name = name.get("name", "model") if isinstance(name, dict) else "model"
     config = {
@@ -175,13 +176,21 @@ def plan_single(model_file: ModelFile) -> FlatPlan:
         },
     }
     weights = {
-        layer.name: [(0, path, path.split("/", 1)[1]) for path in by_origin.get(layer.origin, [])]
+        layer.name: [_placed(0, path) for path in by_origin.get(layer.origin, [])]
         for layer in flat.layers
     }
     known = {layer.origin for layer in flat.layers}
     if any(names and origin not in known for origin, names in by_origin.items()):
         raise NotFlat("some of its weights belong to no layer of its graph")
-    return FlatPlan(config, layer_order(config), weights, [model_file.config])
+    return FlatPlan(config, layer_order(config), weights, [as_read])
+
+
+def _placed(branch: int, path: str | tuple[str, str]) -> tuple[int, str, str]:
+    """(branch, source path, dataset in the output): a Keras 2 file's weight keeps its name
+    below the layer's group; a Keras 3 file's comes named (`fusecli.formats.keras3_to_keras2`)."""
+    if isinstance(path, tuple):
+        return (branch, *path)
+    return (branch, path, path.split("/", 1)[1])
 
 
 def _one_or_list(refs: list[list[Any]]) -> list[Any]:

@@ -268,6 +268,8 @@ def _template(layouts: list[Layout], fmt: str, output: Path) -> Layout:
             return layout
     if fmt == "keras" and (layouts[0].keras_version or "").startswith("2."):
         return layouts[0]  # converted as a file: see fusecli.merging.keras2_convert
+    if fmt == "h5":
+        return layouts[0]  # Keras 3 files in Keras 2's schema: see keras2_convert
     other = ".h5" if fmt == "keras" else ".keras"
     raise FusecliError(
         f"Cannot write a {fmt} file from {other} inputs only: the output copies the config of "
@@ -331,15 +333,15 @@ def _write_and_verify(
             weights = [f for f in template_findings if f.what != "layer"]
             refuse_written(scan_config(read_model_file(tmp)) + weights)
     elif verify or not trust:
-        from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+        from fusecli.merging import keras2_convert  # converted templates only: imported then
 
         written = read_model_file(tmp)
         if not trust:
             refuse_written(scan(written))
-        if verify and template.format != fmt:
-            keras2_convert.verify(tmp, template, digests)
-        elif verify and _flat_h5(template, fmt):
+        if verify and _flat_h5(template, fmt):
             keras2_convert.verify_h5(tmp, template, digests)
+        elif verify and template.format != fmt:
+            keras2_convert.verify(tmp, template, digests)
         elif verify:
             _verify(tmp, written, template, expected, digests)
     return evidence.as_dict() if compared else None
@@ -374,16 +376,21 @@ def _recipe_options(
 
 
 def _flat_h5(template: Layout, fmt: str) -> bool:
-    """Keras 2 inputs into `.h5`: the flat graph both Kerases load, where the model has one."""
-    if fmt != "h5" or not (template.keras_version or "").startswith("2."):
+    """Into `.h5`: the flat graph both Kerases load, where the model has one. A Keras 2 model
+    with none keeps its own config (which tf-keras loads); a Keras 3 one is refused."""
+    if fmt != "h5":
         return False
     from fusecli.formats.keras2_flat import NotFlat
     from fusecli.merging import keras2_convert
 
     try:
         keras2_convert.places(template, "h5")
-    except NotFlat:
-        return False
+    except NotFlat as e:
+        if template.format == "h5" and not (template.keras_version or "").startswith("3."):
+            return False
+        from fusecli.fusion import flat_h5
+
+        raise flat_h5.cannot(str(e)) from None
     return True
 
 
@@ -411,11 +418,12 @@ def _write(
     with contextlib.ExitStack() as stack:
         groups = [stack.enter_context(open_weights(layout.path)) for layout in layouts]
         raws = [stack.enter_context(archive.RawTensors(layout.path)) for layout in layouts]
-        if template.format != fmt or _flat_h5(template, fmt):
-            from fusecli.merging import keras2_convert  # Keras 2 templates only: imported then
+        if _flat_h5(template, fmt) or template.format != fmt:
+            # Converted templates only (Keras 2 ones, and Keras 3 ones into .h5): imported then
+            from fusecli.merging import keras2_convert
 
             tensors = _merged_tensors(layouts, groups, raws, plan, values, expected, evidence)
-            write = keras2_convert.write if template.format != fmt else keras2_convert.write_h5
+            write = keras2_convert.write_h5 if fmt == "h5" else keras2_convert.write
             return write(tmp, template, tensors, progress, recipe), None
         # the template is one of the inputs, already open
         which = [layout.path for layout in layouts].index(template.path)
