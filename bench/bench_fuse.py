@@ -6,7 +6,10 @@ the input files (the floor for any job that reads and writes them), in one run.
 Two pairs of models, made in a temporary folder: two ResNet50 .keras files (keras.applications,
 weights=None, ~100 MB each) and two ~1 GB models (4 x Dense(8192)). Each variant runs in its own
 process (bench/measure.py); the tables give wall time and peak memory (RSS) as ratios to the
-hand-written script and to `cat a b > out`.
+hand-written script and to `cat a b > out`. fusecli runs with `python -P`, so that PYTHONPATH
+(this checkout's compiled copy, `bench/measure.py`, or `--previous`) picks the code, and not the
+folder the bench is started from (before, both fusecli rows of a run from the checkout's root
+ran the checkout's code).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def main() -> None:
         )
         for title, (a, b) in pairs.items():
             out = d / "out.keras"
-            fuse = [sys.executable, "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2"]
+            fuse = [sys.executable, "-P", "-m", "fusecli", "fuse", a, b, "--w", "0.8", "0.2"]
             variants = {
                 "by hand in Keras": [sys.executable, "-c", BY_HAND, a, b, d / "h.keras"],
                 "fusecli fuse (checks the file)": [*fuse, "-o", out, "--force"],

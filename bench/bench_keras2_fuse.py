@@ -9,7 +9,8 @@ The two pairs of issue 16, written as Keras 2 `.h5` by tf-keras (random weights,
 By hand, in tf-keras: load both, scale each output with a Lambda, Add, save `.h5` (what a Keras 2
 user writes). fusecli: `fusecli fuse a.h5 b.h5 --w 0.8 0.2 -o fused.h5` (a file operation, no
 Keras) and `-o fused.keras` (Keras loads the Keras 2 inputs first). Each in its own process,
-interleaved, best time and largest peak RSS (bench/measure.py).
+interleaved, best time and largest peak RSS (bench/measure.py); fusecli with `python -P`, so that
+it runs the compiled copy of this checkout that `measure` puts on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
             "two ResNet50 (shared 224x224x3 input)": ("resnet_a", "resnet_b"),
         }.items():
             pa, pb = d / f"{a}.h5", d / f"{b}.h5"
-            fuse = [sys.executable, "-m", "fusecli", "fuse", pa, pb, "--w", "0.8", "0.2"]
+            fuse = [sys.executable, "-P", "-m", "fusecli", "fuse", pa, pb, "--w", "0.8", "0.2"]
             variants = {
                 "by hand (tf-keras)": [sys.executable, "-c", BY_HAND, pa, pb, d / "hand.h5"],
                 "fusecli -o x.h5": [*fuse, "-o", d / "fused.h5", "--force"],

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import predict, run_cli
+from keras2support import expected, keras2_reference_dir
 
 pytestmark = pytest.mark.slow
 keras = pytest.importorskip("keras")
@@ -275,3 +276,46 @@ def test_at_logits_into_h5_loads_in_both(tmp_path: Path) -> None:
     np.testing.assert_allclose(tf_keras_outputs(out, [x], tmp_path)[0], want, rtol=1e-4, atol=1e-6)
     got3 = predict(keras.models.load_model(out, compile=False), x)[0]
     np.testing.assert_allclose(got3, want, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_text_pair_padded_sequences(tmp_path: Path) -> None:
+    # Keras 3 records an Embedding(mask_zero=True)'s mask as a `not_equal` operation node passed
+    # to every later call; Keras 2's config leaves it to each Keras to pass the mask on.
+    def text(seed: int, bidirectional: bool):
+        tokens = keras.Input((7,), dtype="int32", name="tokens")
+        h = layers.Embedding(30, 5, mask_zero=True)(tokens)
+        rnn = layers.LSTM(4, return_sequences=True)
+        h = layers.Bidirectional(rnn)(h) if bidirectional else layers.GRU(6)(h)
+        if bidirectional:
+            h = layers.GlobalAveragePooling1D()(h)
+        return randomized(keras.Model(tokens, layers.Dense(3)(h)), seed)
+
+    a, b = text(13, False), text(14, True)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.h5")
+    ids = np.random.default_rng(7).integers(1, 30, size=(4, 7)).astype("int32")
+    ids[0, 4:] = 0  # padded at the end
+    ids[1, :3] = 0  # at the start
+    ids[2, :] = 0
+    ids[2, 0] = 5
+    fused = fuse(tmp_path, tmp_path / "a.keras", tmp_path / "b.h5")
+    check_both(tmp_path, fused, a, b, [ids])
+    with h5py.File(fused, "r") as h5:
+        assert "NotEqual" not in h5.attrs["model_config"]
+
+
+def test_a_keras2_h5_and_a_keras3_keras_into_one_h5(tmp_path: Path, tmp_path_factory) -> None:
+    # tf-keras wrote gru.h5 (tests/legacy_fixtures/make_keras2_h5.py), with its own outputs.
+    keras2_dir = keras2_reference_dir(tmp_path_factory)
+    (x,), (y2,) = expected(keras2_dir, "gru")
+    inputs = keras.Input(x.shape[1:])
+    b = keras.Model(inputs, layers.Dense(3)(layers.LSTM(5)(inputs)))
+    b = randomized(b, 15)
+    b.save(tmp_path / "b.keras")
+    fused = fuse(tmp_path, keras2_dir / "gru.h5", tmp_path / "b.keras")
+    want = 0.8 * y2 + 0.2 * predict(b, x)[0]
+    np.testing.assert_allclose(
+        tf_keras_outputs(fused, [x], tmp_path)[0], want, rtol=1e-4, atol=1e-5
+    )
+    got3 = predict(keras.models.load_model(fused, compile=False), x)[0]
+    np.testing.assert_allclose(got3, want, rtol=1e-4, atol=1e-5)

@@ -103,6 +103,10 @@ def convert_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Converter:
+    def __init__(self) -> None:
+        # The model being converted's `NotEqual` nodes that only give an Embedding's mask.
+        self.masks: frozenset[str] = frozenset()
+
     def fail(self, where: tuple[str, ...], cls: str, reason: str) -> NotFlat:
         return NotFlat(f"layer {'/'.join(where)!r} ({cls}) {reason}")
 
@@ -121,7 +125,13 @@ class _Converter:
             for e in entries
             if isinstance(e, dict) and e.get("class_name") in _MODELS
         }
-        layers = [self.layer(entry, where, own_node) for entry in entries]
+        outer, self.masks = self.masks, _embedding_masks(entries)
+        layers = [
+            self.layer(entry, where, own_node)
+            for entry in entries
+            if _name(entry) not in self.masks
+        ]
+        self.masks = outer
         return {
             "class_name": "Functional",
             "config": {
@@ -257,6 +267,11 @@ class _Converter:
                 raise self.fail(where, cls, f"sets {key} with {axes}, which Keras 2 lacks")
         return {"class_name": name, "config": conf}
 
+    def implicit(self, key: str, value: Any) -> bool:
+        """A call argument Keras 2's config leaves out: None, or an Embedding's own mask."""
+        history = _history(value)
+        return value is None or key == "mask" and bool(history) and history[0] in self.masks
+
     def node(
         self, node: Any, where: tuple[str, ...], cls: str, own_node: dict[str, bool]
     ) -> list[list[Any]]:
@@ -264,7 +279,7 @@ class _Converter:
         if not isinstance(node, dict):
             raise self.fail(where, cls, "has a call in a format Keras 3 does not write")
         args = node.get("args") or []
-        kwargs = {k: v for k, v in (node.get("kwargs") or {}).items() if v is not None}
+        kwargs = {k: v for k, v in (node.get("kwargs") or {}).items() if not self.implicit(k, v)}
         if any(_is_tensor(v) or isinstance(v, list | dict) for v in kwargs.values()):
             raise self.fail(where, cls, "is called with tensors as keyword arguments, which "
                             "tf-keras reads differently")  # fmt: skip
@@ -301,6 +316,57 @@ def _has_own_node(spec: dict[str, Any]) -> bool:
         return True
     layers = spec["config"].get("layers") or [{}]
     return layers[0].get("class_name") == "InputLayer"
+
+
+def _embedding_masks(entries: list[Any]) -> frozenset[str]:
+    """The `not_equal(ids, 0)` operation nodes Keras 3 records for an `Embedding(mask_zero=True)`
+    called on `ids`, used only as the `mask` of later calls: Keras 2 (and Keras 3 building a
+    Keras 2 config) passes that mask on by itself, so the node and those arguments are dropped
+    (`fusecli.formats.keras2_flat.check_masks` then checks both Kerases pass it alike)."""
+    embedded = [
+        _history(node["args"][0])
+        for e in entries
+        if isinstance(e, dict) and e.get("class_name") == "Embedding"
+        and (e.get("config") or {}).get("mask_zero")
+        for node in e.get("inbound_nodes") or []
+        if isinstance(node, dict) and len(node.get("args") or []) == 1
+    ]  # fmt: skip
+    found = set()
+    for e in entries:
+        nodes = e.get("inbound_nodes") if isinstance(e, dict) else None
+        conf = e.get("config") if isinstance(e, dict) else None
+        if (
+            e.get("class_name") != "NotEqual"
+            or "trainable" in (conf or {})
+            or len(nodes or []) != 1
+        ):
+            continue
+        args = nodes[0].get("args") or []
+        if len(args) == 2 and args[1] == 0 and _history(args[0]) in embedded:
+            found.add(_name(e))
+    used = {
+        h[0]
+        for e in entries
+        if isinstance(e, dict)
+        for node in e.get("inbound_nodes") or []
+        if isinstance(node, dict)
+        for h in _histories(node.get("args"))
+    }
+    return frozenset(found - used)
+
+
+def _history(value: Any) -> list[Any]:
+    return list(value["config"]["keras_history"]) if _is_tensor(value) else []
+
+
+def _histories(value: Any) -> list[list[Any]]:
+    if _is_tensor(value):
+        return [_history(value)]
+    if isinstance(value, list):
+        return [h for v in value for h in _histories(v)]
+    if isinstance(value, dict):
+        return [h for v in value.values() for h in _histories(v)]
+    return []
 
 
 def _is_tensor(value: Any) -> bool:

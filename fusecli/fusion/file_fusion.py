@@ -83,11 +83,11 @@ def fuse_files(
     if fmt == "h5":
         _check_h5_assets(paths, names)
     if fmt == "h5" or all(_looks_keras2(Path(p)) for p in paths):
-        # Read from private copies made from one open of each input, scanned there (as the
-        # door reads every file): a file renamed over an input after its scan cannot reach
-        # the output. A `.h5` output is the flat graph in Keras 2's schema (Keras 3 inputs
-        # converted, `fusecli.formats.keras3_to_keras2`), or refused; only tf.keras 2.13+
-        # `.keras` archives still go through Keras into it (in Keras 3's schema).
+        # Read through one open of each input (pinned, `checked_files`), scanned there: a file
+        # renamed over an input after its scan is never read, and one changed is refused. A
+        # `.h5` output is the flat graph in Keras 2's schema (Keras 3 inputs converted,
+        # `fusecli.formats.keras3_to_keras2`), or refused; only tf.keras 2.13+ `.keras`
+        # archives still go through Keras into it (in Keras 3's schema).
         with checked_files(paths, trust=trust, for_keras=False) as checked:
             found = [one.model_file for one in checked]
             every_h5 = fmt == "h5" and not any(m.keras2_archive for m in found)
@@ -100,9 +100,9 @@ def fuse_files(
                     )  # fmt: skip
                 except NotFlat:
                     pass  # into .keras: Keras converts the inputs, as it did before
-    # Keras 3 .keras inputs of a .keras output are read as files, from a private copy made
-    # from one open of the input and scanned there (a file renamed over the input after its
-    # scan cannot reach the output); the written file is scanned again, and its tensors
+    # Keras 3 .keras inputs of a .keras output are read as files, through one open of the
+    # input (pinned) and scanned there (a file renamed over the input after its scan is never
+    # read; one changed meanwhile is refused); the written file is scanned again, and its tensors
     # compared with the copies', before it is kept. The others go through the door into Keras.
     candidates = [i for i, p in enumerate(paths) if fmt == "keras" and _looks_native(Path(p))]
     with contextlib.ExitStack() as stack:
