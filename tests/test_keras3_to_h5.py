@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import predict, run_cli
+from keras2support import expected, keras2_reference_dir
 
 pytestmark = pytest.mark.slow
 keras = pytest.importorskip("keras")
@@ -301,3 +302,20 @@ def test_masked_text_pair_padded_sequences(tmp_path: Path) -> None:
     check_both(tmp_path, fused, a, b, [ids])
     with h5py.File(fused, "r") as h5:
         assert "NotEqual" not in h5.attrs["model_config"]
+
+
+def test_a_keras2_h5_and_a_keras3_keras_into_one_h5(tmp_path: Path, tmp_path_factory) -> None:
+    # tf-keras wrote gru.h5 (tests/legacy_fixtures/make_keras2_h5.py), with its own outputs.
+    keras2_dir = keras2_reference_dir(tmp_path_factory)
+    (x,), (y2,) = expected(keras2_dir, "gru")
+    inputs = keras.Input(x.shape[1:])
+    b = keras.Model(inputs, layers.Dense(3)(layers.LSTM(5)(inputs)))
+    b = randomized(b, 15)
+    b.save(tmp_path / "b.keras")
+    fused = fuse(tmp_path, keras2_dir / "gru.h5", tmp_path / "b.keras")
+    want = 0.8 * y2 + 0.2 * predict(b, x)[0]
+    np.testing.assert_allclose(
+        tf_keras_outputs(fused, [x], tmp_path)[0], want, rtol=1e-4, atol=1e-5
+    )
+    got3 = predict(keras.models.load_model(fused, compile=False), x)[0]
+    np.testing.assert_allclose(got3, want, rtol=1e-4, atol=1e-5)
