@@ -25,12 +25,14 @@ def keras():
 
 
 def dense_model(keras, in_dim: int = 4, out_dim: int = 3, seed: int = 0, name: str | None = None):
-    """A small functional MLP; unnamed models all share Keras' default name "functional"."""
+    """A small functional MLP, named as the first model of a fresh process is ("functional",
+    "dense", "dense_1"), whichever tests made models before: as files saved by separate
+    processes are, and as the tests that name layers expect."""
     keras.utils.set_random_seed(seed)
     x = keras.Input((in_dim,))
-    h = keras.layers.Dense(8, activation="relu")(x)
-    y = keras.layers.Dense(out_dim, activation="softmax")(h)
-    return keras.Model(x, y) if name is None else keras.Model(x, y, name=name)
+    h = keras.layers.Dense(8, activation="relu", name="dense")(x)
+    y = keras.layers.Dense(out_dim, activation="softmax", name="dense_1")(h)
+    return keras.Model(x, y, name=name or "functional")
 
 
 @pytest.fixture(scope="session")

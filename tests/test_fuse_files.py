@@ -117,7 +117,7 @@ def test_keras3_files_fuse_without_importing_keras(keras, model_files, fused_wit
 
 def _logits_model(keras, model):
     last = model.layers[-1]
-    twin = keras.layers.Dense(last.units)
+    twin = keras.layers.Dense(last.units, name="logits")
     logits = keras.Model(model.inputs, twin(last.input))
     twin.set_weights(last.get_weights())
     return logits

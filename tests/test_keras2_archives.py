@@ -109,3 +109,40 @@ def test_merge_refuses_archives_in_one_line(keras2_dir, tmp_path):
         "merge copies an input's config into its output, so it cannot merge it (save the model "
         "as .h5 in tf.keras, which merge converts, or use fuse, which converts it through Keras)"
     )
+
+
+def _restamped(src, dst, metadata: dict | None) -> None:
+    """`src` with its metadata.json replaced by `metadata` (or left out when None)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            if name != "metadata.json":
+                zout.writestr(name, zin.read(name))
+            elif metadata is not None:
+                zout.writestr(name, json.dumps(metadata))
+
+
+@pytest.mark.parametrize("metadata", [{"keras_version": "3.5.0"}, None], ids=["says3", "none"])
+@pytest.mark.parametrize("name", ["gru", "transfer"])
+def test_an_archive_is_known_by_its_config_not_its_metadata(
+    keras2_dir, tmp_path, keras, metadata, name
+):
+    # metadata.json is a claim: a tf-keras archive stamped 3.x (or without one) is still a Keras 2
+    # config, which fuse converts and merge refuses, instead of writing files Keras 3 cannot load.
+    path = tmp_path / f"{name}.keras"
+    _restamped(keras2_dir / f"{name}.keras", path, metadata)
+    assert read_model_file(path).keras2_archive
+    out = tmp_path / "fused.keras"
+    result = run_cli("fuse", path, path, "--w", "0.8", "0.2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    xs, ys = expected(keras2_dir, f"{name}_archive")
+    got = predict(keras.saving.load_model(out, compile=False), xs if len(xs) > 1 else xs[0])
+    for g, y in zip(got, ys, strict=True):
+        np.testing.assert_allclose(g, y, rtol=1e-5, atol=1e-6)
+    merged = tmp_path / "merged.keras"
+    result = run_cli("merge", path, path, "-o", merged)
+    assert result.returncode == 1 and not merged.exists()
+    assert result.stderr.startswith(f"Error: {path}: is a .keras archive written by tf.keras")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -116,3 +116,31 @@ def test_keras_3_4_sequential_merges_as_keras_loads_it(keras, files, tmp_path, p
     got = np.asarray(soup(x))
     assert np.ptp(got) > 0.1
     np.testing.assert_allclose(got, np.asarray(averaged(x)), rtol=1e-5, atol=1e-6)
+
+
+def _dense_net(keras, *, with_lambda: bool):
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(inputs)
+    if with_lambda:
+        outputs = keras.layers.Lambda(lambda t: t, name="code")(outputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_the_h5_plan_uses_the_config_that_was_scanned(keras, tmp_path, suffix):
+    # merge -o x.h5 plans the output from the template's layout (read with its scan), not from a
+    # second read of the path: a file renamed over the template after its scan (here one with
+    # a Lambda) cannot put its config into the output.
+    from fusecli.formats.weights_layout import read_layout
+    from fusecli.merging import keras2_convert
+
+    path = tmp_path / f"template{suffix}"
+    _dense_net(keras, with_lambda=False).save(path)
+    layout = read_layout(path)
+    swapped = tmp_path / f"swapped{suffix}"
+    _dense_net(keras, with_lambda=True).save(swapped)
+    swapped.replace(path)
+    flat, mapping = keras2_convert.places(layout, "h5")
+    assert "Lambda" not in json.dumps(flat.config)
+    assert len(mapping) == len(layout.variables) == 2

@@ -34,7 +34,7 @@ from fusecli.config import walker
 from fusecli.config.walker import MODEL_CLASSES as _MODEL_CLASSES
 from fusecli.errors import ModelFileError, UnsafeModelError, known_cause
 from fusecli.formats import keras2_masks, keras2_ops
-from fusecli.formats.modelfile import ModelFile, file_format, read_model_file
+from fusecli.formats.modelfile import ModelFile, file_format, keras2_config, read_model_file
 
 if TYPE_CHECKING:
     import keras
@@ -170,14 +170,15 @@ def check_keras2_layout(layout: Layout) -> None:
     Keras 3's walk of its own config would put them only if converting the config changes no
     layer, which merge, copying tensors without Keras, cannot know (fuse converts it through
     Keras)."""
-    if not (layout.keras_version or "").startswith("2."):
-        return
-    if layout.format == "h5":
+    if layout.format == "h5" and (layout.keras_version or "").startswith("2."):
         convert_config(layout.config, layout.path, trust=True)  # bytecode: the scan's to refuse
-    else:
+    elif layout.format == "keras" and (
+        (layout.keras_version or "").startswith("2.") or keras2_config(layout.config)
+    ):
+        version = layout.keras_version if (layout.keras_version or "").startswith("2.") else "2"
         raise ModelFileError(
             layout.path,
-            f"is a .keras archive written by tf.keras {layout.keras_version}, whose Keras 2 "
+            f"is a .keras archive written by tf.keras {version}, whose Keras 2 "
             "config Keras 3 cannot load; merge copies an input's config into its output, so it "
             "cannot merge it (save the model as .h5 in tf.keras, which merge converts, or use "
             "fuse, which converts it through Keras)",

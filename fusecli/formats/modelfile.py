@@ -78,8 +78,32 @@ class ModelFile:
     @property
     def keras2_archive(self) -> bool:
         """A `.keras` archive written by tf.keras 2.13 or later (or tf-keras): the layout of
-        Keras 3's archives, holding a Keras 2 config, which Keras 3 cannot load at all."""
-        return self.format == "keras" and (self.keras_version or "").startswith("2.")
+        Keras 3's archives, holding a Keras 2 config, which Keras 3 cannot load at all. Known by
+        its metadata or by its config (metadata.json may be missing, or say 3.x)."""
+        return self.format == "keras" and (
+            (self.keras_version or "").startswith("2.") or keras2_config(self.config)
+        )
+
+
+def keras2_config(config: dict[str, Any]) -> bool:
+    """A model config as Keras 2 writes it, by what Keras 3 never writes: a tf.keras module
+    (`tf_keras.src.engine.functional`, `keras.src.engine...`), `batch_input_shape`, or a
+    Functional's inbound nodes as lists instead of Keras 3's {"args": ...} dicts."""
+    module = str(config.get("module") or "")
+    if module.startswith(("tf_keras", "keras.engine", "keras.src.engine")):
+        return True
+    inner = config.get("config")
+    layers = inner.get("layers") if isinstance(inner, dict) else None
+    for layer in layers if isinstance(layers, list) else []:
+        if not isinstance(layer, dict):
+            continue
+        conf = layer.get("config")
+        if isinstance(conf, dict) and "batch_input_shape" in conf:
+            return True
+        nodes = layer.get("inbound_nodes")
+        if isinstance(nodes, list) and nodes and isinstance(nodes[0], list):
+            return True
+    return False
 
 
 # What a broken zip, HDF5 file or JSON document can raise while being read.

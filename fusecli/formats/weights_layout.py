@@ -95,6 +95,19 @@ class Layout:
     # Layers whose .keras group holds sub-objects (e.g. MultiHeadAttention's dense layers): their
     # order inside the layer follows attribute names, so they cannot be paired with a .h5 file.
     composite_layers: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)  # a .keras archive's, as read with config
+
+    @property
+    def model_file(self) -> ModelFile:
+        """The file as it was read for this layout (not read again: the path may have changed)."""
+        return ModelFile(
+            path=self.path,
+            format=self.format,
+            config=self.config,
+            keras_version=self.keras_version,
+            backend=None,
+            members=self.members,
+        )
 
 
 def read_layout(path: str | os.PathLike[str], info: ModelFile | None = None) -> Layout:
@@ -411,6 +424,7 @@ def _layout(info: ModelFile, variables: list[Variable], composite: list[str]) ->
         keras_version=info.keras_version,
         variables=variables,
         composite_layers=composite,
+        members=info.members,
     )
 
 

@@ -34,7 +34,7 @@ def places(template: Layout, fmt: str = "keras") -> tuple[flat_h5.FlatPlan, dict
     (`.keras`: below the weights file's root; `.h5`: below `model_weights`). Raises
     `FusecliError` for a `.keras` output, `NotFlat` for a `.h5` one."""
     try:
-        flat = flat_h5.plan_single(read_model_file(template.path))
+        flat = flat_h5.plan_single(template.model_file)  # the config scanned, not read again
         if fmt == "h5":
             placed = {
                 name: [(b, source, f"{name}/{dataset}") for b, source, dataset in weights]
