@@ -434,19 +434,27 @@ def _own_weights(cls: str, conf: dict[str, Any]) -> list[str] | None:
 
 
 def read_layer_weights(path: Path) -> dict[Origin, list[Any]] | str:
-    """For every layer (by its path of names) its weights: the dataset paths below the file's
-    weights root for a Keras 2 file (`fusecli.formats.keras2_weights`), (source path, name in
-    the output) pairs for a Keras 3 one. For `call_isolated` (a child process reads the
-    untrusted HDF5): the reason as a string where the weights cannot be given to layers."""
-    from fusecli.formats import keras2_weights
-    from fusecli.formats.modelfile import open_weights, read_model_file
+    """`layer_weights` of the file at `path`, for `call_isolated` (a child process reads the
+    untrusted HDF5)."""
+    from fusecli.formats.modelfile import read_model_file
 
-    model_file = read_model_file(path)
-    if not is_keras3(model_file):
-        return keras2_weights.read_layer_weights(path)
+    return layer_weights(read_model_file(path))
+
+
+def layer_weights(model_file: ModelFile) -> dict[Origin, list[Any]] | str:
+    """For every layer (by its path of names) its weights, by the config as read (`model_file`):
+    the dataset paths below the file's weights root for a Keras 2 file
+    (`fusecli.formats.keras2_weights`), (source path, name in the output) pairs for a Keras 3
+    one; the reason as a string where the weights cannot be given to layers."""
+    from fusecli.formats import keras2_weights
+    from fusecli.formats.modelfile import open_weights
+
+    path = Path(model_file.path)
     try:
-        entries = _leaf_entries(model_file.config, ())
         with open_weights(path) as root:
+            if not is_keras3(model_file):
+                return keras2_weights.layer_weights(root, model_file.config)
+            entries = _leaf_entries(model_file.config, ())
             if model_file.format == "h5":
                 found = keras2_weights.layer_weights(root, model_file.config)
                 return _named_h5(found, entries)

@@ -155,12 +155,12 @@ def plan(
 def plan_single(model_file: ModelFile) -> FlatPlan:
     """One model (Keras 2, or Keras 3 converted) inlined as it is (no head, layer names kept
     where not nested), for `merge` into another format. Raises `NotFlat`."""
-    as_read = model_file.config
+    as_read = model_file
     model_file = keras3_to_keras2.as_keras2(model_file)
     flat = flatten(model_file.config, "")
     both_loaders(flat.layers, model_file.path)
     check_masks(flat.layers, model_file.path)
-    by_origin = keras3_to_keras2.read_layer_weights(Path(model_file.path))
+    by_origin = keras3_to_keras2.layer_weights(as_read)  # the config as read, not read again
     if isinstance(by_origin, str):
         raise NotFlat(by_origin)
     name = model_file.config.get("config", {})
@@ -182,7 +182,7 @@ def plan_single(model_file: ModelFile) -> FlatPlan:
     known = {layer.origin for layer in flat.layers}
     if any(names and origin not in known for origin, names in by_origin.items()):
         raise NotFlat("some of its weights belong to no layer of its graph")
-    return FlatPlan(config, layer_order(config), weights, [as_read])
+    return FlatPlan(config, layer_order(config), weights, [as_read.config])
 
 
 def _placed(branch: int, path: str | tuple[str, str]) -> tuple[int, str, str]:
