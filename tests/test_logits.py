@@ -147,3 +147,18 @@ def test_cli_refusal_is_one_line(tmp_path, ends):
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: Model 'linear' has no final softmax")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_softmax_axis_1_of_a_matrix_is_its_last_axis(tmp_path, keras, ends, x4, suffix):
+    # Softmax(axis=1) on (batch, classes) works over the same axis as axis=-1: the two fuse.
+    files, logit_models = ends
+    x, h = _body(keras, 6)
+    z = keras.layers.Dense(3)(h)
+    axis1 = tmp_path / f"axis1{suffix}"
+    keras.Model(x, keras.layers.Softmax(axis=1)(z)).save(axis1)
+    out = tmp_path / f"f{suffix}"
+    fuse_to_file([axis1, files["dense"]], out, [1.0, 1.5], at="logits", normalize=False)
+    expected = predict(keras.Model(x, z), x4)[0] + 1.5 * predict(logit_models["dense"], x4)[0]
+    got = predict(keras.models.load_model(out), x4)[0]
+    np.testing.assert_allclose(got, _softmax(expected), rtol=1e-5, atol=1e-6)

@@ -263,14 +263,24 @@ def _stack(
 
 
 def common_axes(branches: list[Branch]) -> list[int]:
-    first = branches[0]
+    """The softmax axes every branch shares, counted from the end where an output's rank is
+    known (Softmax(axis=1) of a (batch, classes) output is its axis -1); the first's as given."""
+    first, axes = branches[0], _from_end(branches[0])
     for branch in branches[1:]:
-        if branch.axes != first.axes:
+        if _from_end(branch) != axes:
             raise FusecliError(
                 f"The final softmax of {first.name!r} works over axes {first.axes}, that of "
                 f"{branch.name!r} over {branch.axes}; they must agree to fuse at the logits"
             )
     return first.axes
+
+
+def _from_end(branch: Branch) -> list[int]:
+    shapes = list(branch.output_shapes) + [None] * len(branch.axes)
+    return [
+        axis - len(shape) if axis >= 0 and shape is not None and axis < len(shape) else axis
+        for axis, shape in zip(branch.axes, shapes, strict=False)
+    ]
 
 
 def undo_renames(config: Any, renames: dict[str, str]) -> Any:
