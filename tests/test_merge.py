@@ -534,3 +534,19 @@ def test_inputs_are_read_side_by_side_each_error_naming_its_file(files, tmp_path
     assert done.returncode == 0, done.stderr
     n = len(read_layout(files["k1"]).variables)
     assert done.stdout.splitlines() == [f"[{n}, {n}]", "True True"]
+
+
+def test_an_input_rewritten_while_merge_reads_it_is_refused(keras, files, tmp_path):
+    # merge reads its inputs by path several times (scan, variables, tensors): a file saved
+    # again meanwhile (here as the tensors are written) may have given a mix of two files.
+    a, b = tmp_path / "a.keras", tmp_path / "b.keras"
+    shutil.copy(files["k1"], a)
+    shutil.copy(files["k2"], b)
+    out = tmp_path / "merged.keras"
+
+    def resave(done: int, total: int) -> None:
+        b.write_bytes(b.read_bytes())
+
+    with pytest.raises(ModelFileError, match=r"b\.keras: changed while it was being read"):
+        merge([a, b], out, progress=resave)
+    assert not out.exists() and no_leftovers(tmp_path)

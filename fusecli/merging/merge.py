@@ -58,6 +58,7 @@ from fusecli.merging.relatedness import Relatedness, warnings_from
 from fusecli.merging.settings import per_layer_names, resolve_settings, summarize
 from fusecli.output import atomic_output, check_output_path, model_format
 from fusecli.safety.isolation import call_isolated_each, call_isolated_write
+from fusecli.safety.loading import identity
 from fusecli.safety.scan import Finding, refuse_findings, refuse_written, scan, scan_config
 
 Progress = Callable[[int, int], None]
@@ -139,6 +140,46 @@ def merge(
     _check_dtype(dtype, fmt)
     sources = [Path(m) for m in models] + ([Path(base)] if base is not None else [])
     output = check_output_path(output, inputs=sources, force=force)
+    before = [identity(p) for p in sources]
+    with _unchanged(sources, before):
+        return _merge(
+            sources, len(models), output, fmt, plan, before, dtype=dtype, force=force,
+            verify=verify, trust=trust, progress=progress, base=base,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _unchanged(paths: list[Path], before: list[tuple[int, ...] | None]) -> Iterator[None]:
+    """Refuse, in place of whatever went wrong, an input that changed while merge read it: read
+    by path several times (scan, variables, tensors), it could have given a mix of two files."""
+    try:
+        yield
+    except FusecliError:
+        _check_unchanged(paths, before)
+        raise
+
+
+def _check_unchanged(paths: list[Path], before: list[tuple[int, ...] | None]) -> None:
+    for path, then in zip(paths, before, strict=True):
+        if identity(path) != then:
+            raise ModelFileError(path, "changed while it was being read; the result was not kept")
+
+
+def _merge(
+    sources: list[Path],
+    n_models: int,
+    output: Path,
+    fmt: str,
+    plan: MergePlan,
+    before: list[tuple[int, ...] | None],
+    *,
+    dtype: str | None,
+    force: bool,
+    verify: bool,
+    trust: bool,
+    progress: Progress | None,
+    base: str | os.PathLike[str] | None,
+) -> MergeReport:
     layouts, findings = _read_inputs(sources, trust=trust)
     _check_pairing(layouts)
     _check_architectures(layouts)
@@ -170,6 +211,7 @@ def merge(
             nbytes=sum(_size(p) for p in sources),
             progress=progress,
         )
+        _check_unchanged(sources, before)  # before the output is kept
 
     variables = template.variables
     merged = sum(v.mergeable for v in variables)
@@ -178,7 +220,7 @@ def merge(
         output=str(output),
         format=fmt,
         method=plan.method,
-        models=[str(p) for p in sources[: len(models)]],
+        models=[str(p) for p in sources[:n_models]],
         base=None if base is None else str(base),
         weights=None if plan.weights is None else list(plan.weights),
         t=plan.t,

@@ -256,6 +256,14 @@ def _pin(fd: int, link: Path) -> bool:
     return False
 
 
+def identity(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """`_identity` of the file at `path` now; None if it cannot be found."""
+    try:
+        return _identity(os.stat(path))
+    except OSError:
+        return None
+
+
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     """What any change to a file changes (its change time, which a write or `touch` sets and
     no one can set back without changing it again), and which file it is."""
