@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,15 +83,15 @@ class AddOne(_DamageOneTensor):
 
 def swap_alike_branches(*args: Any) -> Any:
     """Two alike branches' weight groups swapped: every tensor still equals a source."""
-    right = writer.keras_keys
+    right = writer.class_keys
 
-    def swapped(layer_order: list[tuple[str, str]]) -> list[str]:
-        keys = right(layer_order)
+    def swapped(class_names: Iterable[str]) -> list[str]:
+        keys = right(class_names)
         first, second = [i for i, k in enumerate(keys) if k.startswith("functional")][:2]
         keys[first], keys[second] = keys[second], keys[first]
         return keys
 
-    with _replaced(writer, "keras_keys", swapped):
+    with _replaced(writer, "class_keys", swapped):
         return _REAL_WRITE_AND_PROVE(*args)
 
 

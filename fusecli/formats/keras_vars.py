@@ -11,10 +11,10 @@ at `forward_layer/` and `backward_layer/`, MultiHeadAttention's four projections
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fusecli.formats.keras2_flat import NotFlat
+from fusecli.formats.weights_layout import class_keys
 
 _CELL_LAYERS = ("SimpleRNN", "GRU", "LSTM", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
 _MHA_PARTS = ("query_dense", "key_dense", "value_dense", "output_dense")
@@ -59,17 +59,12 @@ def _stacked(cells: list[dict[str, Any]], count: int) -> list[str]:
     sizes = [_cell_size(c) for c in cells]
     if sum(sizes) != count:
         raise NotFlat("stacked RNN cells whose weights cannot be told apart")
-    out: list[str] = []
-    used: dict[str, int] = {}
-    for cell, size in zip(cells, sizes, strict=True):
-        key = snake_case(str(cell.get("class_name")))
-        if key in used:
-            used[key] += 1
-            key = f"{key}_{used[key]}"
-        else:
-            used[key] = 0
-        out += [f"cell/cells/{key}/vars/{i}" for i in range(size)]
-    return out
+    keys = class_keys(str(cell.get("class_name")) for cell in cells)
+    return [
+        f"cell/cells/{key}/vars/{i}"
+        for key, size in zip(keys, sizes, strict=True)
+        for i in range(size)
+    ]
 
 
 def _cell_size(cell: dict[str, Any]) -> int:
@@ -81,10 +76,3 @@ def _cell_size(cell: dict[str, Any]) -> int:
 def _conf(spec: dict[str, Any]) -> dict[str, Any]:
     conf = spec.get("config")
     return conf if isinstance(conf, dict) else {}
-
-
-def snake_case(name: str) -> str:
-    """keras.src.utils.naming.to_snake_case."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,20 +287,14 @@ def _vars_of(vars_group: h5py.Group, layer: str, base: str = "vars") -> list[Var
 
 def _class_keys(config: dict[str, Any]) -> dict[str, str]:
     """Layer name -> group key, the way Keras names layers in .keras files (by class)."""
-    used: dict[str, int] = {}
-    keys: dict[str, str] = {}
     sequential = config.get("class_name") == "Sequential"
-    for entry in walker.layers(config):
-        if sequential and entry.get("class_name") == "InputLayer":
-            continue
-        key = snake_case(str(entry.get("class_name", "")))
-        if key in used:
-            used[key] += 1
-            key = f"{key}_{used[key]}"
-        else:
-            used[key] = 0
-        keys[walker.name(entry)] = key
-    return keys
+    entries = [
+        entry
+        for entry in walker.layers(config)
+        if not (sequential and entry.get("class_name") == "InputLayer")
+    ]
+    keys = class_keys(str(entry.get("class_name", "")) for entry in entries)
+    return {walker.name(entry): key for entry, key in zip(entries, keys, strict=True)}
 
 
 # -- legacy .h5 ------------------------------------------------------------------------------
@@ -464,6 +459,22 @@ def snake_case(name: str) -> str:
     name = re.sub(r"\W+", "", name)
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def class_keys(class_names: Iterable[str]) -> list[str]:
+    """The keys a `.keras` file keeps these objects' variables under, in order: the class in
+    snake case, numbered from the second of a class on (`dense`, `dense_1`, `conv2d`...)."""
+    used: dict[str, int] = {}
+    keys = []
+    for class_name in class_names:
+        key = snake_case(class_name)
+        if key in used:
+            used[key] += 1
+            key = f"{key}_{used[key]}"
+        else:
+            used[key] = 0
+        keys.append(key)
+    return keys
 
 
 def _int_key(text: str) -> tuple[int, int | str]:

@@ -397,9 +397,7 @@ def prove(
         )
     _check_head(model_file.config, weights)
     check_scan(model_file)
-    tensors, nbytes = proof._check_tensors(path, "h5", sources, written)
-    for source, config in zip(sources, flat.sources_config, strict=True):
-        proof.check_source_unchanged(source, config)
+    tensors, nbytes = proof.check_flat_tensors(path, "h5", sources, written, flat.sources_config)
     return {
         "config": "as composed; every branch inlined (layers renamed), Keras 2 schema",
         "layer_order": "as Keras orders the model's layers",

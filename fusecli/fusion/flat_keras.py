@@ -21,9 +21,10 @@ import h5py
 from fusecli.errors import ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.keras2_flat import NotFlat
-from fusecli.formats.keras_vars import snake_case, var_paths
+from fusecli.formats.keras_vars import var_paths
 from fusecli.formats.modelfile import open_weights, read_model_file
 from fusecli.formats.recipe import Recipe, keras_metadata
+from fusecli.formats.weights_layout import class_keys
 from fusecli.fusion.flat_h5 import FlatPlan, layer_order
 from fusecli.fusion.writer import Placed, Source, Written, keras_version
 
@@ -78,17 +79,7 @@ def placements(flat: FlatPlan) -> dict[str, list[tuple[int, str, str]]]:
 def keys(flat: FlatPlan) -> list[str]:
     """The `.keras` group key of each layer, in `flat.order`."""
     specs = {e["name"]: e for e in flat.config["config"]["layers"]}
-    used: dict[str, int] = {}
-    out = []
-    for name in flat.order:
-        key = snake_case(str(specs[name]["class_name"]))
-        if key in used:
-            used[key] += 1
-            key = f"{key}_{used[key]}"
-        else:
-            used[key] = 0
-        out.append(key)
-    return out
+    return class_keys(str(specs[name]["class_name"]) for name in flat.order)
 
 
 def write(
@@ -149,9 +140,7 @@ def prove(
         raise VerificationError(
             "The written file's tensors are not where Keras 3 loads its layers' weights from"
         )
-    tensors, nbytes = proof._check_tensors(path, "keras", sources, written)
-    for source, config in zip(sources, flat.sources_config, strict=True):
-        proof.check_source_unchanged(source, config)
+    tensors, nbytes = proof.check_flat_tensors(path, "keras", sources, written, flat.sources_config)
     return {
         "config": "as composed; every branch inlined (layers renamed)",
         "layer_order": "as Keras orders the model's layers",

@@ -29,7 +29,7 @@ from fusecli.config import walker
 from fusecli.errors import FusecliError, ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights, read_model_file
-from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, snake_case
 from fusecli.fusion.graph import Assembly, given_config, undo_renames
 from fusecli.fusion.writer import (
     ASSETS,
@@ -38,7 +38,6 @@ from fusecli.fusion.writer import (
     Source,
     Written,
     asset_members,
-    snake_case,
 )
 from fusecli.safety.scan import scan
 
@@ -305,6 +304,17 @@ def _check_sources_unchanged(
         check_source_unchanged(
             source, original, lambda config, name=branch.name: given_config(config, name, at=at)
         )
+
+
+def check_flat_tensors(
+    path: Path, fmt: str, sources: list[Source], written: Written, configs: list[Any]
+) -> tuple[int, int]:
+    """The tensors of a flat fused file (`fusecli.fusion.flat_h5`, `flat_keras`) against their
+    sources, then each source still holding the config its branch was inlined from."""
+    tensors, nbytes = _check_tensors(path, fmt, sources, written)
+    for source, config in zip(sources, configs, strict=True):
+        check_source_unchanged(source, config)
+    return tensors, nbytes
 
 
 def check_source_unchanged(

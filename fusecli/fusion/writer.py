@@ -27,7 +27,7 @@ from fusecli.errors import ModelFileError
 from fusecli.formats import archive
 from fusecli.formats.modelfile import open_weights
 from fusecli.formats.recipe import Recipe, keras_metadata, write_h5_recipe
-from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, snake_case
+from fusecli.formats.weights_layout import TRAINING_STATE_GROUPS, class_keys
 from fusecli.fusion.graph import Assembly
 from fusecli.fusion.naming import unique
 
@@ -76,7 +76,7 @@ def write_keras(
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
     }
     written = Written()
-    keys = keras_keys(assembly.layer_order)
+    keys = class_keys(class_name for class_name, _ in assembly.layer_order)
     branches = {b.name: i for i, b in enumerate(assembly.branches)}
     members = archive.keras_members(
         assembly.config,
@@ -170,21 +170,6 @@ def write_h5(
         if recipe is not None:
             write_h5_recipe(h5, recipe)
     return written
-
-
-def keras_keys(layer_order: list[tuple[str, str]]) -> list[str]:
-    """Keras' group names for these layers: class in snake case, numbered by class."""
-    used: dict[str, int] = {}
-    keys = []
-    for class_name, _ in layer_order:
-        key = snake_case(class_name)
-        if key in used:
-            used[key] += 1
-            key = f"{key}_{used[key]}"
-        else:
-            used[key] = 0
-        keys.append(key)
-    return keys
 
 
 def _copy_branch(
