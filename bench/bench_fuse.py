@@ -95,7 +95,8 @@ def main() -> None:
             if previous is not None:
                 earlier = ["env", f"PYTHONPATH={previous}", *fuse, "-o", d / "p.keras", "--force"]
                 variants[previous_name] = earlier
-            results = best_of(variants, repeat=repeat)
+            outputs = [d / "h.keras", out, d / "cat.bin", d / "p.keras"]
+            results = best_of(variants, repeat=repeat, fresh=outputs)
             block = [
                 f"\n{title}; best wall time of {repeat}, largest peak RSS",
                 table(results, "by hand in Keras"),

@@ -78,7 +78,10 @@ def main() -> None:
                 "copy the inputs (cp)": ["cp", pa, pb, d / "copies"],
             }
             (d / "copies").mkdir(exist_ok=True)
-            results = best_of(variants, repeat=args.repeat)
+            outputs = [d / "hand.h5", d / "fused.h5", d / "fused.keras", d / "copies" / pa.name]
+            results = best_of(
+                variants, repeat=args.repeat, fresh=[*outputs, d / "copies" / pb.name]
+            )
             text.append(f"{title}\n{table(results, 'by hand (tf-keras)')}\n")
             print(text[-1], flush=True)
     if args.save:
