@@ -194,7 +194,7 @@ def convert_config(
     Keras 3 equivalent, and `UnsafeModelError` for a Lambda with bytecode unless `trust`.
     """
     try:
-        return _Converter(Path(path), trust).layer(copy.deepcopy(config), ())
+        return _Converter(Path(path), trust).layer(walker.copied(config), ())
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
         # A config that is JSON but not the shape any Keras wrote.
         raise ModelFileError(

@@ -13,7 +13,6 @@ two compute the same from it, and rewrites its config to one both accept.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +61,7 @@ def flatten(config: dict[str, Any], prefix: str) -> FlatModel:
     `prefix + <its path of names joined by "_">`. Raises `NotFlat`."""
     flat = _Flattener(prefix)
     try:
-        outputs = flat.model(copy.deepcopy(config), (), None)
+        outputs = flat.model(walker.copied(config), (), None)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise NotFlat(f"its config is not one Keras 2 writes ({type(e).__name__}: {e})") from None
     return FlatModel(list(flat.layers.values()), flat.inputs, outputs)
@@ -299,7 +298,7 @@ def check_masks(layers: list[FlatLayer], path: Any) -> None:
     Keras 3 than from Keras 2 (`fusecli.formats.keras2_masks` tracks both): the `.keras`
     conversion passes Keras 2's mask explicitly there, a call argument tf-keras reads otherwise."""
     del path
-    specs = copy.deepcopy([layer.spec() for layer in layers])
+    specs = walker.copied([layer.spec() for layer in layers])
 
     def fail(name: str, cls: str, reason: str) -> Exception:
         return NotFlat(f"layer {name!r} ({cls}): {reason}")

@@ -18,11 +18,11 @@ which tells `keras.ops.add` from the layer `Add`.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from fusecli.config import walker
 from fusecli.errors import ModelFileError
 from fusecli.formats.modelfile import ModelFile
 
@@ -82,7 +82,7 @@ def load(model_file: ModelFile, *, trust: bool) -> keras.Model:
     from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
     from keras.src.saving import serialization_lib
 
-    config = copy.deepcopy(model_file.config)
+    config = walker.copied(model_file.config)
     for spec in misread_layers(config):
         spec["module"] = _module_for(spec)
         if spec["module"] != "keras.layers":

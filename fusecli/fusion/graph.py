@@ -16,7 +16,6 @@ a `Softmax` when asked for. Two changes to the models' configs, both renames or 
 from __future__ import annotations
 
 import base64
-import copy
 import marshal
 import re
 from dataclasses import dataclass, field
@@ -101,7 +100,7 @@ def prepare_branch(config: dict[str, Any], name: str, *, at: str = "output") -> 
     output_shapes = output_shapes_of(config)
     output_names = _output_layer_names(config)
     inputs = _inputs_of(config, name)
-    given = copy.deepcopy(config)
+    given = walker.copied(config)
     renames: dict[str, str] = {}
     _rename(config, name, f"{name}_", renames)
     return Branch(name, config, renames, inputs, output_shapes, output_names, axes, given)
@@ -115,7 +114,7 @@ def given_config(config: dict[str, Any], name: str, *, at: str = "output") -> di
 def _given(config: dict[str, Any], name: str, at: str) -> tuple[dict[str, Any], list[int]]:
     """A copy of a model's config as it is nested before the renames (cut at the logits if
     asked), and the softmax axes of the cut."""
-    config = copy.deepcopy(config)
+    config = walker.copied(config)
     config.pop("compile_config", None)
     inner = config.get("config")
     if config.get("class_name") not in MODEL_CLASSES or not isinstance(inner, dict):
