@@ -15,12 +15,12 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import struct
 import time
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
+from fusecli.formats.crc32 import range_crc32
 from fusecli.formats.modelfile import CONFIG_MEMBER, WEIGHTS_MEMBER
 
 METADATA_MEMBER = "metadata.json"
@@ -56,7 +57,7 @@ def keras_archive(
     then give the same bytes), else now.
     """
     when = date_time or time.localtime()[:6]
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
+    with _created(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
         for name, source in members:
             if name == WEIGHTS_MEMBER and source is None:
                 with _member_in_place(out, name, when) as h5:
@@ -73,9 +74,33 @@ def write_archive(
     """Write a `.keras` archive at `path` whose every member, the weights too, has its bytes
     (or a reader of them) already: `keras_archive`'s layout, without an HDF5 file to fill."""
     when = date_time or time.localtime()[:6]
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as out:
+    with _created(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
         for name, source in members:
             _write_member(out, name, source, when)
+
+
+def _created(path: Path) -> BinaryIO:
+    """`path` opened for reading and writing as a new file.
+
+    Writers get an empty file `atomic_output` reserved. Opened with "w" (as zipfile and h5py
+    open), it is truncated, and ext4 then starts writing the whole file back to disk when it is
+    closed (its safeguard for programs that rewrite a file in place): tens of milliseconds per
+    hundred megabytes, waited for. An empty file is removed and made anew, exclusively (a
+    name taken in between is refused, never followed); any other is truncated as before.
+    """
+    if _remove_if_empty(path):
+        return open(path, "x+b")
+    return open(path, "w+b")
+
+
+def _remove_if_empty(path: Path) -> bool:
+    try:
+        if os.lstat(path).st_size:
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
 
 
 def _write_member(
@@ -124,18 +149,9 @@ def _member_in_place(
     with h5py.File(window, "w") as h5:
         yield h5
     size = window.size
-    crc = 0
-    fp.seek(start)
-    remaining = size
-    buffer = bytearray(_COPY_BUFFER * 8)
-    while remaining:
-        got = fp.readinto(memoryview(buffer)[: min(len(buffer), remaining)])
-        if not got:
-            raise OSError(f"short read while completing {name}")
-        crc = zlib.crc32(memoryview(buffer)[:got], crc)
-        remaining -= got
+    fp.flush()
     info.file_size = info.compress_size = size
-    info.CRC = crc
+    info.CRC = range_crc32(fp.fileno(), start, size)
     fp.seek(info.header_offset)
     fp.write(info.FileHeader(zip64=True))
     fp.seek(start + size)
@@ -195,8 +211,9 @@ class _WritableWindow(io.RawIOBase):
 
 @contextlib.contextmanager
 def h5_model(path: Path, attrs: dict[str, Any]) -> Iterator[h5py.File]:
-    """Write a legacy `.h5` model file at `path` with these root attributes."""
-    with h5py.File(path, "w") as h5:
+    """Write a legacy `.h5` model file at `path` with these root attributes (made anew where
+    it is empty: see `_created`)."""
+    with h5py.File(path, "w-" if _remove_if_empty(path) else "w") as h5:
         for key, value in attrs.items():
             h5.attrs[key] = value
         yield h5
@@ -251,6 +268,23 @@ def copy_group(source: h5py.Group, target: h5py.Group, skip: Sequence[str] = ())
         if key not in skip:
             source.copy(source[key], target, name=key)
     return [n for n in dataset_names(target) if n.split("/")[0] not in skip]
+
+
+def copy_dataset(source: h5py.Group, name: str, target: h5py.Group, target_name: str) -> int:
+    """Copy the dataset at `name` (relative to `source`) to `target_name` (relative to `target`,
+    its missing groups made), by HDF5's own object copy and calls: an h5py object per tensor
+    costs several times more. Returns its number of values."""
+    made = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    made.set_create_intermediate_group(True)
+    h5py.h5o.copy(
+        source.id, name.encode("utf-8"), target.id, target_name.encode("utf-8"), lcpl=made
+    )
+    return value_count(target, target_name)
+
+
+def value_count(group: h5py.Group, name: str) -> int:
+    """The number of values of the dataset at `name` (relative to `group`)."""
+    return math.prod(h5py.h5d.open(group.id, name.encode("utf-8")).shape)
 
 
 def dataset_digest(dataset: h5py.Dataset) -> bytes:
@@ -318,12 +352,13 @@ class RawTensors:
     def _block(self, dsid: h5py.h5d.DatasetID) -> tuple[int, int] | None:
         if self._base is None:
             return None
+        # HDF5 gives an offset for contiguous data in this file only: not for chunks (the only
+        # layout filters apply to), compact data, external files, or space not yet allocated.
         offset = dsid.get_offset()
-        nbytes = int(np.prod(dsid.shape, dtype=np.int64)) * dsid.dtype.itemsize
-        if offset is None or nbytes == 0 or dsid.get_storage_size() != nbytes:
+        if offset is None:
             return None
-        plist = dsid.get_create_plist()
-        if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
+        nbytes = math.prod(dsid.shape) * dsid.get_type().get_size()
+        if nbytes == 0 or dsid.get_storage_size() != nbytes:
             return None
         return self._base + offset, nbytes
 
