@@ -63,17 +63,17 @@ _SWAP_SCRIPT = textwrap.dedent(
     os.environ["ARMED"] = "1"
 
     swaps = {}  # link -> what it is re-pointed to right after its scan
-    scan = loading.refuse_unsafe
+    scan = loading.refuse_unsafe_each
 
-    def scan_then_repoint(path, *, trust=False):
-        checked = scan(path, trust=trust)
+    def scan_then_repoint(paths, *, trust=False):
+        checked = scan(paths, trust=trust)
         for link, target in swaps.items():
             os.symlink(target, link + ".new")
             os.replace(link + ".new", link)
         swaps.clear()
         return checked
 
-    loading.refuse_unsafe = scan_then_repoint
+    loading.refuse_unsafe_each = scan_then_repoint
 
     def link_to(name, target, then):
         link = os.path.join(work, name)

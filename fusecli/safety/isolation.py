@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +108,8 @@ def call_isolated_each(
     process can fork (one per path, on as many cores as there are); else one after another.
     Errors are raised as `call_isolated` raises them, the first path's first."""
     paths = [Path(p) for p in paths]
+    if not paths:
+        return []
     limit = max(write_timeout(_size(p)) for p in paths) if timeout is None else timeout
     with _lock:
         parallel = len(paths) > 1 and _fork_is_safe()
@@ -140,6 +142,42 @@ def call_isolated_each(
             raise _timed_out(path, limit) from None
         results.append(_unpack(reply, path))
     return results
+
+
+@contextlib.contextmanager
+def meanwhile(fn: Callable[[Path], T], path: Path) -> Iterator[Callable[[], T]]:
+    """`call_isolated(fn, path)` started now, while the block does other work on another core:
+    the block gets a function that waits for the child and returns (or raises) what
+    `call_isolated` would. Where this process cannot fork, that function makes the call then.
+    A child still running when the block ends is killed."""
+    path = Path(path)
+    limit = write_timeout(_size(path))
+    deadline = time.monotonic() + limit
+    with _lock:
+        started = [_fork(("read", fn, path))] if _fork_is_safe() else []
+    replies: list[bytes] = []
+
+    def result() -> T:
+        if not replies:
+            if not started:
+                return call_isolated(fn, path, timeout=limit)
+            child = started.pop()  # waited for once, and gone after: never killed again
+            try:
+                replies.append(_reply(*child, deadline, None))
+            except _TimedOut:
+                raise _timed_out(path, limit) from None
+        return _unpack(replies[0], path)
+
+    try:
+        yield result
+    finally:
+        for pid, receiver in started:  # not waited for: the block failed
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                os.close(receiver)
 
 
 def call_isolated_write(

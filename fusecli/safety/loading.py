@@ -38,7 +38,7 @@ from fusecli.formats import keras2, keras3_h5
 from fusecli.formats.modelfile import ModelFile, check_model_path
 from fusecli.output import sweep_stale
 from fusecli.safety.rewrite import rewrite_hdf5
-from fusecli.safety.scan import refuse_unsafe
+from fusecli.safety.scan import refuse_unsafe_each
 from fusecli.termination import cleanup_on_termination
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def checked_files(
         copies = [copy for copy, _, _ in copied]
         names = dict(zip(copies, sources, strict=True))
         with _named_as_given(names):
-            scanned = [refuse_unsafe(copy, trust=trust) for copy in copies]
+            scanned = refuse_unsafe_each(copies, trust=trust)
             # What Keras will read: HDF5 that h5py wrote, from values, in a child.
             loadables = [rewrite_hdf5(copy) if for_keras else None for copy in copies]
         names.update((m, s) for m, s in zip(loadables, sources, strict=True) if m is not None)

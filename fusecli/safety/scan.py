@@ -23,7 +23,7 @@ import os
 import pickletools
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from fusecli.formats.modelfile import (
     walk_hdf5,
 )
 from fusecli.limits import check_dataset_size
-from fusecli.safety.isolation import call_isolated
+from fusecli.safety.isolation import call_isolated, call_isolated_each
 from fusecli.safety.references import is_pure_reference, is_reference, referenced_name
 
 # Layers that call code outside the model's config, whatever their arguments (a TFOpLambda naming
@@ -155,6 +155,17 @@ def refuse_unsafe(path: str | os.PathLike[str], *, trust: bool = False) -> Model
     return model_file
 
 
+def refuse_unsafe_each(
+    paths: Sequence[str | os.PathLike[str]], *, trust: bool = False
+) -> list[ModelFile]:
+    """`refuse_unsafe` for several files, read side by side (one child each); the first file's
+    refusal is the one raised, as one after another."""
+    scanned = call_isolated_each(_read_and_scan, [Path(p) for p in paths])
+    for path, (_model_file, findings) in zip(paths, scanned, strict=True):
+        refuse_findings(path, findings, trust=trust)
+    return [model_file for model_file, _findings in scanned]
+
+
 def refuse_findings(
     path: str | os.PathLike[str], findings: list[Finding], *, trust: bool = False
 ) -> None:
@@ -188,6 +199,11 @@ def refuse_written(findings: list[Finding]) -> None:
             f"The written file would run code when loaded: {findings[0].describe()}; it was "
             "not kept"
         )
+
+
+def scan_path(path: Path) -> list[Finding]:
+    """`scan` of the file at `path` (for a caller that reads it in a child of its own)."""
+    return scan(read_model_file(path))
 
 
 def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
