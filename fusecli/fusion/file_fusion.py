@@ -37,7 +37,7 @@ from fusecli.fusion.graph import Assembly, assemble, common_axes, prepare_branch
 from fusecli.fusion.naming import identifier, unique
 from fusecli.fusion.proof import prove
 from fusecli.output import atomic_output, temp_prefix
-from fusecli.safety.isolation import call_isolated, call_isolated_write
+from fusecli.safety.isolation import call_isolated_each, call_isolated_write
 from fusecli.safety.loading import CheckedFile, checked_files, load_checked
 from fusecli.termination import cleanup_on_termination
 
@@ -237,7 +237,9 @@ def _fuse_keras2_flat(
     )
     try:
         # The weights' names are read in a child process, as every untrusted read is.
-        found = [call_isolated(keras3_to_keras2.read_layer_weights, Path(f.path)) for f in files]
+        found = call_isolated_each(
+            keras3_to_keras2.read_layer_weights, [Path(f.path) for f in files]
+        )
         reason = next((r for r in found if isinstance(r, str)), None)
         if reason is not None:
             raise NotFlat(reason)

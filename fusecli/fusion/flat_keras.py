@@ -11,13 +11,13 @@ layer's weights, in `.h5` order, go where a `.keras` file keeps them
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 from pathlib import Path
 from typing import Any
 
 import h5py
 
+from fusecli.config import walker
 from fusecli.errors import ModelFileError, VerificationError
 from fusecli.formats import archive
 from fusecli.formats.keras2_flat import NotFlat
@@ -34,7 +34,7 @@ _FUNCTIONAL = {"module": "keras.src.models.functional", "registered_name": "Func
 
 def keras3_config(config: dict[str, Any]) -> dict[str, Any]:
     """The flat config as a `.keras` file holds it."""
-    config = copy.deepcopy(config)
+    config = walker.copied(config)
     for spec in config["config"]["layers"]:
         spec["module"] = "keras.layers"
         spec["registered_name"] = None
@@ -105,16 +105,14 @@ def write(
             for branch, source_path, target in placed.get(name, []):
                 if branch not in roots:
                     roots[branch] = stack.enter_context(open_weights(sources[branch].path))
-                origin = roots[branch][source_path]
-                parent, _, leaf = target.rpartition("/")
                 try:
-                    origin.parent.copy(origin, h5.require_group(parent), name=leaf)
+                    count = archive.copy_dataset(roots[branch], source_path, h5, target)
                 except (OSError, KeyError, TypeError, ValueError) as e:
                     raise ModelFileError(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
                 written.placed.append(Placed(branch, target, source_path))
-                written.params += int(h5[target].size)
+                written.params += count
     return written
 
 
@@ -133,14 +131,16 @@ def prove(
     if model_file.config != keras3_config(flat.config):
         raise VerificationError("The written file's config differs from the composed one")
     flat_h5._check_head(flat.config, weights)
-    flat_h5.check_scan(model_file)
     again = FlatPlan(flat.config, layer_order(flat.config), flat.weights, flat.sources_config)
     expected = {t for places in placements(again).values() for _, _, t in places}
     if expected != {p.output for p in written.placed}:
         raise VerificationError(
             "The written file's tensors are not where Keras 3 loads its layers' weights from"
         )
-    tensors, nbytes = proof.check_flat_tensors(path, "keras", sources, written, flat.sources_config)
+    head = flat_h5.head_lambdas(model_file.config)
+    tensors, nbytes = proof.check_flat_tensors(
+        path, "keras", sources, written, flat.sources_config, head
+    )
     return {
         "config": "as composed; every branch inlined (layers renamed)",
         "layer_order": "as Keras orders the model's layers",

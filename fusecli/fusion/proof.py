@@ -15,6 +15,7 @@ Any difference raises `VerificationError`; the caller deletes the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import zipfile
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from fusecli.fusion.writer import (
     Written,
     asset_members,
 )
-from fusecli.safety.scan import scan
+from fusecli.safety.isolation import meanwhile
+from fusecli.safety.scan import Finding, scan_path
 
 
 def prove(
@@ -76,15 +78,12 @@ def prove(
             )
     _check_wiring(by_name, assembly)
     _check_head(config, by_name, assembly, weights, scale, activation, axes)
-    findings = [] if trust else _unexpected_findings(model_file, scale, assembly)
-    if findings:
-        raise VerificationError(
-            f"The written file does not pass the scan: {findings[0].describe()}"
-        )
     _check_places(config, fmt, assembly, written)
     if fmt == "h5":
         _check_h5_layer_order(path, config, assembly)
-    tensors, nbytes = _check_tensors(path, fmt, sources, written)
+    lambdas = {name for class_name, name in assembly.layer_order if class_name == "Lambda"}
+    allowed = lambdas if scale == "lambda" else set()
+    tensors, nbytes = _check_tensors(path, fmt, sources, written, None if trust else allowed)
     _check_assets(path, fmt, _branch_groups(config, fmt, assembly), sources, written)
     _check_sources_unchanged(assembly, given, sources, axes)
     return {
@@ -223,34 +222,102 @@ def _check_h5_layer_order(path: Path, config: dict[str, Any], assembly: Assembly
 
 
 def _check_tensors(
-    path: Path, fmt: str, sources: list[Source], written: Written
+    path: Path, fmt: str, sources: list[Source], written: Written, scan: set[str] | None
 ) -> tuple[int, int]:
-    """Every placed tensor against its source, read from both files: byte for byte where both
+    """The written file's tensors and its structure, on two cores: a child checks that the file
+    passes the scan its inputs passed (`fusecli.safety.scan`; but for findings in the layers
+    named in `scan`, the head's scaling Lambdas with `--scale lambda`: fusecli's own bytecode,
+    asked for; None: no scan, `--trust`) and holds the placed tensors and nothing else
+    (`_check_inventory`), while this process compares each with its source (`_compare`). The
+    child's verdict is told first. Returns (tensors, bytes compared)."""
+    child = functools.partial(_check_structure, fmt, sources, written, scan)
+    with meanwhile(child, path) as verdict:
+        try:
+            nbytes = _compare(path, fmt, sources, written)
+        except FusecliError:
+            _raise_any(verdict())
+            raise
+        _raise_any(verdict())
+    return len(written.placed), nbytes
+
+
+def written_findings(path: Path, allowed: set[str]) -> list[Finding]:
+    """The scan's findings in the written file at `path`, but in the layers named in
+    `allowed`."""
+    return [f for f in scan_path(path) if f.path.split("/")[-1] not in allowed]
+
+
+def _check_structure(
+    fmt: str, sources: list[Source], written: Written, scan: set[str] | None, path: Path
+) -> FusecliError | None:
+    """The child's part of `_check_tensors`: its verdict, returned as it was raised."""
+    try:
+        if scan is not None:
+            try:
+                findings = written_findings(path, scan)
+            except FusecliError as e:
+                raise VerificationError(f"The written file cannot be scanned: {e}") from None
+            if findings:
+                raise VerificationError(
+                    f"The written file does not pass the scan: {findings[0].describe()}"
+                )
+        _check_inventory(path, fmt, sources, written)
+    except FusecliError as e:
+        return e
+    return None
+
+
+def _raise_any(error: FusecliError | None) -> None:
+    if error is not None:
+        raise error
+
+
+def _check_inventory(path: Path, fmt: str, sources: list[Source], written: Written) -> None:
+    """The written file holds exactly the placed tensors, one at each path, and every tensor
+    of every source read as a file (but its training state) is placed."""
+    with _weights_root(path, fmt) as out_root:
+        out_names = set(_datasets(out_root))
+    placed_out = [p.output for p in written.placed]
+    extra = sorted(out_names - set(placed_out))
+    if extra:
+        raise VerificationError(f"The written file holds a tensor nobody asked for: {extra[0]}")
+    if len(set(placed_out)) != len(placed_out):
+        raise VerificationError("The writer placed two tensors at one path")
+    missing = [name for name in placed_out if name not in out_names]
+    if missing:
+        raise VerificationError(f"Tensor {missing[0]!r} is missing from the written file")
+    for branch in sorted({p.branch for p in written.placed if p.source is not None}):
+        with open_weights(sources[branch].path) as root:
+            expected = set(_datasets(root, skip_training=True))
+        unplaced = expected - {p.source for p in written.placed if p.branch == branch}
+        if unplaced:
+            raise VerificationError(
+                f"Tensor {sorted(unplaced)[0]!r} of {sources[branch].given} was not written"
+            )
+
+
+def _compare(path: Path, fmt: str, sources: list[Source], written: Written) -> int:
+    """Each placed tensor against its source, read from both files: byte for byte where both
     are plain blocks on disk (what Keras and fusecli write), else by SHA-256 digests (the
-    source's in a second thread); every source tensor placed, nothing else written. A
-    non-finite tensor is its input's fault: `ModelFileError` naming the input."""
+    source's in a second thread). A non-finite tensor is its input's fault: `ModelFileError`
+    naming the input. Returns the bytes compared."""
     nbytes = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         out_root = stack.enter_context(_weights_root(path, fmt))
         out_raw = stack.enter_context(archive.RawTensors(path))
         raws: dict[Path, archive.RawTensors] = {}
-        out_names = set(_datasets(out_root))
-        placed_out = [p.output for p in written.placed]
-        extra = sorted(out_names - set(placed_out))
-        if extra:
-            raise VerificationError(f"The written file holds a tensor nobody asked for: {extra[0]}")
-        if len(set(placed_out)) != len(placed_out):
-            raise VerificationError("The writer placed two tensors at one path")
         roots: dict[Path, h5py.Group] = {}
-        expected: dict[int, set[str]] = {}
         legacy = _legacy_values(sources, written)
         for p in written.placed:
             source = sources[p.branch]
-            if p.output not in out_names:
-                raise VerificationError(f"Tensor {p.output!r} is missing from the written file")
             # Found by HDF5's own calls: an h5py object per tensor costs several times more.
-            got, got_block = out_raw.locate(out_root, p.output)
+            try:
+                got, got_block = out_raw.locate(out_root, p.output)
+            except KeyError:
+                raise VerificationError(
+                    f"Tensor {p.output!r} is missing from the written file"
+                ) from None
             if p.source is None:  # from the values Keras loaded
                 if p.output not in legacy:
                     raise VerificationError(f"Tensor {p.output!r} has no source")
@@ -259,28 +326,26 @@ def _check_tensors(
                 if source.path not in roots:
                     roots[source.path] = stack.enter_context(open_weights(source.path))
                     raws[source.path] = stack.enter_context(archive.RawTensors(source.path))
-                if p.branch not in expected:
-                    expected[p.branch] = set(_datasets(roots[source.path], skip_training=True))
                 raw = raws[source.path]
-                origin, origin_block = raw.locate(roots[source.path], p.source)
-                if origin.shape != got.shape or origin.dtype != got.dtype:
+                try:
+                    origin, origin_block = raw.locate(roots[source.path], p.source)
+                except KeyError:
+                    raise VerificationError(
+                        f"Tensor {p.output!r} has no source: {source.given} holds no {p.source!r}"
+                    ) from None
+                dtype = got.dtype
+                if origin.shape != got.shape or origin.dtype != dtype:
                     raise VerificationError(f"Tensor {p.output!r} has the wrong shape or dtype")
-                expected[p.branch].discard(p.source)
                 if got_block is not None and origin_block is not None:
-                    same, finite = out_raw.same_values(got_block, raw, origin_block, got.dtype)
-                    _judge(same, finite, p, source)
-                    nbytes += _nbytes(got)
+                    same, finite = out_raw.same_values(got_block, raw, origin_block, dtype)
+                    _judge_tensor(same, finite, p, source)
+                    nbytes += got_block[1]
                     continue
                 pending = pool.submit(archive.dataset_digest, h5py.Dataset(origin))
             digest, finite = archive.digest_and_finite(h5py.Dataset(got))
-            _judge(digest == pending.result(), finite, p, source)
+            _judge_tensor(digest == pending.result(), finite, p, source)
             nbytes += _nbytes(got)
-        for branch, missing in expected.items():
-            if missing:
-                raise VerificationError(
-                    f"Tensor {sorted(missing)[0]!r} of {sources[branch].given} was not written"
-                )
-    return len(written.placed), nbytes
+    return nbytes
 
 
 def _nbytes(dataset: h5py.h5d.DatasetID) -> int:
@@ -307,11 +372,17 @@ def _check_sources_unchanged(
 
 
 def check_flat_tensors(
-    path: Path, fmt: str, sources: list[Source], written: Written, configs: list[Any]
+    path: Path,
+    fmt: str,
+    sources: list[Source],
+    written: Written,
+    configs: list[Any],
+    scan: set[str],
 ) -> tuple[int, int]:
-    """The tensors of a flat fused file (`fusecli.fusion.flat_h5`, `flat_keras`) against their
-    sources, then each source still holding the config its branch was inlined from."""
-    tensors, nbytes = _check_tensors(path, fmt, sources, written)
+    """The scan and the tensors of a flat fused file (`fusecli.fusion.flat_h5`, `flat_keras`),
+    as `_check_tensors` checks them, then each source still holding the config its branch was
+    inlined from."""
+    tensors, nbytes = _check_tensors(path, fmt, sources, written, scan)
     for source, config in zip(sources, configs, strict=True):
         check_source_unchanged(source, config)
     return tensors, nbytes
@@ -332,7 +403,7 @@ def check_source_unchanged(
         )
 
 
-def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
+def _judge_tensor(same: bool, finite: bool, placed: Placed, source: Source) -> None:
     if not same:
         raise VerificationError(
             f"Tensor {placed.output!r} of the written file differs from its source in "
@@ -426,17 +497,6 @@ def _datasets(root: h5py.Group, *, skip_training: bool = False) -> list[str]:
     if skip_training:
         names = [n for n in names if n.split("/")[0] not in TRAINING_STATE_GROUPS]
     return names
-
-
-def _unexpected_findings(model_file: Any, scale: str, assembly: Assembly) -> list[Any]:
-    try:
-        findings = scan(model_file)
-    except FusecliError as e:
-        raise VerificationError(f"The written file cannot be scanned: {e}") from None
-    if scale != "lambda":
-        return findings
-    scale_layers = {name for class_name, name in assembly.layer_order if class_name == "Lambda"}
-    return [f for f in findings if f.path.split("/")[-1] not in scale_layers]
 
 
 def _names_unique(config: dict[str, Any]) -> bool:

@@ -182,4 +182,4 @@ def _copy_branch(
         raise ModelFileError(source.given, f"weights cannot be copied ({e})") from None
     for name in names:
         written.placed.append(Placed(i, f"{base}/{name}", name))
-        written.params += int(target[name].size)
+        written.params += archive.value_count(target, name)
