@@ -39,6 +39,12 @@ MemberSource = bytes | Callable[[], BinaryIO]
 _SLICE_BYTES = 16 << 20
 # A zip local file header; its last two fields are the lengths of what precedes the data.
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+# Where a written archive's weights start: HDF5's user block, which holds the member's header.
+_HEADER_BLOCK = 512
+# An extra field record padding a local header (as Android's zipalign writes one): its id, the
+# length of its data, then the alignment it serves and zeros.
+_ALIGNMENT_RECORD = struct.Struct("<HHH")
+_ALIGNMENT_ID = 0xD935
 _RAW_CHUNK = 4 << 20
 _COPY_BUFFER = 1 << 20
 
@@ -52,17 +58,36 @@ def keras_archive(
     """Write a `.keras` archive at `path`: yields the weights file to fill, written in place
     inside the archive (no temporary copy), stored uncompressed as Keras stores it.
 
-    `members` are the archive's members in order; the entry named `model.weights.h5` (value
-    None) is where the weights go. Every member is dated `date_time` if given (the same inputs
-    then give the same bytes), else now.
+    `members` are the archive's members; the entry named `model.weights.h5` (value None) is
+    where the weights go, and it comes first in the archive (readers find members by name): HDF5
+    writes its file itself, after a user block of `_HEADER_BLOCK` bytes (HDF5 leaves them to the
+    caller, and its addresses start after them), through no Python file object (one call into
+    Python for each of its reads and writes cost a third of the writing). Once HDF5 has closed
+    the file, the member's header is written into that block, padded to its end by an extra
+    field as zipalign pads one (`_ALIGNMENT_RECORD`), and the other members follow the weights.
+    Every member is dated `date_time` if given (the same inputs then give the same bytes), else
+    now.
     """
     when = date_time or time.localtime()[:6]
-    with _created(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
-        for name, source in members:
-            if name == WEIGHTS_MEMBER and source is None:
-                with _member_in_place(out, name, when) as h5:
-                    yield h5
-            else:
+    others = [(name, source) for name, source in members if name != WEIGHTS_MEMBER]
+    mode = "w-" if _remove_if_empty(path) else "w"
+    with h5py.File(path, mode, userblock_size=_HEADER_BLOCK) as h5:
+        yield h5
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size - _HEADER_BLOCK
+        info = _info(WEIGHTS_MEMBER, when)
+        info.file_size = info.compress_size = size
+        info.CRC = range_crc32(f.fileno(), _HEADER_BLOCK, size)
+        info.header_offset = 0
+        data = _HEADER_BLOCK - len(info.FileHeader(zip64=True)) - 4  # a record's id, length
+        info.extra = _ALIGNMENT_RECORD.pack(_ALIGNMENT_ID, data, _HEADER_BLOCK) + bytes(data - 2)
+        f.write(info.FileHeader(zip64=True))
+        info.extra = b""  # the central directory's entry needs no padding
+        f.seek(_HEADER_BLOCK + size)
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as out:
+            out.filelist.append(info)
+            out.NameToInfo[info.filename] = info
+            for name, source in others:
                 _write_member(out, name, source, when)
 
 
@@ -125,88 +150,6 @@ def _info(name: str, date_time: tuple[int, int, int, int, int, int]) -> zipfile.
     info = zipfile.ZipInfo(name, date_time=date_time)
     info.external_attr = 0o600 << 16
     return info
-
-
-@contextlib.contextmanager
-def _member_in_place(
-    out: zipfile.ZipFile, name: str, date_time: tuple[int, int, int, int, int, int]
-) -> Iterator[h5py.File]:
-    """An HDF5 file written straight into the archive as member `name`.
-
-    HDF5 needs to seek, which a zip member being written cannot; so the member's local header
-    is written with room for 64-bit sizes, the HDF5 file through a window on the archive just
-    after it, and then the header is completed (sizes, CRC) and the member registered, as
-    zipfile would have done.
-    """
-    fp = out.fp
-    info = zipfile.ZipInfo(name, date_time=date_time)
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = info.compress_size = info.CRC = 0
-    info.header_offset = fp.tell()
-    fp.write(info.FileHeader(zip64=True))
-    start = fp.tell()
-    window = _WritableWindow(fp, start)
-    with h5py.File(window, "w") as h5:
-        yield h5
-    size = window.size
-    fp.flush()
-    info.file_size = info.compress_size = size
-    info.CRC = range_crc32(fp.fileno(), start, size)
-    fp.seek(info.header_offset)
-    fp.write(info.FileHeader(zip64=True))
-    fp.seek(start + size)
-    fp.truncate()
-    out.filelist.append(info)
-    out.NameToInfo[name] = info
-    out.start_dir = fp.tell()
-
-
-class _WritableWindow(io.RawIOBase):
-    """A file-like view of a file from `start` on, growing as it is written: for h5py."""
-
-    def __init__(self, f: BinaryIO, start: int) -> None:
-        super().__init__()
-        self._f, self._start, self._pos, self.size = f, start, 0, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        count = max(0, min(len(buffer), self.size - self._pos))
-        if count == 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buffer)[:count]) or 0
-        self._pos += got
-        return got
-
-    def write(self, data: Any) -> int:
-        self._f.seek(self._start + self._pos)
-        written = self._f.write(data)
-        self._pos += written
-        self.size = max(self.size, self._pos)
-        return written
-
-    def truncate(self, size: int | None = None) -> int:
-        self.size = self._pos if size is None else size
-        return self.size
-
-    def flush(self) -> None:
-        self._f.flush()
 
 
 @contextlib.contextmanager
