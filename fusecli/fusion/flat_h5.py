@@ -361,7 +361,7 @@ def write(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
                 names.append(dataset)
-                written.placed.append(Placed(branch, f"{name}/{dataset}", source_path))
+                written.placed.append(Placed(branch, f"{name}/{dataset}", source_path, count))
                 written.params += count
             layer_group.attrs["weight_names"] = np.array(
                 [n.encode("utf-8") for n in names], dtype=object if names else np.float64
@@ -379,22 +379,24 @@ def prove(
     its source bit for bit, the inputs unchanged since they were read."""
     from fusecli.fusion import proof
 
-    try:
-        model_file = read_model_file(path)
-    except ModelFileError as e:
-        raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
-    if model_file.config != flat.config:
-        raise VerificationError("The written file's config differs from the composed one")
-    with h5py.File(path, "r") as h5:
-        listed = [_text(n) for n in h5[H5_WEIGHTS].attrs["layer_names"]]
-    if listed != layer_order(model_file.config):
-        raise VerificationError(
-            "The written file lists its layers' weights in another order than Keras gives its "
-            "layers: Keras would load one layer's weights into another"
-        )
-    _check_head(model_file.config, weights)
+    def check_config() -> None:
+        try:
+            model_file = read_model_file(path)
+        except ModelFileError as e:
+            raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
+        if model_file.config != flat.config:
+            raise VerificationError("The written file's config differs from the composed one")
+        with h5py.File(path, "r") as h5:
+            listed = [_text(n) for n in h5[H5_WEIGHTS].attrs["layer_names"]]
+        if listed != layer_order(model_file.config):
+            raise VerificationError(
+                "The written file lists its layers' weights in another order than Keras gives "
+                "its layers: Keras would load one layer's weights into another"
+            )
+        _check_head(model_file.config, weights)
+
     tensors, nbytes = proof.check_flat_tensors(
-        path, "h5", sources, written, flat.sources_config, head_lambdas(model_file.config)
+        path, "h5", sources, written, flat.sources_config, head_lambdas(flat.config), check_config
     )
     return {
         "config": "as composed; every branch inlined (layers renamed), Keras 2 schema",

@@ -111,7 +111,7 @@ def write(
                     raise ModelFileError(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
-                written.placed.append(Placed(branch, target, source_path))
+                written.placed.append(Placed(branch, target, source_path, count))
                 written.params += count
     return written
 
@@ -124,22 +124,24 @@ def prove(
     config), equal to their sources bit for bit; the inputs unchanged."""
     from fusecli.fusion import flat_h5, proof
 
-    try:
-        model_file = read_model_file(path)
-    except ModelFileError as e:
-        raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
-    if model_file.config != keras3_config(flat.config):
-        raise VerificationError("The written file's config differs from the composed one")
-    flat_h5._check_head(flat.config, weights)
-    again = FlatPlan(flat.config, layer_order(flat.config), flat.weights, flat.sources_config)
-    expected = {t for places in placements(again).values() for _, _, t in places}
-    if expected != {p.output for p in written.placed}:
-        raise VerificationError(
-            "The written file's tensors are not where Keras 3 loads its layers' weights from"
-        )
-    head = flat_h5.head_lambdas(model_file.config)
+    def check_config() -> None:
+        try:
+            model_file = read_model_file(path)
+        except ModelFileError as e:
+            raise VerificationError(f"The written file cannot be read back: {e.reason}") from None
+        if model_file.config != keras3_config(flat.config):
+            raise VerificationError("The written file's config differs from the composed one")
+        flat_h5._check_head(flat.config, weights)
+        again = FlatPlan(flat.config, layer_order(flat.config), flat.weights, flat.sources_config)
+        expected = {t for places in placements(again).values() for _, _, t in places}
+        if expected != {p.output for p in written.placed}:
+            raise VerificationError(
+                "The written file's tensors are not where Keras 3 loads its layers' weights from"
+            )
+
+    head = flat_h5.head_lambdas(flat.config)  # the written config's, as check_config finds
     tensors, nbytes = proof.check_flat_tensors(
-        path, "keras", sources, written, flat.sources_config, head
+        path, "keras", sources, written, flat.sources_config, head, check_config
     )
     return {
         "config": "as composed; every branch inlined (layers renamed)",

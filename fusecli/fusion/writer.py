@@ -52,6 +52,7 @@ class Placed:
     branch: int
     output: str  # dataset path inside the output's weights root
     source: str | None  # dataset path inside the source's weights root (None: from Keras)
+    values: int = 0  # how many it holds
 
 
 @dataclass
@@ -160,7 +161,7 @@ def write_h5(
                 dataset = unique(f"{name}_{path}", used)
                 archive.write_tensor(group, dataset, values)
                 dataset_names.append(dataset)
-                written.placed.append(Placed(i, f"{name}/{dataset}", None))
+                written.placed.append(Placed(i, f"{name}/{dataset}", None, int(values.size)))
                 written.params += int(values.size)
             group.attrs["weight_names"] = np.array(
                 [n.encode("utf-8") for n in dataset_names], dtype=object
@@ -181,5 +182,6 @@ def _copy_branch(
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise ModelFileError(source.given, f"weights cannot be copied ({e})") from None
     for name in names:
-        written.placed.append(Placed(i, f"{base}/{name}", name))
-        written.params += archive.value_count(target, name)
+        count = archive.value_count(target, name)
+        written.placed.append(Placed(i, f"{base}/{name}", name, count))
+        written.params += count
