@@ -99,16 +99,17 @@ def best_of(
 ) -> dict[str, Measurement]:
     """Each variant `repeat` times, interleaved: its best wall time and its largest peak RSS.
 
-    The files in `fresh` (the variants' outputs) are removed before every run, untimed: each
-    run writes a new file, as a first run does. Replacing a file instead (truncating it, or
-    renaming over it) makes ext4 write the new one back to disk as it is closed or renamed: a
-    cost of the replacing, not of the job, which fell on some variants and not others."""
+    The files in `fresh` (the variants' outputs, one each) are removed before every round,
+    untimed: each run writes a new file, as a first run does, and the last round's are left.
+    Replacing a file instead (truncating it, or renaming over it) makes ext4 write the new one
+    back to disk as it is closed or renamed: a cost of the replacing, not of the job, which fell
+    on some variants and not others."""
     best: dict[str, Measurement] = {}
     for _ in range(repeat):
+        for path in fresh:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         for label, argv in variants.items():
-            for path in fresh:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
             m = measure(label, argv, env=env)
             if label in best:
                 m.seconds = min(m.seconds, best[label].seconds)
