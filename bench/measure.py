@@ -103,13 +103,17 @@ def best_of(
     untimed: each run writes a new file, as a first run does, and the last round's are left.
     Replacing a file instead (truncating it, or renaming over it) makes ext4 write the new one
     back to disk as it is closed or renamed: a cost of the replacing, not of the job, which fell
-    on some variants and not others."""
+    on some variants and not others. For the same reason every run starts once the disk has
+    taken what earlier runs wrote (`os.sync`, untimed): gigabytes still being written back
+    slow down whichever variant writes next.
+    """
     best: dict[str, Measurement] = {}
     for _ in range(repeat):
         for path in fresh:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         for label, argv in variants.items():
+            os.sync()
             m = measure(label, argv, env=env)
             if label in best:
                 m.seconds = min(m.seconds, best[label].seconds)

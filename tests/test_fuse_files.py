@@ -483,3 +483,39 @@ def test_output_shapes_beyond_the_last_layer_rule_need_no_keras(tmp_path, keras)
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_a_fused_file_is_an_input_like_any_other(tmp_path, keras, model_files, x4):
+    # fusecli's archives keep the weights first, after HDF5's user block (formats/archive.py):
+    # fuse and merge read them as they read Keras' own, in place.
+    from fusecli.merging.merge import merge
+
+    a, b = model_files["a"], model_files["b"]
+    fused = tmp_path / "ab.keras"
+    fuse_to_file([a, b], fused, [0.8, 0.2])
+    with open(fused, "rb") as f:
+        head = f.read(520)
+    assert head.startswith(b"PK\x03\x04") and head[512:520] == b"\x89HDF\r\n\x1a\n"
+    again = tmp_path / "again.keras"
+    fuse_to_file([fused, a], again, [0.5, 0.5])
+    ya, yb = (predict(keras.models.load_model(p), x4)[0] for p in (a, b))
+    got = predict(keras.models.load_model(again), x4)[0]
+    np.testing.assert_allclose(got, 0.5 * (0.8 * ya + 0.2 * yb) + 0.5 * ya, rtol=1e-5, atol=1e-6)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "a.keras").write_bytes(b.read_bytes())  # same branch names, other weights
+    (twin / "b.keras").write_bytes(a.read_bytes())
+    other = tmp_path / "ba.keras"
+    fuse_to_file([twin / "a.keras", twin / "b.keras"], other, [0.8, 0.2])
+    merged = tmp_path / "merged.keras"
+    merge([fused, other], merged)
+    expected = [
+        0.5 * u + 0.5 * v
+        for u, v in zip(
+            keras.models.load_model(fused).get_weights(),
+            keras.models.load_model(other).get_weights(),
+            strict=True,
+        )
+    ]
+    for want, got in zip(expected, keras.models.load_model(merged).get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
