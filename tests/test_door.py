@@ -441,6 +441,31 @@ _DIR_SCRIPT = textwrap.dedent(
 )
 
 
+_SIGTERM_IN_FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from fusecli.safety import isolation
+    from fusecli.termination import cleanup_on_termination
+
+    # A SIGTERM that arrives while os.fork runs its hooks (as logging's are), made certain.
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with cleanup_on_termination():
+        isolation.call_isolated(os.path.getsize, Path(sys.argv[1]))
+        print("went on after SIGTERM")
+    """
+)
+
+
+def test_sigterm_while_forking_a_reader_ends_the_run(tmp_path):
+    """Python drops what a signal handler raises in os.fork's after-fork hooks: a SIGTERM (or
+    Ctrl-C) landing there was lost, and the run went on to keep its output. Signals now wait
+    until the fork has returned."""
+    result = _python(_SIGTERM_IN_FORK_SCRIPT, REPO / "README.md")
+    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-2000:])
+    assert "went on" not in result.stdout
+
+
 def test_sigterm_while_writing_a_directory_removes_it(tmp_path):
     """A directory output (export's SavedModel) written from Python, not the CLI: SIGTERM
     mid-write must take the temporary directory with it."""

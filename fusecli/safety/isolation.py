@@ -73,6 +73,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 _TRIM_THRESHOLD = 1 << 30
 
+# Held back while os.fork runs (see `_fork`).
+_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # Imported, they run threads of their own: the caller is then no longer safe to fork.
 _THREADED_FRAMEWORKS = ("tensorflow", "jax", "torch")
 
@@ -117,16 +119,18 @@ def call_isolated_each(
             deadline = time.monotonic() + limit
             started: list[tuple[int, int]] = []
             replies: list[bytes | BaseException] = []
+            waited = 0  # children handed to _reply, which reaps its child even when it raises
             try:
                 for path in paths:
                     started.append(_fork(("read", fn, path)))
                 for pid, receiver in started:
+                    waited += 1
                     try:
                         replies.append(_reply(pid, receiver, deadline, None))
                     except _TimedOut as e:
                         replies.append(e)
             except BaseException:  # a signal while waiting: no child outlives the wait
-                for pid, receiver in started[len(replies) :]:
+                for pid, receiver in started[waited:]:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
                     with contextlib.suppress(ChildProcessError):
@@ -507,10 +511,19 @@ def _forked(
 
 
 def _fork(job: tuple[str, Callable[..., Any], Any]) -> tuple[int, int]:
-    """Start `job` in a fork of this process: (its pid, the pipe its reply comes on)."""
+    """Start `job` in a fork of this process: (its pid, the pipe its reply comes on).
+
+    A signal handled while `os.fork` runs is handled in its after-fork hooks, where Python
+    drops what the handler raises: a SIGTERM or Ctrl-C would be lost and the run go on. They
+    wait (blocked) until the fork has returned, in the parent and in the child."""
     receiver, sender = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:  # the child
         try:
             os.close(receiver)
@@ -518,11 +531,13 @@ def _fork(job: tuple[str, Callable[..., Any], Any]) -> tuple[int, int]:
             for signum in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _quiet_stderr()
             _forget_parent_state()
             _write_frame(sender, _perform(job, sender))
         finally:
             os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(sender)
     return pid, receiver
 
