@@ -21,6 +21,9 @@ from fusecli.termination import cleanup_on_termination
 # Every temporary name fusecli makes starts so, then its process id: what a run killed by
 # SIGKILL (no cleanup can run) leaves behind, the next run removes (`sweep_stale`).
 TEMP_PREFIX = ".fusecli-"
+# Of an output's name, what a temporary name beside it keeps: the rest of that name (prefix,
+# process id, mkstemp's random part, a suffix) takes under 60 of a file name's 255 bytes.
+_TEMP_STEM_BYTES = 180
 _STALE = re.compile(r"\.?fusecli-(\d+)-")
 # Why a write fails that is no bug of ours: the disk, the folder, the limits.
 _WRITE_ERRNOS = {
@@ -101,8 +104,10 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path
 
 
 def temp_prefix(path: Path) -> str:
-    """The start of a temporary name beside `path`: `.fusecli-<pid>-<name>.`."""
-    return f"{TEMP_PREFIX}{os.getpid()}-{path.stem}."
+    """The start of a temporary name beside `path`: `.fusecli-<pid>-<name>.`, the name cut so
+    that the whole temporary name fits where `path`'s does (255 bytes on most file systems)."""
+    stem = path.stem.encode("utf-8")[:_TEMP_STEM_BYTES].decode("utf-8", errors="ignore")
+    return f"{TEMP_PREFIX}{os.getpid()}-{stem}."
 
 
 @contextlib.contextmanager

@@ -143,6 +143,16 @@ def test_an_output_that_is_a_symbolic_link_is_refused(inputs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.keras", "out.keras"]
 
 
+def test_an_output_name_near_the_file_name_limit_is_written(inputs, tmp_path):
+    # Its temporary name beside it (`.fusecli-<pid>-<name>.<random>.keras`) must fit too: it
+    # failed with "File name too long ... a bug in fusecli".
+    out = tmp_path / ("x" * 240 + ".keras")
+    result = _run("fuse", inputs["a"], inputs["b"], "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert out.read_bytes().startswith(b"PK")
+
+
 def test_export_force_onto_a_link_to_a_saved_model_leaves_nothing(inputs, tmp_path):
     served = tmp_path / "served"
     served.mkdir()
