@@ -125,3 +125,48 @@ def test_a_symlink_to_a_device_is_refused(tmp_path, model_files):
     _assert_refused(result, out, "is not a regular file or a pipe")
     result = run_cli("tune", tmp_path / "s.npy", "--labels", data, "--json")
     assert result.returncode in (1, 2) and "bug in fusecli" not in result.stderr
+
+
+def _with_unknown_filter(source: Path, target: Path) -> None:
+    """`source` (a .keras file) with its first kernel stored through a filter this HDF5 does not
+    have: written with LZF (h5py marks it optional), then, in the filter pipeline message (id,
+    name length, flags, number of values, then the name), its id set to 32099, which nobody
+    registers, and its flags to mandatory."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(source) as z:
+        members = {info.filename: z.read(info) for info in z.infolist()}
+    weights = io.BytesIO()
+    with (
+        h5py.File(io.BytesIO(members["model.weights.h5"]), "r") as src,
+        h5py.File(weights, "w") as dst,
+    ):
+        names: list[str] = []
+        src.visit(names.append)
+        for name in names:
+            if isinstance(src[name], h5py.Group):
+                dst.require_group(name)
+            elif name.endswith("dense/vars/0"):
+                dst.create_dataset(name, data=src[name][()], chunks=True, compression="lzf")
+            else:
+                dst[name] = src[name][()]
+    data = bytearray(weights.getvalue())
+    at = data.index(b"lzf\x00") - 8
+    assert data[at : at + 2] == (32000).to_bytes(2, "little")
+    data[at : at + 2] = (32099).to_bytes(2, "little")
+    data[at + 4 : at + 6] = (0).to_bytes(2, "little")
+    members["model.weights.h5"] = bytes(data)
+    with zipfile.ZipFile(target, "w") as out:
+        for name, content in members.items():
+            out.writestr(name, content)
+
+
+@pytest.mark.parametrize("command", ["merge", "fuse"])
+def test_a_filter_this_hdf5_lacks_is_refused_naming_its_file(tmp_path, model_files, command):
+    # merge named the other input: its write copied this file's filter pipeline and failed.
+    bad = tmp_path / "filtered.keras"
+    _with_unknown_filter(model_files["a"], bad)
+    out = tmp_path / "out.keras"
+    result = run_cli(command, bad, model_files["b"], "-o", out)
+    _assert_refused(result, out, f"{bad}:", "filter 32099", "cannot be read")

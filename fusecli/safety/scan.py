@@ -497,12 +497,29 @@ def _scan_hdf5(model_file: ModelFile) -> tuple[list[Finding], int]:
                     "Keras' loader does not follow; refusing",
                 )
             elif entry.kind == "dataset":
+                _check_filters(model_file.path, entry.node, where)
                 dataset_findings = list(_check_dataset(entry.node, where))
                 if dataset_findings:  # its data is elsewhere: nothing here to measure
                     found.extend((entry.name, f) for f in dataset_findings)
                 else:
                     values += check_dataset_size(model_file.path, entry.node, where)
     return [finding for _name, finding in sorted(found, key=lambda item: item[0])], values
+
+
+def _check_filters(path: Path, dataset: h5py.Dataset, where: str) -> None:
+    """A dataset stored through an HDF5 filter this HDF5 library does not have cannot be read,
+    nor copied: refused here, naming its file, rather than later, when a write that copies it
+    fails under another file's name."""
+    plist = dataset.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code, flags, _values, name = plist.get_filter(i)
+        if not flags & h5py.h5z.FLAG_OPTIONAL and not h5py.h5z.filter_avail(code):
+            label = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            raise ModelFileError(
+                path,
+                f"HDF5 dataset {where!r} is stored through filter {code} ({label!r}), which "
+                "this HDF5 library does not have; it cannot be read",
+            )
 
 
 def _check_dataset(dataset: h5py.Dataset, where: str) -> Iterator[Finding]:
