@@ -217,8 +217,9 @@ def copy_dataset(source: h5py.Group, name: str, target: h5py.Group, target_name:
     """Copy the dataset at `name` (relative to `source`) to `target_name` (relative to `target`,
     its missing groups made), by HDF5's own object copy and calls: an h5py object per tensor
     costs several times more. Returns its number of values."""
-    made = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    made = h5py.h5p.create(h5py.h5p.LINK_CREATE)  # as h5py makes links: UTF-8 names
     made.set_create_intermediate_group(True)
+    made.set_char_encoding(h5py.h5t.CSET_UTF8)
     h5py.h5o.copy(
         source.id, name.encode("utf-8"), target.id, target_name.encode("utf-8"), lcpl=made
     )
