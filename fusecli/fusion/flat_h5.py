@@ -362,7 +362,6 @@ def write(
                     ) from None
                 names.append(dataset)
                 written.placed.append(Placed(branch, f"{name}/{dataset}", source_path, count))
-                written.params += count
             layer_group.attrs["weight_names"] = np.array(
                 [n.encode("utf-8") for n in names], dtype=object if names else np.float64
             )

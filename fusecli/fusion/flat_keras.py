@@ -112,7 +112,6 @@ def write(
                         sources[branch].given, f"weights cannot be copied ({e})"
                     ) from None
                 written.placed.append(Placed(branch, target, source_path, count))
-                written.params += count
     return written
 
 

@@ -59,8 +59,11 @@ class Placed:
 @dataclass
 class Written:
     placed: list[Placed] = field(default_factory=list)
-    params: int = 0
     assets: list[tuple[str, str, Path]] = field(default_factory=list)  # (output, source, file)
+
+    @property
+    def params(self) -> int:
+        return sum(p.values for p in self.placed)
 
 
 def keras_version() -> str:
@@ -69,14 +72,17 @@ def keras_version() -> str:
     an import would load (found, not imported); importlib.metadata would cost 12 ms of
     importing. "3" where none is found."""
     spec = importlib.util.find_spec("keras")
-    places = list(spec.submodule_search_locations or []) if spec is not None else []
-    for place in places[:1]:
-        with contextlib.suppress(OSError):
-            for name in os.listdir(Path(place).parent):
-                stem, dot, suffix = name.rpartition(".")
-                project, dash, version = stem.partition("-")
-                if dot and suffix == "dist-info" and dash and project.lower() == "keras":
-                    return version
+    if spec is None or not spec.submodule_search_locations:
+        return "3"
+    try:
+        names = os.listdir(Path(next(iter(spec.submodule_search_locations))).parent)
+    except OSError:
+        return "3"
+    for name in names:
+        stem, dot, suffix = name.rpartition(".")
+        project, dash, version = stem.partition("-")
+        if dot and suffix == "dist-info" and dash and project.lower() == "keras":
+            return version
     return "3"
 
 
@@ -173,7 +179,6 @@ def write_h5(
                 archive.write_tensor(group, dataset, values)
                 dataset_names.append(dataset)
                 written.placed.append(Placed(i, f"{name}/{dataset}", None, int(values.size)))
-                written.params += int(values.size)
             group.attrs["weight_names"] = np.array(
                 [n.encode("utf-8") for n in dataset_names], dtype=object
             )
@@ -193,6 +198,4 @@ def _copy_branch(
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise ModelFileError(source.given, f"weights cannot be copied ({e})") from None
     for name in names:
-        count = archive.value_count(target, name)
-        written.placed.append(Placed(i, f"{base}/{name}", name, count))
-        written.params += count
+        written.placed.append(Placed(i, f"{base}/{name}", name, archive.value_count(target, name)))
