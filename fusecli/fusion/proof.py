@@ -41,7 +41,7 @@ from fusecli.fusion.writer import (
     asset_members,
 )
 from fusecli.safety.isolation import meanwhile
-from fusecli.safety.scan import Finding, scan_path
+from fusecli.safety.scan import Finding, scan
 
 
 def prove(
@@ -280,7 +280,7 @@ def _child_share(placed: list[Placed]) -> set[int]:
 def written_findings(path: Path, allowed: set[str]) -> list[Finding]:
     """The scan's findings in the written file at `path`, but in the layers named in
     `allowed`."""
-    return [f for f in scan_path(path) if f.path.split("/")[-1] not in allowed]
+    return [f for f in scan(path) if f.path.split("/")[-1] not in allowed]
 
 
 def _check_structure(
@@ -383,12 +383,12 @@ def _compare(
                     raise VerificationError(f"Tensor {p.output!r} has the wrong shape or dtype")
                 if got_block is not None and origin_block is not None:
                     same, finite = out_raw.same_values(got_block, raw, origin_block, dtype)
-                    _judge_tensor(same, finite, p, source)
+                    _judge(same, finite, p, source)
                     nbytes += got_block[1]
                     continue
                 pending = pool.submit(archive.dataset_digest, h5py.Dataset(origin))
             digest, finite = archive.digest_and_finite(h5py.Dataset(got))
-            _judge_tensor(digest == pending.result(), finite, p, source)
+            _judge(digest == pending.result(), finite, p, source)
             nbytes += _nbytes(got)
     return nbytes
 
@@ -449,7 +449,7 @@ def check_source_unchanged(
         )
 
 
-def _judge_tensor(same: bool, finite: bool, placed: Placed, source: Source) -> None:
+def _judge(same: bool, finite: bool, placed: Placed, source: Source) -> None:
     if not same:
         raise VerificationError(
             f"Tensor {placed.output!r} of the written file differs from its source in "

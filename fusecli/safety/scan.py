@@ -201,11 +201,6 @@ def refuse_written(findings: list[Finding]) -> None:
         )
 
 
-def scan_path(path: Path) -> list[Finding]:
-    """`scan` of the file at `path` (for a caller that reads it in a child of its own)."""
-    return scan(read_model_file(path))
-
-
 def _read_and_scan(path: Path) -> tuple[ModelFile, list[Finding]]:
     model_file = read_model_file(path)
     return model_file, scan(model_file)
