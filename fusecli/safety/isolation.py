@@ -130,13 +130,7 @@ def call_isolated_each(
                     except _TimedOut as e:
                         replies.append(e)
             except BaseException:  # a signal while waiting: no child outlives the wait
-                for pid, receiver in started[waited:]:
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                    with contextlib.suppress(OSError):
-                        os.close(receiver)
+                _abandon(started[waited:])
                 raise
     if not parallel:
         return [call_isolated(fn, path, timeout=timeout) for path in paths]
@@ -175,13 +169,7 @@ def meanwhile(fn: Callable[[Path], T], path: Path) -> Iterator[Callable[[], T]]:
     try:
         yield result
     finally:
-        for pid, receiver in started:  # not waited for: the block failed
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            with contextlib.suppress(OSError):
-                os.close(receiver)
+        _abandon(started)  # not waited for: the block failed
 
 
 def call_isolated_write(
@@ -540,6 +528,17 @@ def _fork(job: tuple[str, Callable[..., Any], Any]) -> tuple[int, int]:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(sender)
     return pid, receiver
+
+
+def _abandon(children: Sequence[tuple[int, int]]) -> None:
+    """Kill and reap forked children nobody will wait for, and close their pipes."""
+    for pid, receiver in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            os.close(receiver)
 
 
 def _reply(
