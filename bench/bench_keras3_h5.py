@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from bench_fuse import BY_HAND  # saved to .h5, its file is in Keras 3's schema: Keras 3 only
 from measure import best_of, save_results, table
 
 _MAKE = textwrap.dedent(
@@ -35,20 +36,6 @@ _MAKE = textwrap.dedent(
             elif "moving_mean" in v.path:
                 v.assign(rng.normal(0.0, 0.1, v.shape).astype("float32"))
         model.save(path)
-    """
-)
-# By hand, as a careful user writes it in Keras 3 (its .h5 is Keras 3's schema: Keras 3 only).
-BY_HAND = textwrap.dedent(
-    """
-    import sys, keras
-    a_path, b_path, out = sys.argv[1:]
-    a = keras.models.load_model(a_path, compile=False)
-    b = keras.models.load_model(b_path, compile=False)
-    a.name, b.name = "a", "b"
-    x = keras.Input(a.inputs[0].shape[1:])
-    ya = keras.layers.Rescaling(0.8)(a(x))
-    yb = keras.layers.Rescaling(0.2)(b(x))
-    keras.Model(x, keras.layers.Add()([ya, yb])).save(out)
     """
 )
 _REFERENCE = textwrap.dedent(
